@@ -1,0 +1,148 @@
+"""One server interceptor that every service installs: safe request decoding, status mapping, metrics.
+
+It wraps unary and server-streaming handlers alike (the latter are async generators), so a handler
+only raises `ServiceError`s and never touches status codes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.errors import InvalidArgument, status_of
+
+log = logging.getLogger(__name__)
+
+RPC_HANDLED = Counter(
+    "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+RPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds", "Time from an RPC's arrival until its status was sent.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+RPC_IN_FLIGHT = Gauge("grpc_server_in_flight", "RPCs being handled now.", ["grpc_service", "grpc_method"])
+STREAM_MESSAGES_SENT = Counter(
+    "grpc_server_msg_sent_total", "Stream messages sent.", ["grpc_service", "grpc_method"]
+)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not decode, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.message = (
+            f"request is not a valid {type_name}: {reason}. "
+            "Check that string fields hold UTF-8 text and the message matches the til.v1 protos."
+        )
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    type_name = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.full_name if type_name is not None else "message"
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or a string field with invalid UTF-8
+            return MalformedRequest(name, str(exc) or type(exc).__name__)
+
+    return decode
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    code, details, trailers = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unhandled error in %s", method, exc_info=exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(code, details)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Decodes requests safely, maps exceptions to statuses, and counts every RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method: str = handler_call_details.method
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = (service, name)
+        deserializer = _safe_deserializer(handler.request_deserializer)
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                RPC_IN_FLIGHT.labels(*labels).inc()
+                code = grpc.StatusCode.OK
+                try:
+                    if isinstance(request, MalformedRequest):
+                        raise InvalidArgument(request.message)
+                    async for response in inner_stream(request, context):
+                        STREAM_MESSAGES_SENT.labels(*labels).inc()
+                        yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except Exception as exc:
+                    code = status_of(exc)[0]
+                    await _abort_for(exc, context, method)
+                finally:
+                    RPC_IN_FLIGHT.labels(*labels).dec()
+                    RPC_HANDLED.labels(*labels, code.name).inc()
+                    RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            RPC_IN_FLIGHT.labels(*labels).inc()
+            code = grpc.StatusCode.OK
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidArgument(request.message)
+                return await inner_unary(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as exc:
+                code = status_of(exc)[0]
+                await _abort_for(exc, context, method)
+            finally:
+                RPC_IN_FLIGHT.labels(*labels).dec()
+                RPC_HANDLED.labels(*labels, code.name).inc()
+                RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )

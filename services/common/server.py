@@ -1,0 +1,130 @@
+"""`serve()`: the grpc.aio server every service runs in.
+
+Health (grpc.health.v1: "" is liveness, each service's full name is readiness and turns SERVING
+only after warm-up), reflection, Prometheus metrics, and SIGTERM -> NOT_SERVING -> drain -> exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.interceptors import ServiceInterceptor
+from services.common.logs import configure_logging
+from services.common.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to mount: its full proto name and the generated `add_*_to_server` call."""
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Let idle clients keep their connections, but find dead ones.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Connections end after a while so clients re-resolve and new replicas get traffic.
+        ("grpc.max_connection_age_ms", 5 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 60_000),
+    ]
+
+
+class RunningServer:
+    """A started server: its port, its health servicer, and how to drain and stop it."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 port: int, service_names: Sequence[str]) -> None:
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+        self.service_names = tuple(service_names)
+
+    async def set_serving(self) -> None:
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        """Turns NOT_SERVING, refuses new calls, and gives in-flight calls `grace_s` to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_server(settings: ServerSettings, services: Sequence[Service]) -> RunningServer:
+    """Binds and starts a server with every service NOT_SERVING; liveness ("") is SERVING at once."""
+    server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=server_options(settings))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.register(server)
+        await health_servicer.set(service.name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    await server.start()
+    return RunningServer(server, health_servicer, port, names)
+
+
+async def serve(
+    settings: ServerSettings,
+    services: Sequence[Service],
+    *,
+    warmup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs a service process until SIGTERM or SIGINT, then drains and returns (exit code 0)."""
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+    running = await start_server(settings, services)
+    names = ", ".join(running.service_names)
+    log.info("listening on %s:%d (%s); metrics on :%s", settings.host, running.port, names,
+             settings.metrics_port or "off")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    try:
+        warming = asyncio.ensure_future(warmup()) if warmup else None
+        if warming is not None:
+            done, _ = await asyncio.wait({warming, asyncio.ensure_future(stop.wait())},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if warming not in done:
+                warming.cancel()
+            else:
+                warming.result()  # a failed warm-up ends the process with its error
+        if not stop.is_set():
+            await running.set_serving()
+            log.info("SERVING %s on port %d", names, running.port)
+            await stop.wait()
+        log.info("draining: NOT_SERVING, up to %.1fs for in-flight calls", settings.grace_period_s)
+        await running.stop(settings.grace_period_s)
+    finally:
+        if shutdown is not None:
+            await shutdown()
+        log.info("stopped")
