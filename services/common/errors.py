@@ -65,6 +65,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
         if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
             code = grpc.StatusCode.UNAVAILABLE
         return code, exc.details() or code.name, ()
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented", ()
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
     return grpc.StatusCode.INTERNAL, "internal error", ()
