@@ -20,11 +20,13 @@ from services.common.errors import InvalidArgument, status_of
 log = logging.getLogger(__name__)
 
 RPC_HANDLED = Counter(
-    "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
     ["grpc_service", "grpc_method", "grpc_code"],
 )
 RPC_SECONDS = Histogram(
-    "grpc_server_handling_seconds", "Time from an RPC's arrival until its status was sent.",
+    "grpc_server_handling_seconds",
+    "Time from an RPC's arrival until its status was sent.",
     ["grpc_service", "grpc_method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )

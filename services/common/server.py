@@ -50,8 +50,13 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 class RunningServer:
     """A started server: its port, its health servicer, and how to drain and stop it."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                 port: int, service_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+        service_names: Sequence[str],
+    ) -> None:
         self.server = server
         self.health = health_servicer
         self.port = port
@@ -101,8 +106,13 @@ async def serve(
         start_http_server(settings.metrics_port, addr=settings.host)
     running = await start_server(settings, services)
     names = ", ".join(running.service_names)
-    log.info("listening on %s:%d (%s); metrics on :%s", settings.host, running.port, names,
-             settings.metrics_port or "off")
+    log.info(
+        "listening on %s:%d (%s); metrics on :%s",
+        settings.host,
+        running.port,
+        names,
+        settings.metrics_port or "off",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,8 +122,9 @@ async def serve(
     try:
         warming = asyncio.ensure_future(warmup()) if warmup else None
         if warming is not None:
-            done, _ = await asyncio.wait({warming, asyncio.ensure_future(stop.wait())},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {warming, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
             if warming not in done:
                 warming.cancel()
             else:

@@ -1,0 +1,43 @@
+# Every command a person needs. `make demo` and `make test` set everything up first.
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo up test lint typecheck unit integration proto proto-check bench-serving bench-retrieval clean
+
+setup:
+	@./scripts/setup.sh
+
+demo: setup  ## the stack plus a TIL for examples/sample.diff
+	$(VENV)/bin/til demo
+
+up: setup  ## the four services with embedded defaults; Ctrl-C stops them
+	$(VENV)/bin/til up
+
+test: setup lint  ## what CI runs
+	$(PY) -m pytest -ra --durations=15
+
+unit: setup
+	$(PY) -m pytest -ra tests/unit
+
+integration: setup
+	$(PY) -m pytest -ra tests/integration
+
+lint: setup proto-check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf format --exit-code > /dev/null
+
+typecheck: setup
+	$(VENV)/bin/mypy services
+
+proto: setup  ## regenerate gen/ from protos/
+	./scripts/gen_protos.sh
+
+proto-check: setup  ## fail if gen/ differs from what protos/ generate
+	@tmp=$$(mktemp -d) && ./scripts/gen_protos.sh $$tmp && diff -r $$tmp/til gen/til > /dev/null \
+	  || { echo "gen/ is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
+
+clean:
+	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

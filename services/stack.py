@@ -1,0 +1,177 @@
+"""Runs the four services as local processes (`til up`, the demo, integration tests and benchmarks).
+
+Each service is `python -m services.<name>` in its own process; the stack waits until every one reports
+SERVING on the standard health service and stops them (SIGTERM, then SIGKILL) in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Start order: the edge comes last because its warm-up waits for the generator.
+SERVICES = ("cacher", "retriever", "generator", "edge")
+SERVICE_NAMES = {
+    "cacher": "til.v1.CacherService",
+    "retriever": "til.v1.RetrieverService",
+    "generator": "til.v1.GeneratorService",
+    "edge": "til.v1.EdgeService",
+}
+DEFAULT_PORTS = {"edge": 50051, "generator": 50052, "retriever": 50053, "cacher": 50054}
+DEFAULT_METRICS_PORTS = {"edge": 9091, "generator": 9092, "retriever": 9093, "cacher": 9094}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Child side of Popen: get SIGTERM if the launcher dies, so no service outlives it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    metrics_port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    """The four services on loopback. `ports` and `env` override the defaults per service."""
+
+    data_dir: Path
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    python: str = sys.executable
+    services: tuple[str, ...] = SERVICES
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        log_dir = self.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: dict[str, ServiceProcess] = {}
+        for name in self.services:
+            prefix = name.upper()
+            env = {
+                f"{prefix}_HOST": "127.0.0.1",
+                f"{prefix}_PORT": str(self.ports[name]),
+                f"{prefix}_METRICS_PORT": str(self.metrics_ports[name]),
+            }
+            if name == "edge":
+                for peer in ("generator", "retriever", "cacher"):
+                    env[f"EDGE_{peer.upper()}_ADDR"] = f"127.0.0.1:{self.ports[peer]}"
+            if name == "retriever":
+                env["RETRIEVER_QDRANT_PATH"] = str(self.data_dir / "qdrant")
+            env.update(self.env.get(name, {}))
+            self.processes[name] = ServiceProcess(
+                name, self.ports[name], self.metrics_ports[name], env, log_dir / f"{name}.log"
+            )
+
+    def address(self, name: str) -> str:
+        return self.processes[name].address
+
+    def spawn(self, name: str) -> None:
+        proc = self.processes[name]
+        env = {**os.environ, **proc.env}
+        with proc.log_path.open("ab") as log:
+            proc.process = subprocess.Popen(
+                [self.python, "-m", f"services.{name}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the services in order.
+                preexec_fn=_die_with_parent,
+            )
+
+    async def wait_serving(self, name: str, timeout_s: float) -> None:
+        proc = self.processes[name]
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(proc.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name])
+            while True:
+                if proc.process is not None and proc.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with code {proc.process.returncode} before it was ready; "
+                        f"last log lines ({proc.log_path}):\n{proc.log_tail()}"
+                    )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(request, timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{name} was not SERVING after {timeout_s:.0f}s; last log lines ({proc.log_path}):\n"
+                        f"{proc.log_tail()}"
+                    )
+                await asyncio.sleep(0.2)
+
+    async def start(
+        self, *, timeout_s: float = 300.0, progress: Callable[[str], None] = lambda _: None
+    ) -> None:
+        """Starts every service and returns once all are SERVING; stops what started if one fails."""
+        try:
+            for name in self.services:
+                self.spawn(name)
+                progress(f"started {name} (pid {self.processes[name].process.pid})")  # type: ignore[union-attr]
+            started = time.monotonic()
+            for name in self.services:
+                await self.wait_serving(name, timeout_s)
+                progress(f"{name} SERVING on {self.address(name)} after {time.monotonic() - started:.1f}s")
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes[name].process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 30.0) -> dict[str, int | None]:
+        """SIGTERM in reverse start order, SIGKILL after `timeout_s`; returns each exit code."""
+        codes: dict[str, int | None] = {}
+        live = [p for p in reversed(list(self.processes.values())) if p.process and p.process.poll() is None]
+        for p in live:
+            p.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for p in reversed(list(self.processes.values())):
+            if p.process is None:
+                continue
+            try:
+                codes[p.name] = p.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                p.process.kill()
+                codes[p.name] = p.process.wait()
+        return codes
