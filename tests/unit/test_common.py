@@ -1,0 +1,194 @@
+"""The shared server core: status mapping, safe decoding, health, reflection, drain and admission."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic_settings import SettingsConfigDict
+from til.v1 import cacher_pb2, cacher_pb2_grpc, generator_pb2, generator_pb2_grpc
+
+from services.common.admission import Admission
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.server import Service
+from services.common.settings import ServerSettings, load_settings
+from tests.conftest import in_process_server
+
+CACHER = "til.v1.CacherService"
+
+
+class ScriptedCacher(cacher_pb2_grpc.CacherServiceServicer):
+    """GetEntry raises whatever the key names; DeleteEntry sleeps for `key` seconds."""
+
+    def __init__(self, downstream: grpc.aio.Channel | None = None) -> None:
+        self.downstream = downstream
+
+    async def GetEntry(self, request, context):
+        errors = {
+            "invalid": InvalidArgument("key is bad: use hex"),
+            "missing": NotFound("no such entry"),
+            "busy": ResourceExhausted("too busy", retry_after_s=2.5),
+            "down": Unavailable("redis is down"),
+            "bug": RuntimeError("secret internal detail"),
+        }
+        if request.key in errors:
+            raise errors[request.key]
+        if request.key == "downstream" and self.downstream is not None:
+            stub = cacher_pb2_grpc.CacherServiceStub(self.downstream)
+            await stub.GetEntry(cacher_pb2.GetEntryRequest(key="invalid"))
+        return cacher_pb2.GetEntryResponse(found=True, value_json='{"k": 1}')
+
+    async def DeleteEntry(self, request, context):
+        await asyncio.sleep(float(request.key))
+        return cacher_pb2.DeleteEntryResponse(deleted=True)
+
+
+def cacher_service(servicer: cacher_pb2_grpc.CacherServiceServicer) -> Service:
+    return Service(
+        CACHER, lambda server: cacher_pb2_grpc.add_CacherServiceServicer_to_server(servicer, server)
+    )
+
+
+async def get(channel: grpc.aio.Channel, key: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await cacher_pb2_grpc.CacherServiceStub(channel).GetEntry(cacher_pb2.GetEntryRequest(key=key))
+    return info.value
+
+
+async def test_service_errors_map_to_their_status_codes() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (_, channel):
+        assert (await get(channel, "invalid")).code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (await get(channel, "invalid")).details() == "key is bad: use hex"
+        assert (await get(channel, "missing")).code() is grpc.StatusCode.NOT_FOUND
+        assert (await get(channel, "down")).code() is grpc.StatusCode.UNAVAILABLE
+        busy = await get(channel, "busy")
+        assert busy.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after-ms", "2500") in tuple(busy.trailing_metadata())
+        bug = await get(channel, "bug")
+        assert bug.code() is grpc.StatusCode.INTERNAL  # never UNKNOWN
+        assert "secret" not in bug.details()
+
+
+async def test_downstream_status_passes_through() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (_, downstream):
+        async with in_process_server([cacher_service(ScriptedCacher(downstream))]) as (_, channel):
+            err = await get(channel, "downstream")
+            assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert err.details() == "key is bad: use hex"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x12\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x05ab"],
+    ids=["invalid-utf8-string", "garbage", "truncated"],
+)
+async def test_undecodable_requests_get_invalid_argument(payload: bytes) -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (_, channel):
+        call = channel.unary_unary("/til.v1.CacherService/GetEntry")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(payload)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "til.v1.GetEntryRequest" in info.value.details()
+
+
+async def test_unimplemented_method_is_unimplemented() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (_, channel):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await cacher_pb2_grpc.CacherServiceStub(channel).PutEntry(cacher_pb2.PutEntryRequest())
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_streaming_handler_errors_are_mapped() -> None:
+    class Failing(generator_pb2_grpc.GeneratorServiceServicer):
+        async def Generate(self, request, context):
+            yield generator_pb2.GenerateResponse(started=generator_pb2.GenerateStarted(request_id="r"))
+            raise InvalidArgument("prompt is too long")
+
+    service = Service(
+        "til.v1.GeneratorService",
+        lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(Failing(), server),
+    )
+    async with in_process_server([service]) as (_, channel):
+        call = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(generator_pb2.GenerateRequest())
+        first = await call.read()
+        assert first.started.request_id == "r"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_health_is_not_serving_until_warm_and_after_drain() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())], serving=False) as (running, channel):
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status(name: str) -> int:
+            return (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+        assert await status("") == health_pb2.HealthCheckResponse.SERVING  # liveness
+        assert await status(CACHER) == health_pb2.HealthCheckResponse.NOT_SERVING
+        await running.set_serving()
+        assert await status(CACHER) == health_pb2.HealthCheckResponse.SERVING
+        await running.health.enter_graceful_shutdown()
+        assert await status(CACHER) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_reflection_lists_services() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (_, channel):
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert {CACHER, "grpc.health.v1.Health"} <= names
+
+
+async def test_drain_finishes_in_flight_calls_and_refuses_new_ones() -> None:
+    async with in_process_server([cacher_service(ScriptedCacher())]) as (running, channel):
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        in_flight = asyncio.ensure_future(stub.DeleteEntry(cacher_pb2.DeleteEntryRequest(key="0.5")))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(running.stop(5.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.DeleteEntry(cacher_pb2.DeleteEntryRequest(key="0"), timeout=2)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert (await in_flight).deleted
+        await stopping
+
+
+async def test_admission_bounds_active_and_waiting_and_refuses_fast() -> None:
+    admission = Admission("test", max_active=2, max_waiting=1)
+    release = asyncio.Event()
+    entered: list[int] = []
+
+    async def worker(i: int) -> None:
+        async with admission.slot():
+            entered.append(i)
+            await release.wait()
+
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert entered == [0, 1] and admission.waiting == 1
+    started = time.perf_counter()
+    with pytest.raises(ResourceExhausted):
+        async with admission.slot():
+            pass
+    assert time.perf_counter() - started < 0.05
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == [0, 1, 2] and admission.active == 0 and admission.waiting == 0
+
+
+def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    class DemoSettings(ServerSettings):
+        model_config = SettingsConfigDict(env_prefix="DEMO_", extra="ignore", frozen=True)
+
+    monkeypatch.setenv("DEMO_PORT", "not-a-port")
+    with pytest.raises(SystemExit, match="DEMO_PORT"):
+        load_settings(DemoSettings)
+    monkeypatch.setenv("DEMO_PORT", "6000")
+    assert load_settings(DemoSettings).port == 6000
