@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.auth import OPEN_METHOD_PREFIXES, BearerTokenAuth, caller_identity, peer_identity
 from services.common.errors import InvalidArgument, status_of
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,16 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Decodes requests safely, maps exceptions to statuses, and counts every RPC."""
+    """Decodes requests safely, authenticates, maps exceptions to statuses, and counts every RPC."""
+
+    def __init__(self, auth: BearerTokenAuth | None = None) -> None:
+        self._auth = auth
+
+    def _identify(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self._auth is None or method.startswith(OPEN_METHOD_PREFIXES):
+            caller_identity.set(peer_identity(context.peer() or ""))
+        else:
+            caller_identity.set(self._auth.identify(context.invocation_metadata() or ()))
 
     async def intercept_service(
         self,
@@ -94,6 +104,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 RPC_IN_FLIGHT.labels(*labels).inc()
                 code = grpc.StatusCode.OK
                 try:
+                    self._identify(method, context)
                     if isinstance(request, MalformedRequest):
                         raise InvalidArgument(request.message)
                     async for response in inner_stream(request, context):
@@ -126,6 +137,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             RPC_IN_FLIGHT.labels(*labels).inc()
             code = grpc.StatusCode.OK
             try:
+                self._identify(method, context)
                 if isinstance(request, MalformedRequest):
                     raise InvalidArgument(request.message)
                 return await inner_unary(request, context)

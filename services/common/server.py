@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.auth import BearerTokenAuth
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
@@ -47,6 +48,26 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SystemExit(f"cannot read TLS file {path}: {exc.strerror}") from None
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files; mutual TLS when a client CA is given."""
+    if not settings.tls_cert_file:
+        return None
+    client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class RunningServer:
     """A started server: its port, its health servicer, and how to drain and stop it."""
 
@@ -74,7 +95,9 @@ class RunningServer:
 
 async def start_server(settings: ServerSettings, services: Sequence[Service]) -> RunningServer:
     """Binds and starts a server with every service NOT_SERVING; liveness ("") is SERVING at once."""
-    server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=server_options(settings))
+    tokens = settings.token_identities()
+    interceptor = ServiceInterceptor(BearerTokenAuth(tokens) if tokens else None)
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
@@ -86,7 +109,8 @@ async def start_server(settings: ServerSettings, services: Sequence[Service]) ->
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"cannot listen on {address}")
     await server.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,41 @@ class ServerSettings(BaseSettings):
     )
     log_level: str = Field("INFO")
     log_json: bool = Field(False, description="Log one JSON object per line (for log collectors).")
+
+    # TLS: plaintext unless a certificate is set; mutual TLS when a client CA is set too.
+    tls_cert_file: str = Field("", description="PEM certificate chain the server presents.")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        "", description="PEM CA bundle; when set, clients must present a cert it signed."
+    )
+
+    # Bearer-token auth: callers send `authorization: Bearer <token>`; health and reflection stay open.
+    auth_tokens: str = Field(
+        "", description="Comma-separated `identity:token` pairs; empty with no file turns auth off."
+    )
+    auth_tokens_file: str = Field("", description="File with one `identity:token` pair per line.")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServerSettings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    def token_identities(self) -> dict[str, str]:
+        """Maps each accepted token to the caller identity it stands for."""
+        lines = [item for item in self.auth_tokens.split(",") if item.strip()]
+        if self.auth_tokens_file:
+            with open(self.auth_tokens_file, encoding="utf-8") as f:
+                lines += [line for line in f if line.strip() and not line.lstrip().startswith("#")]
+        tokens: dict[str, str] = {}
+        for line in lines:
+            identity, sep, token = line.strip().partition(":")
+            if not sep or not identity or len(token) < 16:
+                raise ValueError("auth tokens must be `identity:token` pairs with tokens of 16+ characters")
+            tokens[token] = identity
+        return tokens
 
 
 S = TypeVar("S", bound=BaseSettings)

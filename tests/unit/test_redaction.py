@@ -1,0 +1,58 @@
+"""Secrets in diffs are found and replaced; ordinary code is left alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.redaction import redact
+
+# Fake credentials in the shapes real ones have (the AWS pair is AWS's documented example).
+AWS_ID = "AKIAIOSFODNN7EXAMPLE"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+PRIVATE_KEY = (
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAx8f3\nq2V0aGluZw==\n-----END RSA PRIVATE KEY-----"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret", "kind"),
+    [
+        (f'+aws_access_key_id = "{AWS_ID}"', AWS_ID, "aws-access-key-id"),
+        (f"+AWS_SECRET_ACCESS_KEY={AWS_SECRET}", AWS_SECRET, "aws-secret-access-key"),
+        (f"+key = '''{PRIVATE_KEY}'''", "MIIEowIBAAKCAQEAx8f3", "private-key"),
+        ("+token: ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8", "ghp_a1B2c3D4e5F6", "github-token"),
+        ("+SLACK=xoxb-1234567890-abcdefghij", "xoxb-1234567890-abcdefghij", "slack-token"),
+        ('+    password = "hunter2hunter2"', "hunter2hunter2", "password-assignment"),
+        ("+DB_PASSWORD=correcthorsebattery", "correcthorsebattery", "password-assignment"),
+        ("+url = postgres://app:s3cr3tpass@db:5432/app", "s3cr3tpass", "url-credentials"),
+        (
+            "+ key: AIzaSyA1234567890abcdefghijklmnopqrstuv",
+            "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+            "google-api-key",
+        ),
+    ],
+)
+def test_secrets_are_redacted(text: str, secret: str, kind: str) -> None:
+    result = redact(text)
+    assert secret not in result.text
+    assert f"[REDACTED:{kind}]" in result.text
+    assert kind in result.kinds
+
+
+def test_ordinary_code_is_untouched() -> None:
+    code = (
+        "+def get_password_hash(password: str) -> str:\n"
+        "+    token = request.headers.get('Authorization')\n"
+        "+    secret_name = settings.secret_name\n"
+        "+    return hashlib.sha256(password.encode()).hexdigest()\n"
+    )
+    result = redact(code)
+    assert result.text == code
+    assert result.kinds == ()
+
+
+def test_redaction_is_idempotent_and_counts_each_secret() -> None:
+    text = f"+a = '{AWS_ID}'\n+b = '{AWS_ID.replace('EXAMPLE', 'EXAMPL2')}'\n"
+    once = redact(text)
+    assert once.kinds.count("aws-access-key-id") == 2
+    assert redact(once.text).text == once.text
