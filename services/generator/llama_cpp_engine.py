@@ -1,0 +1,437 @@
+"""`GenerationEngine` on llama.cpp (llama-cpp-python), for CPUs and GGUF models.
+
+One llama.cpp context serves every request, so requests run one at a time on a single worker
+thread, in arrival order; `load()` reports the one running and those queued behind it. The worker
+hands events to the event loop with `call_soon_threadsafe`, and checks a `threading.Event` before
+every prompt batch and after every token: when the consuming task is cancelled (the gRPC call
+ended) or the request's deadline passes, generation stops within one decode step and the next
+request starts.
+
+Text is decoded incrementally (`TextStream`), so a Korean syllable split across tokens is sent
+whole. Chat messages are rendered with the GGUF's own chat template. A JSON Schema becomes a GBNF
+grammar (`json_grammar`), compiled once per schema text and checked by llama.cpp's parser before
+use. Unset sampling fields take llama.cpp's defaults: temperature 0.8, top_k 40, top_p 0.95,
+min_p 0.05, no repetition penalty; a request without a seed draws a random one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama, LlamaGrammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.generator.config import GeneratorSettings
+from services.generator.engine import (
+    EngineDelta,
+    EngineEvent,
+    EngineFinished,
+    EngineLoad,
+    EngineRequest,
+    EngineStarted,
+    ModelInfo,
+    PromptTooLong,
+    Sampling,
+)
+from services.generator.json_grammar import json_schema_to_grammar
+from services.generator.models import packaged_gguf
+from services.generator.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 8192
+_GRAMMAR_CACHE_SIZE = 64
+_WARMUP_SCHEMA = {"type": "boolean"}
+
+
+@dataclass
+class _Job:
+    """One request on its way through the worker thread."""
+
+    request: EngineRequest
+    tokens: list[int]
+    grammar: LlamaGrammar | None
+    arrived: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[EngineEvent | BaseException] = field(default_factory=asyncio.Queue)
+    # Set when the consumer leaves or the deadline passes; the worker checks it per token.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: EngineEvent | BaseException) -> None:
+        # The consumer may be gone, and at interpreter exit its loop with it.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class LlamaCppEngine:
+    """llama-cpp-python's `Llama` behind the `GenerationEngine` protocol."""
+
+    def __init__(self, settings: GeneratorSettings) -> None:
+        self._settings = settings
+        self._llama: Llama | None = None
+        self._chat: Jinja2ChatFormatter | None = None
+        self._pieces: dict[int, bytes] = {}
+        self._grammars: OrderedDict[str, LlamaGrammar] = OrderedDict()
+        self._grammars_lock = threading.Lock()
+        # Every llama.cpp call on the context runs on this one thread.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
+        self._pending = 0  # jobs submitted and not finished, the running one included
+        self._pending_lock = threading.Lock()
+        self._running: _Job | None = None
+        self._closed = False
+        self.info = ModelInfo(
+            model=settings.model_id,
+            backend="llama_cpp",
+            model_path=settings.model,
+            max_model_len=settings.max_model_len or DEFAULT_CONTEXT,
+            default_max_tokens=settings.default_max_tokens,
+            engine_settings={},
+        )
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self._load)
+        log.info(
+            "llama.cpp loaded %s in %.1fs: %s",
+            self.info.model_path,
+            time.monotonic() - started,
+            self.info.engine_settings,
+        )
+        warmup = EngineRequest(
+            request_id="warmup",
+            prompt="Hello",
+            messages=None,
+            max_tokens=4,
+            sampling=Sampling(temperature=0.0),
+            json_schema=_WARMUP_SCHEMA,
+        )
+        async for _ in self.generate(warmup):
+            pass
+
+    def _load(self) -> None:
+        settings = self._settings
+        path = Path(settings.model) if settings.model else packaged_gguf()
+        if not path.is_file():
+            raise FileNotFoundError(f"GENERATOR_MODEL: no GGUF file at {path}")
+        threads = settings.n_threads or _default_threads()
+        llama = Llama(
+            model_path=str(path),
+            n_ctx=settings.max_model_len or DEFAULT_CONTEXT,
+            n_batch=settings.n_batch,
+            n_ubatch=settings.n_batch,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        vocab = self._vocab(llama)
+        template = llama.metadata.get("tokenizer.chat_template")
+        if template:
+            self._chat = Jinja2ChatFormatter(
+                template=template,
+                eos_token=_token_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
+                bos_token=_token_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
+                add_generation_prompt=True,
+            )
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(llama.model, desc, len(desc))
+        self._llama = llama
+        self.info = replace(
+            self.info,
+            model_path=str(path),
+            max_model_len=llama.n_ctx(),
+            engine_settings={
+                "llama_cpp_python_version": llama_cpp.__version__,
+                "model_desc": desc.value.decode("utf-8", "replace"),
+                "n_ctx": str(llama.n_ctx()),
+                "n_ctx_train": str(llama_cpp.llama_model_n_ctx_train(llama.model)),
+                "n_batch": str(llama.n_batch),
+                "n_threads": str(threads),
+                "chat_template": "gguf" if template else "none",
+                "structured_output": "gbnf",
+                "max_concurrent_generations": "1",
+            },
+        )
+
+    def load(self) -> EngineLoad:
+        running = 1 if self._running is not None else 0
+        return EngineLoad(running=running, waiting=max(self._pending - running, 0))
+
+    async def close(self) -> None:
+        self._closed = True
+        running = self._running
+        if running is not None:
+            running.emit(Unavailable("the generator is shutting down"))
+            running.stop.set()
+        # Queued jobs are cancelled; `_job_done` tells their consumers.
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self._require_loaded()
+        arrived = time.monotonic()
+        tokens, grammar = await asyncio.to_thread(self._prepare, request)
+        context = self.info.max_model_len
+        if len(tokens) + request.max_tokens > context:
+            raise PromptTooLong(
+                f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
+                f"for, but the model's context holds {context} tokens"
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(request=request, tokens=tokens, grammar=grammar, arrived=arrived, loop=loop)
+        expiry = None
+        if request.deadline is not None:
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline exceeded before generation started")
+            expiry = loop.call_later(remaining, self._expire, job)
+        with self._pending_lock:
+            self._pending += 1
+        future = self._worker.submit(self._run, job)
+        future.add_done_callback(functools.partial(self._job_done, job))
+        try:
+            while True:
+                item = await job.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, EngineFinished):
+                    return
+        finally:
+            # Whether the consumer left, the deadline passed or the stream ended: stop the worker
+            # at its next token, or drop the job if it has not started.
+            job.stop.set()
+            future.cancel()
+            if expiry is not None:
+                expiry.cancel()
+
+    @staticmethod
+    def _expire(job: _Job) -> None:
+        job.stop.set()
+        job.events.put_nowait(TimeoutError("deadline exceeded during generation"))
+
+    def _job_done(self, job: _Job, future: concurrent.futures.Future[None]) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        if future.cancelled() and not job.stop.is_set():
+            job.emit(Unavailable("the generator shut down before this request started"))
+
+    # -- preparation (any thread) -------------------------------------------------------------
+
+    def _prepare(self, request: EngineRequest) -> tuple[list[int], LlamaGrammar | None]:
+        llama = self._require_loaded()
+        if request.messages is not None:
+            if self._chat is None:
+                raise InvalidArgument(
+                    "this model has no chat template; send a prompt instead of chat messages"
+                )
+            messages: Any = [{"role": turn.role, "content": turn.content} for turn in request.messages]
+            try:
+                text = self._chat(messages=messages).prompt
+            except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
+                raise InvalidArgument(
+                    f"the chat cannot be rendered with the model's template: {exc}"
+                ) from exc
+            # The template writes the special tokens (BOS, turn markers) itself.
+            tokens = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        elif request.prompt:
+            tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+        else:
+            tokens = []
+        if not tokens:
+            raise InvalidArgument("the prompt is empty")
+        grammar = self._grammar(request.json_schema) if request.json_schema is not None else None
+        return tokens, grammar
+
+    def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        with self._grammars_lock:
+            cached = self._grammars.get(key)
+            if cached is not None:
+                self._grammars.move_to_end(key)
+                return cached
+        try:
+            gbnf = json_schema_to_grammar(schema)
+        except ValueError as exc:
+            raise InvalidArgument(f"output.json_schema: {exc}") from exc
+        # llama.cpp's sampler would crash on a grammar its parser rejects, so parse it once here.
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._vocab(self._require_loaded()), gbnf.encode(), b"root"
+        )
+        if not sampler:
+            raise InvalidArgument(
+                "output.json_schema: llama.cpp cannot compile the grammar for this schema "
+                "(very large repetition counts or deeply nested bounds are the usual cause)"
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+        with self._grammars_lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > _GRAMMAR_CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        return grammar
+
+    # -- the worker thread ----------------------------------------------------------------------
+
+    def _run(self, job: _Job) -> None:
+        if job.stop.is_set():
+            return
+        self._running = job
+        try:
+            job.emit(EngineStarted(prompt_tokens=len(job.tokens), queue_s=time.monotonic() - job.arrived))
+            cached = self._prefill(job)
+            if cached is None:
+                return
+            finish, completion_tokens = self._decode(job)
+            if finish is not None:
+                job.emit(
+                    EngineFinished(
+                        finish_reason=finish,
+                        prompt_tokens=len(job.tokens),
+                        completion_tokens=completion_tokens,
+                        cached_prompt_tokens=cached,
+                    )
+                )
+        except Exception as exc:
+            log.exception("llama.cpp failed request %s", job.request.request_id)
+            # The context may hold half a batch; start the next request from a clean state.
+            self._model.reset()
+            job.emit(Unavailable(f"llama.cpp failed: {exc}"))
+        finally:
+            self._running = None
+
+    def _prefill(self, job: _Job) -> int | None:
+        """Evaluates the prompt, reusing the KV cache of the longest prefix it shares with the
+        previous request; returns the reused token count, or None when stopped."""
+        llama = self._model
+        tokens = job.tokens
+        n = min(llama.n_tokens, len(tokens))
+        mismatch = np.flatnonzero(llama.input_ids[:n] != np.asarray(tokens[:n], dtype=llama.input_ids.dtype))
+        # The last prompt token is always evaluated again: sampling needs its logits.
+        reuse = min(int(mismatch[0]) if mismatch.size else n, len(tokens) - 1)
+        memory = llama_cpp.llama_get_memory(llama.ctx)
+        if reuse > 0 and memory is not None and llama_cpp.llama_memory_seq_rm(memory, -1, reuse, -1):
+            llama.n_tokens = reuse
+        else:
+            llama.reset()
+            reuse = 0
+        for start in range(reuse, len(tokens), llama.n_batch):
+            if job.stop.is_set():
+                return None
+            llama.eval(tokens[start : start + llama.n_batch])
+        return reuse
+
+    def _decode(self, job: _Job) -> tuple[Literal["stop", "length"] | None, int]:
+        """Samples tokens until end of sequence, a stop string or max_tokens; (None, n) when stopped."""
+        llama = self._model
+        request = job.request
+        vocab = self._vocab(llama)
+        s = request.sampling
+        llama.set_seed(
+            s.seed % llama_cpp.LLAMA_DEFAULT_SEED if s.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        )
+        text = TextStream(request.stop)
+        completion_tokens = 0
+        finish: Literal["stop", "length"] | None = None
+        # The prompt is already evaluated, so generate() starts sampling at once.
+        tokens = llama.generate(
+            job.tokens,
+            temp=s.temperature if s.temperature is not None else 0.8,
+            top_k=s.top_k if s.top_k is not None else 40,
+            top_p=s.top_p if s.top_p is not None else 0.95,
+            min_p=0.05,
+            repeat_penalty=s.repetition_penalty if s.repetition_penalty is not None else 1.0,
+            grammar=job.grammar,
+        )
+        try:
+            for token in tokens:
+                if job.stop.is_set():
+                    return None, completion_tokens
+                if not request.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                completion_tokens += 1
+                delta, count = text.push(self._piece(vocab, token))
+                if delta:
+                    job.emit(EngineDelta(text=delta, token_count=count))
+                if text.stopped:
+                    finish = "stop"
+                    break
+                if completion_tokens >= request.max_tokens:
+                    finish = "length"
+                    break
+        finally:
+            tokens.close()
+        delta, count = text.flush()
+        if delta:
+            job.emit(EngineDelta(text=delta, token_count=count))
+        return finish, completion_tokens
+
+    def _piece(self, vocab: Any, token: int) -> bytes:
+        """The bytes of one token (a special token has none)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            size = 64
+            while True:
+                buffer = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+                if n >= 0:
+                    break
+                size = -n  # a negative result is the size it needs
+            piece = self._pieces[token] = buffer.raw[:n]
+        return piece
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def _model(self) -> Llama:
+        """The model, for the worker thread: jobs only exist once `start()` has loaded it."""
+        assert self._llama is not None
+        return self._llama
+
+    def _require_loaded(self) -> Llama:
+        if self._llama is None or self._closed:
+            raise Unavailable("the llama.cpp engine is not running")
+        return self._llama
+
+    @staticmethod
+    def _vocab(llama: Llama) -> Any:
+        return llama_cpp.llama_model_get_vocab(llama.model)
+
+
+def _token_text(vocab: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return (llama_cpp.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
+
+
+def _default_threads() -> int:
+    """Half the CPUs this process may run on (its affinity mask, which containers narrow).
+
+    llama.cpp's threads spin while they wait for each other; when they compete with the event loop
+    and gRPC's threads for every CPU, decoding slows down tenfold, so some CPUs are left free.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)

@@ -1,0 +1,241 @@
+"""JSON Schema -> GBNF: the grammar is run through llama.cpp's own grammar engine, token by token,
+to check which JSON texts it lets a model write."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.generator.json_grammar import MAX_ITEMS, MAX_LENGTH, json_schema_to_grammar
+from services.generator.models import packaged_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TIL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "pattern": "^2026-11-24 TIL - .{1,80}$"},
+        "keywords": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 20},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+        "content": {"type": "string", "pattern": "^# 2026-11-24 TIL"},
+    },
+    "required": ["title", "keywords", "content"],
+}
+GOOD_TIL = {
+    "title": '2026-11-24 TIL - 캐시 "무효화" \\ 정리',
+    "keywords": ["캐시", "Redis"],
+    "content": "# 2026-11-24 TIL\n\n- TTL을 둔다.\n\t```py\nx = 1\n```",
+}
+
+Accepts = Callable[[dict[str, Any], str], bool]
+
+
+@pytest.fixture(scope="module")
+def accepts() -> Iterator[Accepts]:
+    """accepts(schema, text): whether llama.cpp's grammar engine lets a model write exactly `text`."""
+    llama = llama_cpp.Llama(model_path=str(packaged_gguf()), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    eos = llama_cpp.llama_vocab_eos(vocab)
+
+    def allowed(sampler: Any, token: int) -> bool:
+        candidates = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+        array = llama_cpp.llama_token_data_array(candidates, 1, -1, False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        return math.isfinite(candidates[0].logit)
+
+    def check(schema: dict[str, Any], text: str) -> bool:
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, json_schema_to_grammar(schema).encode(), b"root"
+        )
+        assert sampler, "llama.cpp refused the grammar"
+        try:
+            for token in llama.tokenize(text.encode(), add_bos=False, special=False):
+                if not allowed(sampler, token):
+                    return False
+                llama_cpp.llama_sampler_accept(sampler, token)
+            return allowed(sampler, eos)  # the document may end here
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    yield check
+    llama.close()
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+@pytest.mark.model
+def test_a_valid_til_is_accepted_with_escapes_and_korean(accepts: Accepts) -> None:
+    assert accepts(TIL_SCHEMA, dumps(GOOD_TIL))
+    assert accepts(TIL_SCHEMA, json.dumps(GOOD_TIL, indent=None, separators=(",", ":"), ensure_ascii=False))
+
+
+@pytest.mark.model
+def test_an_unfinished_document_is_not_complete(accepts: Accepts) -> None:
+    assert not accepts(TIL_SCHEMA, dumps(GOOD_TIL)[:-1])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("field", "raw", "escaped_ok"),
+    [
+        ("title", "\x01", False),  # `.` never writes a \u escape
+        ("title", "\t", True),
+        ("content", "\n", True),
+        ("content", "\x1f", True),
+        ("keywords", "\t", True),
+    ],
+)
+def test_raw_control_characters_inside_strings_are_refused(
+    accepts: Accepts, field: str, raw: str, escaped_ok: bool
+) -> None:
+    value = {"title": "2026-11-24 TIL - a@b", "content": "# 2026-11-24 TIL a@b", "keywords": "a@b"}[field]
+    document = dumps({**GOOD_TIL, field: [value] if field == "keywords" else value})
+    assert not accepts(TIL_SCHEMA, document.replace("@", raw))
+    assert accepts(TIL_SCHEMA, document.replace("@", json.dumps(raw)[1:-1])) is escaped_ok
+
+
+@pytest.mark.model
+def test_an_unescaped_quote_cannot_end_a_pattern_string_early(accepts: Accepts) -> None:
+    text = dumps(GOOD_TIL).replace('\\"무효화\\"', '"무효화"')
+    assert not accepts(TIL_SCHEMA, text)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("change", "ok"),
+    [
+        ({"keywords": ["a", "b", "c"]}, True),
+        ({"keywords": ["a", "b", "c", "d"]}, False),  # maxItems 3
+        ({"keywords": []}, False),  # minItems 1
+        ({"keywords": ["가" * 20]}, True),
+        ({"keywords": ["가" * 21]}, False),  # maxLength 20, counted in characters
+        ({"keywords": [""]}, False),  # minLength 1
+        ({"title": "2026-11-24 TIL - " + "가" * 80}, True),
+        ({"title": "2026-11-24 TIL - " + "가" * 81}, False),  # .{1,80}
+        ({"title": "2026-11-24 TIL - "}, False),
+        ({"title": "2026-11-25 TIL - 캐시"}, False),
+        ({"content": "# 2026-11-24 TIL"}, True),  # an unanchored end: "starts with"
+        ({"content": "Intro\n# 2026-11-24 TIL"}, False),
+    ],
+)
+def test_lengths_items_and_patterns_are_honoured(accepts: Accepts, change: dict[str, Any], ok: bool) -> None:
+    assert accepts(TIL_SCHEMA, dumps({**GOOD_TIL, **change})) is ok
+
+
+@pytest.mark.model
+def test_lengths_beyond_llama_cpps_repetition_limit_compile(accepts: Accepts) -> None:
+    schema = {"type": "string", "minLength": 2500, "maxLength": 4200}
+    for size, ok in ((2499, False), (2500, True), (3333, True), (4200, True), (4201, False)):
+        assert accepts(schema, dumps("가" * size)) is ok, size
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("schema", "value", "ok"),
+    [
+        # A fixed-length prefix (17 characters) plus maxLength bounds the rest: 17 + 43 = 60.
+        ({"pattern": "^# 2026-11-24 TIL\\n", "maxLength": 60}, "# 2026-11-24 TIL\n" + "가" * 43, True),
+        ({"pattern": "^# 2026-11-24 TIL\\n", "maxLength": 60}, "# 2026-11-24 TIL\n" + "가" * 44, False),
+        ({"pattern": "^# 2026-11-24 TIL\\n", "minLength": 20}, "# 2026-11-24 TIL\n가나", False),
+        ({"pattern": "^# 2026-11-24 TIL\\n", "minLength": 20}, "# 2026-11-24 TIL\n가나다", True),
+        ({"pattern": "-v1$", "maxLength": 5}, "ab-v1", True),  # a fixed-length suffix
+        ({"pattern": "-v1$", "maxLength": 5}, "abc-v1", False),
+        # The pattern already keeps within the bound.
+        ({"pattern": "^2026-11-24 TIL - .{1,80}$", "maxLength": 200}, "2026-11-24 TIL - 캐시", True),
+    ],
+)
+def test_patterns_combine_with_length_bounds(
+    accepts: Accepts, schema: dict[str, Any], value: str, ok: bool
+) -> None:
+    assert accepts({"type": "string", **schema}, dumps(value)) is ok
+
+
+# Characters whose JSON text the grammar can write: anything printable, plus the escapes \" \\ \t \n.
+# (It never writes \u escapes, so \b, \f, other control characters and DEL are left out.)
+ALPHABET = st.sampled_from([*'ab-1 #가힣:"\\\t\n', "TIL", "2026-11-24"])
+texts = st.lists(ALPHABET, max_size=12).map("".join)
+
+PATTERNS = [
+    # (JSON Schema pattern, equivalent Python regex for re.fullmatch, with re.ASCII)
+    ("^2026-11-24 TIL - .{1,8}$", r"2026-11-24 TIL - .{1,8}"),
+    ("^# 2026-11-24 TIL", r"# 2026-11-24 TIL[\s\S]*"),
+    ("TIL", r"[\s\S]*TIL[\s\S]*"),
+    ("^[가-힣]{1,3}(:[ab]+)?$", r"[가-힣]{1,3}(:[ab]+)?"),
+    (r'^[^"\\]*$', r'[^"\\]*'),
+    (r"^\d{1,4}-\w*\s?$", r"\d{1,4}-\w*\s?"),
+    ("^(a|b\\\\|\\t)*$", r"(a|b\\|\t)*"),
+]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("pattern", "python"), PATTERNS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=texts)
+def test_pattern_strings_match_exactly_what_the_regex_matches(
+    accepts: Accepts, pattern: str, python: str, value: str
+) -> None:
+    schema = {"type": "string", "pattern": pattern}
+    assert accepts(schema, dumps(value)) is bool(re.fullmatch(python, value, re.ASCII))
+
+
+@pytest.mark.model
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=texts, max_length=st.integers(0, 12))
+def test_max_length_counts_characters_not_json_text(accepts: Accepts, value: str, max_length: int) -> None:
+    schema = {"type": "string", "maxLength": max_length}
+    assert accepts(schema, dumps(value)) is (len(value) <= max_length)
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "string", "pattern": "^(?=a)b$"}, "lookarounds"),
+        ({"type": "string", "pattern": r"^(a)\1$"}, "backreferences"),
+        ({"type": "string", "pattern": r"\bword"}, "word boundaries"),
+        ({"type": "string", "pattern": "^a$b$"}, "only at the start or end"),
+        ({"type": "string", "pattern": "^a{3,1}$"}, "max < min"),
+        ({"type": "string", "pattern": "^(ab$"}, "missing ')'"),
+        ({"type": "string", "pattern": f"^a{{{MAX_LENGTH + 1}}}$"}, "repetition counts above"),
+        ({"type": "string", "maxLength": MAX_LENGTH + 1}, "maxLength must be an integer"),
+        (
+            {"type": "array", "items": {"type": "string"}, "maxItems": MAX_ITEMS + 1},
+            "maxItems must be an integer",
+        ),
+        ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength (5) is greater than maxLength (2)"),
+        ({"$ref": "https://example.com/schema.json"}, "unsupported JSON schema"),
+        (
+            {"type": "string", "pattern": "^abc$", "maxLength": 2},
+            "allows strings outside minLength/maxLength",
+        ),
+        ({"type": "string", "pattern": "^a+", "maxLength": 5}, "only combine with a fixed-length prefix"),
+        ({"type": "string", "pattern": "TIL", "maxLength": 5}, "only combine with a fixed-length prefix"),
+        ({"type": "string", "pattern": "^abcdef", "maxLength": 5}, "maxLength is shorter than the pattern"),
+    ],
+)
+def test_schemas_it_cannot_express_are_refused_with_the_reason(schema: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        json_schema_to_grammar(schema)
+
+
+def test_keywords_used_as_property_names_are_not_read_as_bounds() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "maxLength": {"type": "integer"}},
+        "required": ["pattern", "maxLength"],
+    }
+    grammar = json_schema_to_grammar(schema)
+    assert '"\\"pattern\\""' in grammar and '"\\"maxLength\\""' in grammar

@@ -1,0 +1,376 @@
+"""GeneratorService plumbing against a scripted engine: stream shape, validation, admission,
+cancellation, deadlines, model info and metrics. Real stubs, in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+from til.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+from services.common.admission import Admission
+from services.generator.engine import (
+    ChatTurn,
+    EngineDelta,
+    EngineEvent,
+    EngineFinished,
+    EngineLoad,
+    EngineRequest,
+    EngineStarted,
+    GenerationEngine,
+    ModelInfo,
+    PromptTooLong,
+    Sampling,
+)
+from services.generator.servicer import GenerationLimits, GeneratorServicer
+from tests.conftest import in_process_server
+
+LIMITS = GenerationLimits(default_max_tokens=16, max_tokens_limit=64)
+
+
+class ScriptedEngine:
+    """Plays `deltas`, then finishes; with `hold`, waits after the deltas until its stream is closed.
+
+    Records each request, how many streams are open, and when a stream was closed.
+    """
+
+    def __init__(
+        self,
+        deltas: Sequence[str] = ("Hello", ", ", "세계"),
+        *,
+        hold: bool = False,
+        fail_before_start: Exception | None = None,
+        fail_after_start: Exception | None = None,
+    ) -> None:
+        self.info = ModelInfo(
+            model="scripted-1",
+            backend="scripted",
+            model_path="/models/scripted.gguf",
+            max_model_len=4096,
+            default_max_tokens=99,
+            engine_settings={"n_threads": "3"},
+        )
+        self.deltas = tuple(deltas)
+        self.hold = hold
+        self.fail_before_start = fail_before_start
+        self.fail_after_start = fail_after_start
+        self.requests: list[EngineRequest] = []
+        self.open_streams = 0
+        self.holding = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=self.open_streams, waiting=0)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self.requests.append(request)
+        if self.fail_before_start is not None:
+            raise self.fail_before_start
+        self.open_streams += 1
+        try:
+            prompt_tokens = 7
+            yield EngineStarted(prompt_tokens=prompt_tokens, queue_s=0.004)
+            if self.fail_after_start is not None:
+                raise self.fail_after_start
+            for text in self.deltas:
+                yield EngineDelta(text=text, token_count=2)
+            if self.hold:
+                self.holding.set()
+                await asyncio.Event().wait()  # until the stream is closed
+            yield EngineFinished(
+                finish_reason="length",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=2 * len(self.deltas),
+                cached_prompt_tokens=3,
+            )
+        finally:
+            self.open_streams -= 1
+            self.closed.set()
+
+
+@contextlib.asynccontextmanager
+async def generator(
+    engine: ScriptedEngine, *, limits: GenerationLimits = LIMITS, admission: Admission | None = None
+) -> AsyncIterator[generator_pb2_grpc.GeneratorServiceStub]:
+    admission = admission or Admission("generator-test", max_active=4, max_waiting=4)
+    servicer = GeneratorServicer(engine, limits, admission)
+    async with in_process_server([servicer.service()]) as (_, channel):
+        yield generator_pb2_grpc.GeneratorServiceStub(channel)
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def chat(*turns: tuple[str, str]) -> generator_pb2.ChatMessages:
+    return generator_pb2.ChatMessages(
+        messages=[generator_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+    )
+
+
+def test_scripted_engine_satisfies_the_protocol() -> None:
+    assert isinstance(ScriptedEngine(), GenerationEngine)
+
+
+async def test_stream_is_started_then_deltas_then_finished() -> None:
+    engine = ScriptedEngine()
+    output_before = metric("tilserve_generator_output_tokens_total")
+    prompt_before = metric("tilserve_generator_prompt_tokens_total")
+    ttft_before = metric("tilserve_generator_time_to_first_token_seconds_count")
+    async with generator(engine) as stub:
+        responses = [
+            r async for r in stub.Generate(generator_pb2.GenerateRequest(request_id="r-1", prompt="Hi"))
+        ]
+
+    kinds = [r.WhichOneof("event") for r in responses]
+    assert kinds == ["started", "delta", "delta", "delta", "finished"]
+    started, finished = responses[0].started, responses[-1].finished
+    assert (started.request_id, started.model, started.prompt_tokens) == ("r-1", "scripted-1", 7)
+    assert [r.delta.text for r in responses[1:-1]] == ["Hello", ", ", "세계"]
+    assert [r.delta.token_count for r in responses[1:-1]] == [2, 2, 2]
+    assert finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (7, 6)
+    assert finished.usage.cached_prompt_tokens == 3
+    timings = finished.timings
+    assert timings.queue_ms >= 4.0  # the engine's 4 ms in its queue, plus admission
+    assert 0 < timings.time_to_first_token_ms <= timings.total_ms
+
+    assert metric("tilserve_generator_output_tokens_total") - output_before == 6
+    assert metric("tilserve_generator_prompt_tokens_total") - prompt_before == 7
+    assert metric("tilserve_generator_time_to_first_token_seconds_count") - ttft_before == 1
+    assert engine.open_streams == 0
+
+
+async def test_request_reaches_the_engine_as_sent() -> None:
+    engine = ScriptedEngine()
+    request = generator_pb2.GenerateRequest(
+        request_id="r-2",
+        chat=chat(("system", "Be brief."), ("user", "안녕?"), ("assistant", "안녕!"), ("user", "TIL?")),
+        sampling=common_pb2.SamplingParams(
+            temperature=0.0, top_p=0.5, top_k=20, repetition_penalty=1.1, seed=7
+        ),
+        stopping=common_pb2.StoppingCriteria(max_tokens=40, stop=["\n\n", "END"], ignore_eos=True),
+        output=generator_pb2.OutputFormat(
+            json_schema='{"type": "object", "properties": {"a": {"type": "string"}}}'
+        ),
+    )
+    async with generator(engine) as stub:
+        sent_at = time.monotonic()
+        _ = [r async for r in stub.Generate(request, timeout=30)]
+
+    (seen,) = engine.requests
+    assert seen.request_id == "r-2"
+    assert seen.prompt is None
+    assert seen.messages == (
+        ChatTurn("system", "Be brief."),
+        ChatTurn("user", "안녕?"),
+        ChatTurn("assistant", "안녕!"),
+        ChatTurn("user", "TIL?"),
+    )
+    assert seen.max_tokens == 40
+    assert seen.stop == ("\n\n", "END")
+    assert seen.ignore_eos is True
+    assert seen.json_schema == {"type": "object", "properties": {"a": {"type": "string"}}}
+    sampling = seen.sampling
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (0.0, 0.5, 20, 7)
+    assert sampling.repetition_penalty == pytest.approx(1.1)  # a float32 on the wire
+    # gRPC rounds the timeout it sends up, so the server's deadline may be a little later.
+    assert seen.deadline is not None and seen.deadline - sent_at == pytest.approx(30, abs=0.2)
+
+
+async def test_unset_fields_take_the_servers_defaults() -> None:
+    engine = ScriptedEngine()
+    async with generator(engine) as stub:
+        responses = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))]
+
+    (seen,) = engine.requests
+    assert seen.max_tokens == LIMITS.default_max_tokens
+    assert seen.sampling == Sampling()
+    assert (seen.stop, seen.ignore_eos, seen.json_schema, seen.deadline) == ((), False, None, None)
+    # The server names requests that come without an id.
+    assert len(seen.request_id) == 32 and responses[0].started.request_id == seen.request_id
+
+
+def _with(**fields: object) -> generator_pb2.GenerateRequest:
+    request = generator_pb2.GenerateRequest(prompt="Hi")
+    for name, value in fields.items():
+        if name == "prompt" and value is None:
+            request.ClearField("input")
+        elif isinstance(value, str):
+            setattr(request, name, value)
+        else:
+            getattr(request, name).CopyFrom(value)
+    return request
+
+
+INVALID = {
+    "no input": (_with(prompt=None), "set either prompt or chat"),
+    "empty prompt": (_with(prompt=""), "prompt is empty"),
+    "empty chat": (_with(chat=generator_pb2.ChatMessages()), "chat has no messages"),
+    "unknown role": (_with(chat=chat(("user", "a"), ("tool", "b"))), "chat.messages[1].role is 'tool'"),
+    "zero max_tokens": (
+        _with(stopping=common_pb2.StoppingCriteria(max_tokens=0)),
+        "stopping.max_tokens must be at least 1",
+    ),
+    "max_tokens over limit": (
+        _with(stopping=common_pb2.StoppingCriteria(max_tokens=65)),
+        "this server allows at most 64",
+    ),
+    "empty stop string": (_with(stopping=common_pb2.StoppingCriteria(stop=["a", ""])), "empty string"),
+    "too many stop strings": (
+        _with(stopping=common_pb2.StoppingCriteria(stop=[str(i) for i in range(17)])),
+        "at most 16",
+    ),
+    "schema not JSON": (
+        _with(output=generator_pb2.OutputFormat(json_schema="{type: object")),
+        "not valid JSON",
+    ),
+    "schema not an object": (
+        _with(output=generator_pb2.OutputFormat(json_schema='["a"]')),
+        "must be a JSON object (a JSON Schema)",
+    ),
+    "negative temperature": (
+        _with(sampling=common_pb2.SamplingParams(temperature=-0.5)),
+        "sampling.temperature",
+    ),
+    "NaN temperature": (
+        _with(sampling=common_pb2.SamplingParams(temperature=float("nan"))),
+        "sampling.temperature",
+    ),
+    "zero top_p": (_with(sampling=common_pb2.SamplingParams(top_p=0.0)), "sampling.top_p"),
+    "top_p above 1": (_with(sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
+    "top_k below -1": (_with(sampling=common_pb2.SamplingParams(top_k=-2)), "sampling.top_k"),
+    "zero repetition_penalty": (
+        _with(sampling=common_pb2.SamplingParams(repetition_penalty=0.0)),
+        "sampling.repetition_penalty",
+    ),
+    "long request_id": (_with(request_id="x" * 129), "request_id is longer than 128"),
+}
+
+
+@pytest.mark.parametrize(("request_", "says"), list(INVALID.values()), ids=list(INVALID))
+async def test_invalid_requests_are_refused_before_the_engine(
+    request_: generator_pb2.GenerateRequest, says: str
+) -> None:
+    engine = ScriptedEngine()
+    async with generator(engine) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            _ = [r async for r in stub.Generate(request_)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in (error.value.details() or "")
+    assert engine.requests == []
+
+
+async def test_prompt_too_long_is_invalid_argument_with_the_numbers() -> None:
+    too_long = PromptTooLong(
+        "the prompt has 4000 tokens and 200 output tokens were asked for, "
+        "but the model's context holds 4096 tokens"
+    )
+    async with generator(ScriptedEngine(fail_before_start=too_long)) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="long"))]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details() or ""
+    assert "4000 tokens" in details and "4096" in details and "lower stopping.max_tokens" in details
+
+
+async def test_full_admission_is_resource_exhausted_with_retry_after() -> None:
+    engine = ScriptedEngine(hold=True)
+    admission = Admission("generator-test", max_active=1, max_waiting=0, retry_after_s=0.25)
+    async with generator(engine, admission=admission) as stub:
+        first = stub.Generate(generator_pb2.GenerateRequest(prompt="one"))
+        await first.read()
+        await asyncio.wait_for(engine.holding.wait(), 5)
+
+        second = stub.Generate(generator_pb2.GenerateRequest(prompt="two"))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await second.read()
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after-ms", "250") in tuple(error.value.trailing_metadata() or ())
+        assert len(engine.requests) == 1
+        first.cancel()
+
+
+async def test_running_and_waiting_gauges_follow_engine_and_admission() -> None:
+    engine = ScriptedEngine(hold=True)
+    admission = Admission("generator-test", max_active=1, max_waiting=2)
+    async with generator(engine, admission=admission) as stub:
+        first = stub.Generate(generator_pb2.GenerateRequest(prompt="one"))
+        await first.read()
+        await asyncio.wait_for(engine.holding.wait(), 5)
+        second = stub.Generate(generator_pb2.GenerateRequest(prompt="two"))
+        for _ in range(200):  # until the second call is parked in admission
+            if admission.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert metric("tilserve_generator_requests_running") == 1
+        assert metric("tilserve_generator_requests_waiting") == 1
+        first.cancel()
+        second.cancel()
+        await asyncio.wait_for(engine.closed.wait(), 5)
+
+
+async def test_cancelled_call_closes_the_engine_stream() -> None:
+    engine = ScriptedEngine(hold=True)
+    cancelled_before = metric("tilserve_generator_requests_aborted_total", {"reason": "cancelled"})
+    async with generator(engine) as stub:
+        call = stub.Generate(generator_pb2.GenerateRequest(prompt="long story"))
+        assert (await call.read()).WhichOneof("event") == "started"
+        await asyncio.wait_for(engine.holding.wait(), 5)
+        assert engine.open_streams == 1
+
+        call.cancel()
+        await asyncio.wait_for(engine.closed.wait(), 5)
+        assert engine.open_streams == 0
+    assert (
+        metric("tilserve_generator_requests_aborted_total", {"reason": "cancelled"}) - cancelled_before == 1
+    )
+
+
+async def test_deadline_ends_the_call_and_closes_the_engine_stream() -> None:
+    engine = ScriptedEngine(hold=True)
+    deadline_before = metric("tilserve_generator_requests_aborted_total", {"reason": "deadline"})
+    async with generator(engine) as stub:
+        sent_at = time.monotonic()
+        call = stub.Generate(generator_pb2.GenerateRequest(prompt="long story"), timeout=0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            _ = [r async for r in call]
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.wait_for(engine.closed.wait(), 2)
+        closed_after = time.monotonic() - sent_at
+
+    (seen,) = engine.requests
+    assert seen.deadline is not None and seen.deadline - sent_at == pytest.approx(0.5, abs=0.15)
+    assert closed_after < 1.5
+    assert metric("tilserve_generator_requests_aborted_total", {"reason": "deadline"}) - deadline_before == 1
+
+
+async def test_engine_timeout_is_deadline_exceeded() -> None:
+    engine = ScriptedEngine(fail_after_start=TimeoutError("deadline exceeded during generation"))
+    deadline_before = metric("tilserve_generator_requests_aborted_total", {"reason": "deadline"})
+    async with generator(engine) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="slow"))]
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "during generation" in (error.value.details() or "")
+    assert metric("tilserve_generator_requests_aborted_total", {"reason": "deadline"}) - deadline_before == 1
+
+
+async def test_get_model_info_reports_engine_and_limits() -> None:
+    async with generator(ScriptedEngine()) as stub:
+        info = await stub.GetModelInfo(generator_pb2.GetModelInfoRequest())
+    assert (info.model, info.backend, info.model_path) == ("scripted-1", "scripted", "/models/scripted.gguf")
+    assert info.max_model_len == 4096
+    assert info.default_max_tokens == LIMITS.default_max_tokens
+    assert dict(info.engine_settings) == {"n_threads": "3", "max_tokens_limit": "64"}
