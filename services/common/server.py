@@ -7,6 +7,7 @@ only after warm-up), reflection, Prometheus metrics, and SIGTERM -> NOT_SERVING 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -144,15 +145,19 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     try:
-        warming = asyncio.ensure_future(warmup()) if warmup else None
-        if warming is not None:
-            done, _ = await asyncio.wait(
-                {warming, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if warming not in done:
+        if warmup is not None:
+            warming = asyncio.ensure_future(warmup())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({warming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not warming.done():
                 warming.cancel()
-            else:
-                warming.result()  # a failed warm-up ends the process with its error
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
+            elif warming.exception() is not None:
+                log.error("warm-up failed: %s", warming.exception(), exc_info=warming.exception())
+                await running.stop(0)
+                raise SystemExit(1)
         if not stop.is_set():
             await running.set_serving()
             log.info("SERVING %s on port %d", names, running.port)
