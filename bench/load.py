@@ -1,0 +1,146 @@
+"""Closed-loop load: `concurrency` streams at a time until the prompts run out.
+
+In-process arms run in the driver's event loop. Network arms can run in several client processes
+so that one Python process parsing ~10k messages/s does not become the thing being measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from bench.arms import Arm, ArmSpec, network_arm
+from bench.metrics import RequestRecord
+from bench.prompts import Prompt
+
+
+async def closed_loop(
+    arm: Arm,
+    prompts: Sequence[Prompt],
+    concurrency: int,
+    output_len: int,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> list[RequestRecord]:
+    """Keeps `concurrency` requests in flight; returns one record per prompt, in prompt order."""
+    records: list[RequestRecord | None] = [None] * len(prompts)
+    queue = iter(range(len(prompts)))
+
+    async def stream_worker() -> None:
+        for i in queue:  # shared iterator: each index is taken once
+            record = await arm.one(prompts[i], output_len)
+            records[i] = record
+            if on_done is not None:
+                on_done(record)
+
+    await asyncio.gather(*(stream_worker() for _ in range(min(concurrency, len(prompts)))))
+    return [r for r in records if r is not None]
+
+
+def split(total: int, parts: int) -> list[int]:
+    """`total` as `parts` near-equal shares, largest first, zeros dropped."""
+    shares = [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+    return [s for s in shares if s]
+
+
+# --- client worker processes --------------------------------------------------------------------
+
+_loop: asyncio.AbstractEventLoop | None = None
+_arms: dict[ArmSpec, Arm] = {}
+
+
+def _run_in_worker(
+    spec: ArmSpec, prompts: list[Prompt], concurrency: int, output_len: int
+) -> list[RequestRecord]:
+    """Runs in a client process; its loop and connections persist between calls (warm-up counts)."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+
+    async def run() -> list[RequestRecord]:
+        arm = _arms.get(spec)
+        if arm is None:
+            arm = network_arm(spec)
+            await arm.open()
+            _arms[spec] = arm
+        return await closed_loop(arm, prompts, concurrency, output_len)
+
+    return _loop.run_until_complete(run())
+
+
+def _worker_init(path: list[str]) -> None:
+    sys.path[:] = path
+
+
+class ClientProcesses:
+    """A pool of client processes that run a network arm's share of the streams each."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        # spawn, not fork: the driver may hold a CUDA context and a running event loop.
+        self._pool = ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(list(sys.path),),
+        )
+
+    async def run(
+        self, spec: ArmSpec, prompts: Sequence[Prompt], concurrency: int, output_len: int
+    ) -> list[RequestRecord]:
+        # Each process takes a share of the streams and a matching share of the prompts.
+        streams = split(concurrency, self.processes)
+        counts = [len(prompts) * s // concurrency for s in streams]
+        counts[0] += len(prompts) - sum(counts)
+        loop = asyncio.get_running_loop()
+        jobs, start = [], 0
+        for share, count in zip(streams, counts, strict=True):
+            chunk = list(prompts[start : start + count])
+            start += count
+            if chunk:
+                jobs.append(loop.run_in_executor(self._pool, _run_in_worker, spec, chunk, share, output_len))
+        results = await asyncio.gather(*jobs)
+        return [record for result in results for record in result]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_client_processes() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) // 4))
+
+
+class Ticker:
+    """Prints progress every `every_s` seconds while a batch runs."""
+
+    def __init__(self, label: str, total: int, *, counting: bool = True, every_s: float = 10.0) -> None:
+        self.label = label
+        self.counting = counting
+        self.total = total
+        self.done = 0
+        self._every = every_s
+        self._started = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def count(self, _: RequestRecord) -> None:
+        self.done += 1
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            elapsed = time.monotonic() - self._started
+            done = f"{self.done}/{self.total} requests" if self.counting else f"{self.total} requests"
+            print(f"  {self.label}: {done}, {elapsed:.0f}s", flush=True)
+
+    def __enter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,102 @@
+"""Per-request timings and their summary (TTFT, TPOT, ITL, end-to-end, throughput)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """One streamed request as the client saw it. Times are `time.monotonic()` seconds.
+
+    `message_times` holds the arrival of every message that carried generated text; `tokens`
+    is the output token count the server reported (or counted), not the number of messages.
+    """
+
+    start: float
+    end: float = 0.0
+    message_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+    # Arm-specific facts worth checking afterwards (e.g. the edge's cache status).
+    note: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.message_times)
+
+    @property
+    def ttft(self) -> float:
+        return self.message_times[0] - self.start
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first, as vLLM's benchmarks define it."""
+        if self.tokens < 2:
+            return None
+        return (self.end - self.message_times[0]) / (self.tokens - 1)
+
+    def itls(self) -> list[float]:
+        """Gaps between consecutive text messages (one message may carry several tokens)."""
+        t = self.message_times
+        return [b - a for a, b in itertools.pairwise(t)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """One row of the results table: throughput and latency percentiles over a measured batch."""
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    row: dict[str, Any] = {
+        "requests": len(records),
+        "failures": len(failed),
+        "errors": dict(Counter(r.error or "no output" for r in failed)),
+        "notes": dict(Counter(r.note for r in records if r.note)),
+    }
+    if not ok:
+        return row
+    wall = max(r.end for r in records) - min(r.start for r in records)
+    tokens = sum(r.tokens for r in ok)
+    messages = sum(len(r.message_times) for r in ok)
+    ms = 1e3
+    ttft = [r.ttft * ms for r in ok]
+    tpot = [t * ms for r in ok if (t := r.tpot) is not None]
+    itl = [gap * ms for r in ok for gap in r.itls()]
+    e2e = [r.e2e * ms for r in ok]
+    row.update(
+        wall_s=round(wall, 3),
+        output_tok_s=round(tokens / wall, 1),
+        requests_s=round(len(ok) / wall, 3),
+        prompt_tokens_mean=round(sum(r.prompt_tokens for r in ok) / len(ok), 1),
+        output_tokens_mean=round(tokens / len(ok), 1),
+        tokens_per_message=round(tokens / messages, 3),
+    )
+    for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl), ("e2e_ms", e2e)):
+        row[f"{name}_p50"] = round(percentile(values, 50), 2)
+        row[f"{name}_p99"] = round(percentile(values, 99), 2)
+    # Every request's TTFT and E2E (in request order), to look at a distribution afterwards.
+    row["samples"] = {
+        "ttft_ms": [round(r.ttft * ms, 2) for r in ok],
+        "e2e_ms": [round(r.e2e * ms, 1) for r in ok],
+    }
+    return row

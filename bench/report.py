@@ -1,0 +1,131 @@
+"""Turns a results JSON into a Markdown table and a PNG plot.
+
+python -m bench.report bench/results/<run>/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+_COLUMNS = [
+    ("concurrency", "conc", "{}"),
+    ("arm", "arm", "{}"),
+    ("requests", "req", "{}"),
+    ("failures", "fail", "{}"),
+    ("output_tok_s", "out tok/s", "{:,.0f}"),
+    ("ttft_ms_p50", "TTFT p50", "{:.1f}"),
+    ("ttft_ms_p99", "TTFT p99", "{:.1f}"),
+    ("tpot_ms_p50", "TPOT p50", "{:.2f}"),
+    ("tpot_ms_p99", "TPOT p99", "{:.2f}"),
+    ("itl_ms_p50", "ITL p50", "{:.2f}"),
+    ("itl_ms_p99", "ITL p99", "{:.2f}"),
+    ("e2e_ms_p50", "E2E p50", "{:,.0f}"),
+    ("e2e_ms_p99", "E2E p99", "{:,.0f}"),
+    ("tokens_per_message", "tok/msg", "{:.2f}"),
+    ("prompt_tokens_mean", "prompt tok", "{:.0f}"),
+    ("output_tokens_mean", "out tok", "{:.0f}"),
+]
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    params = results["params"]
+    lines = [
+        f"# {results['label']}",
+        "",
+        f"- command: `{results['command']}`",
+        f"- started: {results['started_at']}; device: {results['device']}",
+        f"- prompts: {params['prompts']}; output: {params['output_len']} tokens"
+        f" (ignore_eos where the arm allows); {params['rounds']} x concurrency requests per level"
+        f" (at least {params['min_requests']}), after a warm-up at the same concurrency",
+        "- times in ms; TTFT/ITL/E2E measured by the client; TPOT = (E2E - TTFT) / (tokens - 1);"
+        " ITL is the gap between text messages (tok/msg tokens each)",
+        "",
+    ]
+    for arm, settings in results.get("engine_settings", {}).items():
+        flat = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+        lines.append(f"- engine settings ({arm}): {flat}")
+    lines += ["", "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(_COLUMNS))
+    for row in results["rows"]:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+    errors = [row for row in results["rows"] if row.get("errors") or row.get("notes")]
+    if errors:
+        lines += ["", "Errors and notes:", ""]
+        for row in errors:
+            lines.append(
+                f"- {row['arm']} @ {row['concurrency']}: errors {row.get('errors') or {}},"
+                f" notes {row.get('notes') or {}}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("output_tok_s", "output tokens/s"),
+        ("ttft_ms_p50", "TTFT p50 (ms)"),
+        ("ttft_ms_p99", "TTFT p99 (ms)"),
+        ("tpot_ms_p50", "TPOT p50 (ms)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    arms = list(dict.fromkeys(row["arm"] for row in results["rows"]))
+    levels = sorted({row["concurrency"] for row in results["rows"]})
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for arm in arms:
+            rows = [r for r in results["rows"] if r["arm"] == arm and r.get(key) is not None]
+            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=arm)
+        ax.set_title(title)
+        ax.set_xlabel("concurrent streams")
+        ax.set_xscale("symlog", linthresh=16)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"{results['label']} - {results['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(results: dict[str, Any], out_dir: Path, *, with_plot: bool = True) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    if not with_plot:
+        return
+    try:
+        plot(results, out_dir / "results.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (python -m bench.report results.json makes it later)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", type=Path, help="a results.json written by bench.serving")
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text())
+    (args.results.parent / "results.md").write_text(markdown(results))
+    plot(results, args.results.parent / "results.png")
+    print(f"wrote {args.results.parent}/results.md and results.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Serving benchmark: arms x concurrency levels, each level warmed up before it is measured.
+
+In-process arms (`engine`, `engine-wrapper`) build one vLLM engine here from the engine flags;
+network arms talk to servers started beforehand (see bench/README.md and bench/run_gpu.sh).
+
+    python -m bench.serving --arms engine,engine-wrapper \\
+        --model /tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy --load-format dummy \\
+        --concurrency 1,16,64,100,128 --input-len 512 --output-len 256 --out bench/results/8b-dummy
+
+Writes results.json, results.md and results.png into --out, the JSON and table after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.arms import ALL_ARMS, IN_PROCESS, NETWORK, Arm, ArmSpec, EngineArm, EngineWrapperArm, network_arm
+from bench.load import ClientProcesses, Ticker, closed_loop, default_client_processes
+from bench.metrics import RequestRecord, summarize
+from bench.prompts import PromptFactory, PromptPool, load_dataset
+from bench.report import write_all
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The in-process engine's settings: the fields of `GeneratorSettings` that vLLM reads."""
+
+    model: str
+    model_id: str
+    tokenizer: str | None
+    max_model_len: int | None
+    default_max_tokens: int
+    dtype: str
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    quantization: str | None
+    max_num_seqs: int | None
+    enable_prefix_caching: bool | None
+    seed: int | None
+    load_format: str
+    trust_remote_code: bool
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", required=True, help=f"comma-separated, from: {', '.join(ALL_ARMS)}")
+    p.add_argument("--concurrency", default="1,16,64,100,128", help="comma-separated levels")
+    p.add_argument("--input-len", type=int, default=512, help="prompt tokens (exact) when no --dataset")
+    p.add_argument("--output-len", type=int, default=256, help="output tokens (ignore_eos)")
+    p.add_argument(
+        "--dataset", type=Path, help='JSON Lines of {"prompt": ...} instead of fixed-length prompts'
+    )
+    p.add_argument("--rounds", type=int, default=2, help="measured requests per level = rounds x concurrency")
+    p.add_argument("--min-requests", type=int, default=8, help="measured requests per level at least")
+    p.add_argument("--warmup-output-len", type=int, default=32, help="output tokens of warm-up requests")
+    p.add_argument("--seed", type=int, default=0, help="prompt generator seed")
+    p.add_argument("--label", default="serving", help="title of the results")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json/.md/.png")
+
+    g = p.add_argument_group("network arms")
+    g.add_argument("--generator-addr", default="127.0.0.1:50052")
+    g.add_argument("--edge-addr", default="127.0.0.1:50051")
+    g.add_argument("--openai-url", default="http://127.0.0.1:8000")
+    g.add_argument("--openai-model", default="", help="served model name (default: --model-id)")
+    g.add_argument(
+        "--client-procs",
+        type=int,
+        default=default_client_processes(),
+        help="client processes for network arms (1 = in the driver's loop)",
+    )
+
+    e = p.add_argument_group("engine (in-process arms; tokenizer for every arm)")
+    e.add_argument("--model", required=True, help="HF model folder (or the tokenizer's, for network arms)")
+    e.add_argument("--model-id", default="", help="served model name (default: the folder's name)")
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--quantization", default=None)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--engine-seed", type=int, default=0)
+    e.add_argument("--load-format", default="auto", help='"dummy": random weights, real speed')
+    e.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arms if a not in ALL_ARMS]
+    if unknown:
+        p.error(f"unknown arms {unknown}; choose from {', '.join(ALL_ARMS)}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.model_id = args.model_id or Path(args.model).name
+    args.openai_model = args.openai_model or args.model_id
+    return args
+
+
+def engine_settings(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        model=args.model,
+        model_id=args.model_id,
+        tokenizer=args.tokenizer,
+        max_model_len=args.max_model_len,
+        default_max_tokens=args.output_len,
+        dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.engine_seed,
+        load_format=args.load_format,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return "; ".join(line.strip() for line in out.stdout.splitlines() if line.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "no GPU visible"
+
+
+def command_line() -> str:
+    env = " ".join(
+        f"{k}={shlex.quote(v)}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith(("VLLM_", "CUDA_VISIBLE"))
+    )
+    return (env + " " if env else "") + "python -m bench.serving " + shlex.join(sys.argv[1:])
+
+
+class Driver:
+    """Runs every arm at every level, interleaved, and keeps the results file current."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.engine: Any = None
+        self.local: dict[str, Arm] = {}
+        self.specs: dict[str, ArmSpec] = {}
+        self.clients: ClientProcesses | None = None
+        self.results: dict[str, Any] = {
+            "label": args.label,
+            "command": command_line(),
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(),
+            "params": {
+                "arms": args.arms,
+                "concurrency": args.concurrency,
+                "prompts": f"dataset {args.dataset}" if args.dataset else f"{args.input_len} tokens (exact)",
+                "output_len": args.output_len,
+                "rounds": args.rounds,
+                "min_requests": args.min_requests,
+                "warmup_output_len": args.warmup_output_len,
+                "client_procs": args.client_procs,
+            },
+            "engine_settings": {},
+            "rows": [],
+        }
+
+    async def setup(self) -> PromptPool:
+        from transformers import AutoTokenizer
+
+        args = self.args
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        if args.dataset:
+            pool = PromptPool(None, 0, load_dataset(args.dataset, tokenizer))
+        else:
+            pool = PromptPool(PromptFactory(tokenizer, args.seed), args.input_len, None)
+
+        if any(a in IN_PROCESS for a in args.arms):
+            from services.generator.vllm_engine import VllmEngine
+
+            settings = engine_settings(args)
+            self.results["engine_settings"]["in-process"] = asdict(settings)
+            print(f"starting the in-process vLLM engine: {settings}", flush=True)
+            started = time.monotonic()
+            self.engine = VllmEngine(settings)
+            await self.engine.start()
+            print(f"engine up and warm in {time.monotonic() - started:.1f}s", flush=True)
+            self.results["engine_settings"]["in-process"] = self.engine.info.engine_settings
+            self.local["engine"] = EngineArm(self.engine)
+            self.local["engine-wrapper"] = EngineWrapperArm(self.engine)
+
+        targets = {
+            "openai": args.openai_url,
+            "generator": args.generator_addr,
+            "edge": args.edge_addr,
+            "edge-hit": args.edge_addr,
+        }
+        for name in (a for a in args.arms if a in NETWORK):
+            self.specs[name] = ArmSpec(name=name, target=targets[name], model=args.openai_model)
+        if self.specs and args.client_procs > 1:
+            self.clients = ClientProcesses(args.client_procs)
+        elif self.specs:
+            for name, spec in self.specs.items():
+                self.local[name] = network_arm(spec)
+                await self.local[name].open()
+        if "generator" in self.specs:
+            self.results["engine_settings"]["generator"] = await generator_settings(args.generator_addr)
+        return pool
+
+    async def batch(
+        self, arm: str, pool: PromptPool, count: int, concurrency: int, output_len: int, label: str
+    ) -> list[RequestRecord]:
+        prompts = pool.take(count)
+        with Ticker(label, count, counting=arm in self.local) as ticker:
+            if arm in self.local:
+                return await closed_loop(self.local[arm], prompts, concurrency, output_len, ticker.count)
+            assert self.clients is not None
+            return await self.clients.run(self.specs[arm], prompts, concurrency, output_len)
+
+    async def run(self) -> None:
+        args = self.args
+        pool = await self.setup()
+        out: Path = args.out
+        try:
+            for arm in args.arms:
+                print(f"[{arm}] first warm-up", flush=True)
+                await self.batch(arm, pool, 8, 4, 16, f"{arm} first warm-up")
+            for level, concurrency in enumerate(args.concurrency):
+                # Rotate the order so that no arm always runs right after another's load.
+                order = args.arms[level % len(args.arms) :] + args.arms[: level % len(args.arms)]
+                for arm in order:
+                    tag = f"[c={concurrency} {arm}]"
+                    print(f"{tag} warm-up: {concurrency} requests", flush=True)
+                    await self.batch(arm, pool, concurrency, concurrency, args.warmup_output_len, tag)
+                    count = max(args.rounds * concurrency, args.min_requests)
+                    print(f"{tag} measuring: {count} requests", flush=True)
+                    records = await self.batch(arm, pool, count, concurrency, args.output_len, tag)
+                    row = {"arm": arm, "concurrency": concurrency, **summarize(records)}
+                    self.results["rows"].append(row)
+                    print(f"{tag} {row_line(row)}", flush=True)
+                    write_all(self.results, out, with_plot=False)
+            write_all(self.results, out)
+            print(f"results in {out}/results.md", flush=True)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for arm in self.local.values():
+            await arm.close()
+        if self.clients is not None:
+            self.clients.close()
+        if self.engine is not None:
+            await self.engine.close()
+
+
+async def generator_settings(addr: str) -> dict[str, str]:
+    """The generator's engine settings as GetModelInfo reports them."""
+    import grpc
+    from til.v1 import generator_pb2, generator_pb2_grpc
+
+    async with grpc.aio.insecure_channel(addr) as channel:
+        info = await generator_pb2_grpc.GeneratorServiceStub(channel).GetModelInfo(
+            generator_pb2.GetModelInfoRequest(), timeout=30
+        )
+    return {"model": info.model, "backend": info.backend, **dict(info.engine_settings)}
+
+
+def row_line(row: dict[str, Any]) -> str:
+    if "output_tok_s" not in row:
+        return f"all {row['requests']} requests failed: {row['errors']}"
+    return (
+        f"{row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.1f} p99 {row['ttft_ms_p99']:.1f} ms,"
+        f" TPOT p50 {row['tpot_ms_p50']:.2f} ms, ITL p99 {row['itl_ms_p99']:.2f} ms,"
+        f" {row['tokens_per_message']:.2f} tok/msg, {row['failures']} failed"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    asyncio.run(Driver(args).run())
+
+
+if __name__ == "__main__":
+    main()
