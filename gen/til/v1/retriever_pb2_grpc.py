@@ -46,6 +46,11 @@ class RetrieverServiceStub:
                 request_serializer=til_dot_v1_dot_retriever__pb2.SearchDocumentsRequest.SerializeToString,
                 response_deserializer=til_dot_v1_dot_retriever__pb2.SearchDocumentsResponse.FromString,
                 _registered_method=True)
+        self.GetDocument = channel.unary_unary(
+                '/til.v1.RetrieverService/GetDocument',
+                request_serializer=til_dot_v1_dot_retriever__pb2.GetDocumentRequest.SerializeToString,
+                response_deserializer=til_dot_v1_dot_retriever__pb2.GetDocumentResponse.FromString,
+                _registered_method=True)
         self.DeleteDocuments = channel.unary_unary(
                 '/til.v1.RetrieverService/DeleteDocuments',
                 request_serializer=til_dot_v1_dot_retriever__pb2.DeleteDocumentsRequest.SerializeToString,
@@ -72,6 +77,13 @@ class RetrieverServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDocument(self, request, context):
+        """Returns one document by id; NOT_FOUND when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteDocuments(self, request, context):
         """Removes documents by id.
         """
@@ -91,6 +103,11 @@ def add_RetrieverServiceServicer_to_server(servicer, server):
                     servicer.SearchDocuments,
                     request_deserializer=til_dot_v1_dot_retriever__pb2.SearchDocumentsRequest.FromString,
                     response_serializer=til_dot_v1_dot_retriever__pb2.SearchDocumentsResponse.SerializeToString,
+            ),
+            'GetDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=til_dot_v1_dot_retriever__pb2.GetDocumentRequest.FromString,
+                    response_serializer=til_dot_v1_dot_retriever__pb2.GetDocumentResponse.SerializeToString,
             ),
             'DeleteDocuments': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDocuments,
@@ -154,6 +171,33 @@ class RetrieverService:
             '/til.v1.RetrieverService/SearchDocuments',
             til_dot_v1_dot_retriever__pb2.SearchDocumentsRequest.SerializeToString,
             til_dot_v1_dot_retriever__pb2.SearchDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/til.v1.RetrieverService/GetDocument',
+            til_dot_v1_dot_retriever__pb2.GetDocumentRequest.SerializeToString,
+            til_dot_v1_dot_retriever__pb2.GetDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,86 @@
+"""`python -m services.edge`: settings -> channels -> clients -> pipelines -> servicer -> serve().
+
+The edge turns SERVING once the generator answers GetModelInfo; it retries until then, for at most
+EDGE_WARMUP_TIMEOUT_S. The cache and the retriever are not waited for: without them the edge works,
+degraded, and says so in each stream's notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from services.common.admission import Admission
+from services.common.channels import open_channel
+from services.common.server import serve
+from services.common.settings import load_settings
+from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient
+from services.edge.config import EdgeSettings
+from services.edge.pipeline import TilPipeline
+from services.edge.questions import QuestionPipeline
+from services.edge.servicer import EdgeServicer, edge_service
+from services.edge.stages import Background
+
+log = logging.getLogger("services.edge")
+
+
+async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings) -> None:
+    """Retries GetModelInfo with backoff until it answers or EDGE_WARMUP_TIMEOUT_S passes."""
+    deadline = time.monotonic() + settings.warmup_timeout_s
+    delay = 0.5
+    while True:
+        try:
+            info = await generator.model_info(timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if time.monotonic() + delay > deadline:
+                raise SystemExit(
+                    f"the generator at {settings.generator_addr} did not answer within "
+                    f"{settings.warmup_timeout_s:.0f}s (last: {exc.code().name}: {exc.details()})"
+                ) from None
+            log.info("waiting for the generator at %s (%s)", settings.generator_addr, exc.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            log.info(
+                "generator ready: model %s on %s, %d-token context",
+                info.model,
+                info.backend,
+                info.max_model_len,
+            )
+            return
+
+
+async def main() -> None:
+    settings = load_settings(EdgeSettings)
+    channels = [
+        open_channel(target, max_message_bytes=settings.max_message_bytes)
+        for target in (settings.generator_target, settings.retriever_target, settings.cacher_target)
+    ]
+    generator = GeneratorClient(channels[0])
+    store = RetrieverClient(channels[1])
+    cache = CacherClient(channels[2])
+    background = Background()
+    servicer = EdgeServicer(
+        TilPipeline(generator, store, cache, settings, background=background),
+        QuestionPipeline(generator, store, cache, settings, background=background),
+        Admission("edge", max_active=settings.max_active, max_waiting=settings.max_waiting),
+    )
+
+    async def shutdown() -> None:
+        await background.drain(settings.write_timeout_s)
+        for channel in channels:
+            await channel.close()
+
+    await serve(
+        settings,
+        [edge_service(servicer)],
+        warmup=lambda: wait_for_generator(generator, settings),
+        shutdown=shutdown,
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,311 @@
+"""Stages every edge pipeline shares: the call's clock, cache keys and look-ups, the generator call, the
+parsing of its JSON output, and the best-effort writes that run after a stream has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter
+from til.v1 import common_pb2, edge_pb2, generator_pb2
+
+from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.edge.clients import DependencyUnavailable, ResultCache, TilGenerator
+from services.edge.json_closer import NotAJsonPrefix, close_json
+from services.edge.til_format import Violation
+
+log = logging.getLogger(__name__)
+
+CACHE_LOOKUPS = Counter(
+    "tilserve_edge_cache_lookups_total", "Cache look-ups by result.", ["namespace", "status"]
+)
+RETRIEVALS = Counter("tilserve_edge_retrievals_total", "Context searches by result.", ["kind", "status"])
+BACKGROUND_WRITES = Counter(
+    "tilserve_edge_background_writes_total",
+    "Cache stores and index upserts after a stream.",
+    ["what", "result"],
+)
+RESULTS = Counter(
+    "tilserve_edge_results_total",
+    "Finished results by kind and whether they met every rule.",
+    ["kind", "outcome"],
+)
+
+CACHE_STATUS_NAMES = {
+    edge_pb2.CACHE_STATUS_HIT: "hit",
+    edge_pb2.CACHE_STATUS_MISS: "miss",
+    edge_pb2.CACHE_STATUS_BYPASSED: "bypassed",
+    edge_pb2.CACHE_STATUS_UNAVAILABLE: "unavailable",
+}
+
+
+@dataclass
+class CallContext:
+    """One call as the edge sees it: its id, when it arrived, its deadline, how long it waited for a slot."""
+
+    request_id: str
+    arrived: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() value
+    queued_s: float = 0.0
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the edge could finish")
+        return left
+
+    def bounded(self, limit_s: float) -> float:
+        """`limit_s`, or less when the call's deadline is nearer."""
+        left = self.remaining()
+        return limit_s if left is None else min(limit_s, left)
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.arrived) * 1000.0
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a canonical JSON form of `parts`."""
+    canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def sampling_fields(sampling: common_pb2.SamplingParams) -> dict[str, Any]:
+    """The sampling fields the caller set (unset and zero differ), for cache keys."""
+    return {f.name: value for f, value in sampling.ListFields()}
+
+
+MAX_OWNER_CHARS = 200
+MAX_QUERY_CHARS = 1000
+
+
+def check_owner(owner: str) -> str:
+    if len(owner) > MAX_OWNER_CHARS:
+        raise InvalidArgument(f"owner has {len(owner)} characters; at most {MAX_OWNER_CHARS}")
+    return owner
+
+
+def check_policy(policy: int) -> None:
+    if policy not in edge_pb2.CachePolicy.values():
+        raise InvalidArgument(f"cache_policy {policy} is unknown; use UNSPECIFIED, REFRESH or BYPASS")
+
+
+def check_max_tokens(generation: edge_pb2.GenerationOverrides, limit: int) -> int | None:
+    """The caller's max_tokens, if set and within `limit`."""
+    if not generation.HasField("max_tokens"):
+        return None
+    value = generation.max_tokens
+    if value < 1:
+        raise InvalidArgument("generation.max_tokens must be at least 1 (leave it unset for the default)")
+    if value > limit:
+        raise InvalidArgument(f"generation.max_tokens is {value}; at most {limit} is allowed")
+    return value
+
+
+def resolve_max_tokens(requested: int | None, default: int, info: generator_pb2.GetModelInfoResponse) -> int:
+    """The output budget: the caller's, or the default, never above what the model serves per request."""
+    served = info.default_max_tokens or None
+    if requested is not None:
+        if served is not None and requested > served:
+            raise InvalidArgument(
+                f"generation.max_tokens is {requested}; the model {info.model!r} serves at most {served}"
+            )
+        return requested
+    return min(default, served) if served else default
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    status: int  # edge_pb2.CacheStatus
+    value: dict[str, Any] | None = None
+    notice: str | None = None
+
+
+async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, timeout_s: float) -> CacheLookup:
+    """Reads the cache as the policy allows. Never raises: a cache problem is a status and a notice."""
+    if policy != edge_pb2.CACHE_POLICY_UNSPECIFIED:
+        lookup = CacheLookup(edge_pb2.CACHE_STATUS_BYPASSED)
+    else:
+        try:
+            raw = await cache.get(namespace, key, timeout=timeout_s)
+        except DependencyUnavailable as exc:
+            lookup = CacheLookup(
+                edge_pb2.CACHE_STATUS_UNAVAILABLE, notice=f"cache unavailable ({exc}); generating without it"
+            )
+        else:
+            value = _envelope(raw) if raw is not None else None
+            if raw is not None and value is None:
+                notice = "the cached entry could not be read; generating a new result"
+                lookup = CacheLookup(edge_pb2.CACHE_STATUS_MISS, notice=notice)
+            else:
+                status = edge_pb2.CACHE_STATUS_HIT if value is not None else edge_pb2.CACHE_STATUS_MISS
+                lookup = CacheLookup(status, value)
+    CACHE_LOOKUPS.labels(namespace, CACHE_STATUS_NAMES[lookup.status]).inc()
+    return lookup
+
+
+def _envelope(raw: str) -> dict[str, Any] | None:
+    """A stored result, if `raw` is one this edge wrote: {"json": str, "model": str, "usage": {...}, ...}."""
+    try:
+        value = json.loads(raw)
+        json.loads(value["json"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("model"), str):
+        return None
+    return value
+
+
+def envelope(*, json_text: str, model: str, usage: common_pb2.TokenUsage, **extra: Any) -> str:
+    return json.dumps(
+        {
+            "json": json_text,
+            "model": model,
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            **extra,
+        },
+        ensure_ascii=False,
+    )
+
+
+def cached_usage(value: dict[str, Any]) -> common_pb2.TokenUsage:
+    usage = value.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    return common_pb2.TokenUsage(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+    )
+
+
+def settle(task: asyncio.Future[Any]) -> None:
+    """Cancels `task` if it still runs; otherwise marks its exception, if any, as seen."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
+class Background:
+    """Best-effort writes (cache stores, index upserts) that must neither delay nor fail a stream."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, what: str, write: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(what, write))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(what: str, write: Coroutine[Any, Any, object]) -> None:
+        try:
+            await write
+        except DependencyUnavailable as exc:
+            BACKGROUND_WRITES.labels(what, "unavailable").inc()
+            log.warning("%s skipped: %s", what, exc)
+        except Exception:
+            BACKGROUND_WRITES.labels(what, "error").inc()
+            log.exception("%s failed", what)
+        else:
+            BACKGROUND_WRITES.labels(what, "ok").inc()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Waits for the writes under way (at shutdown, and in tests)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+
+@dataclass
+class Outcome:
+    """What one generator call produced, with the edge's own timings."""
+
+    text: str = ""
+    model: str = ""
+    prompt_tokens: int = 0
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    usage: common_pb2.TokenUsage = field(default_factory=common_pb2.TokenUsage)
+    queue_ms: float = 0.0
+    first_token_ms: float = 0.0
+
+    def timings(self, ctx: CallContext) -> common_pb2.Timings:
+        total = ctx.elapsed_ms()
+        return common_pb2.Timings(
+            queue_ms=self.queue_ms, time_to_first_token_ms=self.first_token_ms or total, total_ms=total
+        )
+
+
+async def stream_generation(
+    generator: TilGenerator,
+    request: generator_pb2.GenerateRequest,
+    ctx: CallContext,
+    started: Callable[[generator_pb2.GenerateStarted], edge_pb2.StreamStarted],
+    outcome: Outcome,
+) -> AsyncIterator[edge_pb2.StreamStarted | common_pb2.TextDelta]:
+    """Streams one generation: our `started` (built once the generator's arrives), then the deltas.
+
+    Fills `outcome` as it goes. Runs in the caller's task, so a client that leaves cancels the
+    generator call (the client closes it on the way out).
+    """
+    stream = generator.generate(request, timeout=ctx.remaining())
+    async with contextlib.aclosing(stream):
+        first = await anext(aiter(stream), None)
+        if first is None or not first.HasField("started"):
+            raise Unavailable("the generator's stream did not begin with a started event")
+        outcome.model = first.started.model
+        outcome.prompt_tokens = first.started.prompt_tokens
+        yield started(first.started)
+        parts: list[str] = []
+        finished: generator_pb2.GenerateFinished | None = None
+        async for event in stream:
+            kind = event.WhichOneof("event")
+            if kind == "delta" and finished is None:
+                if event.delta.text and not outcome.first_token_ms:
+                    outcome.first_token_ms = ctx.elapsed_ms()
+                parts.append(event.delta.text)
+                yield event.delta
+            elif kind == "finished":
+                finished = event.finished
+        if finished is None:
+            raise Unavailable("the generator's stream ended without a finished event")
+    outcome.text = "".join(parts)
+    outcome.finish_reason = finished.finish_reason
+    outcome.usage.CopyFrom(finished.usage)
+    outcome.queue_ms = ctx.queued_s * 1000.0 + finished.timings.queue_ms
+
+
+def parse_json_output(text: str) -> tuple[Any, str, list[Violation]]:
+    """(parsed value, JSON text, problems) for model output that may be cut short or broken.
+
+    The JSON text always parses: a truncated document is closed (see json_closer), and output that
+    stops being JSON is cut where it does.
+    """
+    try:
+        return json.loads(text), text, []
+    except ValueError:
+        pass
+    problems: list[Violation] = []
+    try:
+        closed = close_json(text)
+    except NotAJsonPrefix as exc:
+        closed = close_json(text[: exc.position])
+        problems.append(Violation(f"the output is not JSON from offset {exc.position} ({exc.reason})", True))
+    return json.loads(closed), closed, problems
+
+
+def closing_delta(streamed: str, json_text: str) -> common_pb2.TextDelta | None:
+    """The text that completes the streamed output into `json_text`, when the fix only appended.
+
+    Sent as a last delta (with no tokens), so that the deltas a client joins add up to valid JSON.
+    """
+    if len(json_text) > len(streamed) and json_text.startswith(streamed):
+        return common_pb2.TextDelta(text=json_text[len(streamed) :], token_count=0)
+    return None
