@@ -36,7 +36,7 @@ proto: setup  ## regenerate gen/ from protos/
 	./scripts/gen_protos.sh
 
 proto-check: setup  ## fail if gen/ differs from what protos/ generate
-	@tmp=$$(mktemp -d) && ./scripts/gen_protos.sh $$tmp && diff -r $$tmp/til gen/til > /dev/null \
+	@tmp=$$(mktemp -d) && ./scripts/gen_protos.sh $$tmp && diff -r -x __pycache__ $$tmp/til gen/til > /dev/null \
 	  || { echo "gen/ is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
 
 clean:
