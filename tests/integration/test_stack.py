@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 
 SAMPLE_DIFF = (Path(__file__).resolve().parents[2] / "examples" / "sample.diff").read_text()
 DATE = "2026-11-24"
-GRPCURL = shutil.which("grpcurl")
+GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture(scope="module")
