@@ -11,16 +11,23 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 import grpc
-from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIFF = REPO_ROOT / "examples" / "sample.diff"
 DEFAULT_EDGE = os.environ.get("TIL_EDGE_ADDR", "127.0.0.1:50051")
+DEFAULT_RETRIEVER = os.environ.get("TIL_RETRIEVER_ADDR", "127.0.0.1:50053")
+DIFFICULTIES = {
+    "easy": edge_pb2.DIFFICULTY_EASY,
+    "medium": edge_pb2.DIFFICULTY_MEDIUM,
+    "hard": edge_pb2.DIFFICULTY_HARD,
+}
 
 
 def _err(message: str) -> None:
@@ -39,6 +46,19 @@ class PartialJson:
     def feed(self, text: str) -> None:
         self.buffer += text
 
+    def _escape_at(self, i: int) -> str | None:
+        """The complete escape sequence starting at `i` (a surrogate pair counts as one), or None if cut off."""
+        if self.buffer[i + 1 : i + 2] != "u":
+            escape = self.buffer[i : i + 2]
+            return escape if len(escape) == 2 else None
+        escape = self.buffer[i : i + 6]
+        if len(escape) < 6:
+            return None
+        if "\\ud800" <= escape.lower() <= "\\udbff":  # a high surrogate: its low half must follow
+            pair = self.buffer[i : i + 12]
+            return pair if len(pair) == 12 else None
+        return escape
+
     def string_field(self, name: str) -> str | None:
         marker = f'"{name}"'
         start = self.buffer.find(marker)
@@ -56,10 +76,8 @@ class PartialJson:
             if ch == '"':
                 break
             if ch == "\\":
-                escape = (
-                    self.buffer[i : i + 6] if self.buffer[i + 1 : i + 2] == "u" else self.buffer[i : i + 2]
-                )
-                if len(escape) < 2 or (escape[1] == "u" and len(escape) < 6):
+                escape = self._escape_at(i)
+                if escape is None:
                     break  # the rest of the escape has not arrived yet
                 try:
                     out.append(json.loads(f'"{escape}"'))
@@ -129,15 +147,7 @@ async def _generate(args: argparse.Namespace) -> int:
             async for message in stub.GenerateTil(request, timeout=args.timeout):
                 event = message.WhichOneof("event")
                 if event == "started":
-                    s = message.started
-                    _err(
-                        f"request {s.request_id} | model {s.model} | cache "
-                        f"{edge_pb2.CacheStatus.Name(s.cache_status).removeprefix('CACHE_STATUS_').lower()} | "
-                        f"context {edge_pb2.RetrievalStatus.Name(s.retrieval_status).removeprefix('RETRIEVAL_STATUS_').lower()}"
-                        f" ({len(s.sources)} related)"
-                    )
-                    for notice in s.notices:
-                        _err(f"note: {notice}")
+                    _print_started(message.started)
                 elif event == "delta":
                     if live:
                         view.feed(message.delta.text)
@@ -149,20 +159,260 @@ async def _generate(args: argparse.Namespace) -> int:
                         print(f"\n\nkeywords: {', '.join(f.til.keywords)}")
                     else:
                         print(f"{f.til.content}\n\nkeywords: {', '.join(f.til.keywords)}")
-                    t = f.timings
-                    _err(
-                        f"done: {common_pb2.FinishReason.Name(f.finish_reason).removeprefix('FINISH_REASON_').lower()}"
-                        f" | {f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} output tokens | "
-                        f"first token {t.time_to_first_token_ms:.0f} ms | total {t.total_ms:.0f} ms"
-                    )
-                    for violation in f.violations:
-                        _err(f"warning: {violation}")
+                    _print_done(f.finish_reason, f.usage, f.timings, f.violations)
         except grpc.aio.AioRpcError as exc:
-            _err(f"error: {exc.code().name}: {exc.details()}")
-            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                _err(f"is the stack running? start it with `til up` (edge expected at {args.addr})")
-            return 1
+            return _rpc_error(exc, args.addr)
     return 0
+
+
+def _status_name(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def _print_started(s: edge_pb2.StreamStarted) -> None:
+    _err(
+        f"request {s.request_id} | model {s.model} | cache "
+        f"{_status_name(edge_pb2.CacheStatus, s.cache_status, 'CACHE_STATUS_')} | context "
+        f"{_status_name(edge_pb2.RetrievalStatus, s.retrieval_status, 'RETRIEVAL_STATUS_')} ({len(s.sources)} related)"
+    )
+    for notice in s.notices:
+        _err(f"note: {notice}")
+
+
+def _print_done(finish_reason: int, usage: common_pb2.TokenUsage, t: common_pb2.Timings, violations) -> None:
+    _err(
+        f"done: {_status_name(common_pb2.FinishReason, finish_reason, 'FINISH_REASON_')}"
+        f" | {usage.prompt_tokens} prompt + {usage.completion_tokens} output tokens | "
+        f"first token {t.time_to_first_token_ms:.0f} ms | total {t.total_ms:.0f} ms"
+    )
+    for violation in violations:
+        _err(f"warning: {violation}")
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, addr: str) -> int:
+    _err(f"error: {exc.code().name}: {exc.details()}")
+    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+        _err(f"is the stack running? start it with `til up` (expected at {addr})")
+    return 1
+
+
+def _til_text(path: str) -> str:
+    text = _read_diff(path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(document, dict) and isinstance(document.get("content"), str):
+        return document["content"]
+    return text
+
+
+async def _questions(args: argparse.Namespace) -> int:
+    request = edge_pb2.GenerateQuestionsRequest(
+        difficulty=DIFFICULTIES[args.difficulty],
+        count=args.count,
+        owner=args.owner or "",
+        cache_policy=edge_pb2.CACHE_POLICY_BYPASS if args.no_cache else edge_pb2.CACHE_POLICY_UNSPECIFIED,
+    )
+    if args.til_id:
+        request.til_id = args.til_id
+    elif args.til:
+        request.til_text = _til_text(args.til)
+    else:
+        _err("error: give a TIL file (or - for stdin) or --til-id")
+        return 2
+    if args.max_tokens:
+        request.generation.max_tokens = args.max_tokens
+    async with grpc.aio.insecure_channel(args.addr) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        try:
+            async for message in stub.GenerateQuestions(request, timeout=args.timeout):
+                event = message.WhichOneof("event")
+                if event == "started":
+                    _print_started(message.started)
+                elif event == "delta" and sys.stderr.isatty() and not args.json:
+                    sys.stderr.write(".")
+                    sys.stderr.flush()
+                elif event == "finished":
+                    f = message.finished
+                    if sys.stderr.isatty() and not args.json:
+                        sys.stderr.write("\n")
+                    if args.json:
+                        print(f.questions_json)
+                    else:
+                        for i, q in enumerate(f.questions, 1):
+                            level = _status_name(edge_pb2.Difficulty, q.difficulty, "DIFFICULTY_")
+                            print(f"{i}. [{level}] {q.question}\n   답: {q.answer}")
+                            if q.keywords:
+                                print(f"   키워드: {', '.join(q.keywords)}")
+                    _print_done(f.finish_reason, f.usage, f.timings, f.violations)
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, args.addr)
+    return 0
+
+
+async def _revise(args: argparse.Namespace) -> int:
+    try:
+        document = json.loads(_read_diff(args.til))
+        til = edge_pb2.Til(
+            title=document["title"], keywords=document["keywords"], content=document["content"]
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        _err("error: the TIL must be the JSON object `til generate --json` prints (title, keywords, content)")
+        return 2
+    request = edge_pb2.ReviseTilRequest(til=til, instruction=args.instruction, owner=args.owner or "")
+    if args.max_tokens:
+        request.generation.max_tokens = args.max_tokens
+    view = LiveView()
+    live = sys.stdout.isatty() and not args.json
+    async with grpc.aio.insecure_channel(args.addr) as channel:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel)
+        try:
+            async for message in stub.ReviseTil(request, timeout=args.timeout):
+                event = message.WhichOneof("event")
+                if event == "started":
+                    _print_started(message.started)
+                elif event == "delta" and live:
+                    view.feed(message.delta.text)
+                elif event == "finished":
+                    f = message.finished
+                    print(f.til_json if args.json else f"\n\nkeywords: {', '.join(f.til.keywords)}")
+                    _print_done(f.finish_reason, f.usage, f.timings, f.violations)
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, args.addr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+_TIL_HEADING = re.compile(r"^#\s*\d{4}-\d{2}-\d{2}\s+TIL", re.MULTILINE)
+
+
+def documents_from_file(path: Path, root: Path, owner: str) -> list[retriever_pb2.Document]:
+    """Markdown becomes one document (a TIL if it has a `# YYYY-MM-DD TIL` heading); JSON holds a TIL object, a
+    question object, or a list of them. Ids derive from the file's path, so ingesting again replaces, never duplicates."""
+    relative = path.relative_to(root).as_posix() if path != root else path.name
+    base_id = f"ingest:{relative}"
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() in (".md", ".markdown"):
+        first_line = next((line for line in text.splitlines() if line.strip()), path.stem)
+        kind = (
+            retriever_pb2.DOCUMENT_KIND_TIL if _TIL_HEADING.search(text) else retriever_pb2.DOCUMENT_KIND_DOC
+        )
+        return [
+            retriever_pb2.Document(
+                id=base_id,
+                kind=kind,
+                text=text,
+                title=first_line.lstrip("# ").strip(),
+                owner=owner,
+                attributes={"source": relative},
+            )
+        ]
+    document = json.loads(text)
+    items = document if isinstance(document, list) else document.get("questions", [document])
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{relative}: item {i} is not a JSON object")
+        doc_id = base_id if len(items) == 1 else f"{base_id}#{i}"
+        if "question" in item:
+            out.append(
+                retriever_pb2.Document(
+                    id=doc_id,
+                    kind=retriever_pb2.DOCUMENT_KIND_QUESTION,
+                    text=f"{item['question']}\n{item.get('answer', '')}".strip(),
+                    title=str(item["question"])[:200],
+                    owner=owner,
+                    difficulty=str(item.get("difficulty", "")),
+                    tags=[str(k) for k in item.get("keywords", [])],
+                    attributes={"source": relative},
+                )
+            )
+        elif "content" in item:
+            out.append(
+                retriever_pb2.Document(
+                    id=doc_id,
+                    kind=retriever_pb2.DOCUMENT_KIND_TIL,
+                    text=str(item["content"]),
+                    title=str(item.get("title", "")),
+                    owner=owner,
+                    tags=[str(k) for k in item.get("keywords", [])],
+                    attributes={"source": relative},
+                )
+            )
+        else:
+            raise ValueError(f"{relative}: item {i} has neither `content` (a TIL) nor `question`")
+    return out
+
+
+def _progress(done: int, total: int, note: str = "") -> None:
+    width = 30
+    filled = int(width * done / total) if total else width
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} files {note}")
+    sys.stderr.flush()
+
+
+def discover(paths: list[str]) -> list[tuple[Path, Path]]:
+    """Every .md / .json file under `paths`, each with the root its id is made relative to."""
+    files: list[tuple[Path, Path]] = []
+    for given in paths:
+        root = Path(given)
+        if root.is_file():
+            files.append((root, root.parent))
+        elif root.is_dir():
+            files += [
+                (p, root)
+                for p in sorted(root.rglob("*"))
+                if p.is_file() and p.suffix.lower() in (".md", ".markdown", ".json")
+            ]
+        else:
+            raise FileNotFoundError(f"{given} does not exist")
+    return files
+
+
+async def _ingest(args: argparse.Namespace) -> int:
+    try:
+        files = discover(args.paths)
+    except FileNotFoundError as exc:
+        _err(f"error: {exc}")
+        return 2
+    if not files:
+        _err("nothing to ingest: no .md or .json files found")
+        return 1
+    stored = skipped = 0
+    batch: list[retriever_pb2.Document] = []
+    async with grpc.aio.insecure_channel(args.addr) as channel:
+        stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+
+        async def flush() -> None:
+            nonlocal stored
+            if batch:
+                reply = await stub.UpsertDocuments(
+                    retriever_pb2.UpsertDocumentsRequest(documents=batch), timeout=120
+                )
+                stored += len(reply.ids)
+                batch.clear()
+
+        try:
+            for i, (path, root) in enumerate(files, 1):
+                try:
+                    batch.extend(documents_from_file(path, root, args.owner or ""))
+                except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    skipped += 1
+                    sys.stderr.write("\n")
+                    _err(f"skipped {path}: {exc}")
+                if len(batch) >= args.batch_size:
+                    await flush()
+                _progress(i, len(files), f"| {stored} documents indexed")
+            await flush()
+            _progress(len(files), len(files), f"| {stored} documents indexed")
+            sys.stderr.write("\n")
+        except grpc.aio.AioRpcError as exc:
+            sys.stderr.write("\n")
+            return _rpc_error(exc, args.addr)
+    _err(f"ingested {stored} documents from {len(files) - skipped} files ({skipped} skipped)")
+    return 0 if skipped == 0 else 1
 
 
 # ---------------------------------------------------------------------------------------------- up / demo
@@ -256,8 +506,46 @@ def main(argv: list[str] | None = None) -> int:
     _add_stack_options(demo)
     _add_generate_options(demo)
 
+    questions = sub.add_parser("questions", help="stream study questions for a TIL")
+    questions.add_argument(
+        "til", nargs="?", help="TIL file (Markdown, or JSON from `til generate --json`), or -"
+    )
+    questions.add_argument("--til-id", help="the id of a TIL stored in the retriever instead of a file")
+    questions.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="medium")
+    questions.add_argument("--count", type=int, default=5)
+    questions.add_argument("--owner")
+    questions.add_argument("--max-tokens", type=int, default=0)
+    questions.add_argument("--no-cache", action="store_true")
+    questions.add_argument("--json", action="store_true", help="print only the final JSON")
+    questions.add_argument("--timeout", type=float, default=600.0)
+    questions.add_argument("--addr", default=DEFAULT_EDGE)
+
+    revise = sub.add_parser("revise", help="revise a TIL (JSON) following an instruction")
+    revise.add_argument("til", help="the TIL as JSON (from `til generate --json`), or -")
+    revise.add_argument("-i", "--instruction", required=True, help="what to change")
+    revise.add_argument("--owner")
+    revise.add_argument("--max-tokens", type=int, default=0)
+    revise.add_argument("--json", action="store_true")
+    revise.add_argument("--timeout", type=float, default=600.0)
+    revise.add_argument("--addr", default=DEFAULT_EDGE)
+
+    ingest = sub.add_parser("ingest", help="index Markdown / JSON files in the retriever")
+    ingest.add_argument("paths", nargs="+", help="files or folders")
+    ingest.add_argument("--owner")
+    ingest.add_argument("--batch-size", type=int, default=32)
+    ingest.add_argument(
+        "--addr", default=DEFAULT_RETRIEVER, help="retriever address (env TIL_RETRIEVER_ADDR)"
+    )
+
     args = parser.parse_args(argv)
-    runner = {"up": _up, "generate": _generate, "demo": _demo}[args.command]
+    runner = {
+        "up": _up,
+        "generate": _generate,
+        "demo": _demo,
+        "questions": _questions,
+        "revise": _revise,
+        "ingest": _ingest,
+    }[args.command]
     try:
         return asyncio.run(runner(args))
     except KeyboardInterrupt:
