@@ -39,5 +39,8 @@ proto-check: setup  ## fail if gen/ differs from what protos/ generate
 	@tmp=$$(mktemp -d) && ./scripts/gen_protos.sh $$tmp && diff -r -x __pycache__ $$tmp/til gen/til > /dev/null \
 	  || { echo "gen/ is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
 
+bench-retrieval: setup  ## retrieval quality (recall@5, MRR) and search latency at 10k/100k documents
+	$(PY) -m bench.retrieval
+
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache

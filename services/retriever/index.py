@@ -278,6 +278,8 @@ class QdrantIndex:
             loop = asyncio.get_running_loop()
             self._client = await loop.run_in_executor(self._embedded_worker, self.location.connect)
         await self._call("creating the collection", lambda client: self._ensure_collection(client, size))
+        # One real search so the first caller does not pay for lazy initialisation (~10x a warm search).
+        await self.search(SearchQuery(text="warm-up 캐시 query_cache", top_k=1))
         log.info(
             "index ready: collection %r on %s, %d-dim embeddings from %s",
             self.collection,
