@@ -112,7 +112,12 @@ def test_grpcurl_streams_a_til_from_json(stack) -> None:
         while i < len(out) and out[i].isspace():
             i += 1
     assert "started" in messages[0] and "finished" in messages[-1]
-    json.loads(messages[-1]["finished"]["tilJson"])
+    finished = messages[-1]["finished"]
+    # grpcurl prints the protos' own field names.
+    document = json.loads(finished["til_json"])
+    assert document["title"].startswith(f"{DATE} TIL - ")
+    assert finished["finish_reason"] == "FINISH_REASON_LENGTH"  # 64 tokens cannot hold a whole TIL
+    assert finished["violations"]
 
 
 async def test_til_still_streams_after_redis_is_killed(stack, redis_server) -> None:
