@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.process import dying_with_parent
 
 # Start order: the edge comes last because its warm-up waits for the generator.
 SERVICES = ("cacher", "retriever", "generator", "edge")
@@ -38,12 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Child side of Popen: get SIGTERM if the launcher dies, so no service outlives it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -107,12 +102,11 @@ class LocalStack:
         env = {**os.environ, **proc.env}
         with proc.log_path.open("ab") as log:
             proc.process = subprocess.Popen(
-                [self.python, "-m", f"services.{name}"],
+                dying_with_parent([self.python, "-m", f"services.{name}"]),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the services in order.
-                preexec_fn=_die_with_parent,
             )
 
     async def wait_serving(self, name: str, timeout_s: float) -> None:

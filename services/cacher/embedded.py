@@ -2,49 +2,31 @@
 
 It listens only on a unix socket (mode 700) in a private folder, keeps nothing on disk, and evicts
 least recently used keys at its memory cap. On Linux it is told to die with the process that
-started it (PR_SET_PDEATHSIG), so even a SIGKILLed cacher leaves no redis-server behind.
+started it (parent-death signal), so even a SIGKILLed cacher leaves no redis-server behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from services.common.process import dying_with_parent
+
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 
 class EmbeddedRedisError(RuntimeError):
     """The private redis-server could not be started."""
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(1)
-
-    return preexec
 
 
 class EmbeddedRedis:
@@ -159,11 +141,10 @@ class EmbeddedRedis:
         # must happen on this (long-lived) thread, not in a worker thread.
         with open(self._log_path, "ab") as log_file:
             return subprocess.Popen(
-                command,
+                dying_with_parent(command),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),  # only prctl and getppid run in the forked child
                 start_new_session=True,  # a terminal's Ctrl-C reaches the cacher, which then drains first
             )
 
