@@ -15,7 +15,12 @@ Query types:
 - ``identifier``: the identifier and one concept.
 
 Distractors (to grow the collection to 10k or 100k documents) use other identifiers and concept
-pairs that no labelled document uses, so they can never be relevant to a labelled query.
+pairs that no labelled document uses, so they can never be relevant to a labelled query. Templates
+and fillers contain no concept word (checked when the set is built), so a document names exactly its
+own two concepts.
+
+Every other query (by number) is held out: `split` is "tune" or "held-out", so that a change judged
+on one half can be checked on the other.
 
     python -m bench.retrieval.dataset --out /tmp/retrieval-set.json   # dump the labelled set
 """
@@ -83,10 +88,10 @@ DISTRACTOR_WORDS = _words(
 
 FILLERS = (
     "처음에는 잘 이해가 안 됐는데 직접 해 보니 감이 왔다.",
-    "다음에는 테스트 코드를 먼저 작성해야겠다.",
-    "공식 문서를 다시 읽어 보니 분명히 적혀 있었다.",
+    "다음에는 재현 코드를 먼저 작성해야겠다.",
+    "공식 안내서를 다시 읽어 보니 분명히 적혀 있었다.",
     "팀원에게 물어보고 나서야 원인을 찾았다.",
-    "이 내용은 나중에 블로그에도 정리해 둘 생각이다.",
+    "이 내용은 나중에 따로 글로 정리해 둘 생각이다.",
     "생각보다 간단한 문제였지만 시간이 꽤 걸렸다.",
     "로컬에서는 재현되지 않아서 한참 헤맸다.",
     "PR 설명에 이 내용을 꼭 남겨 두자.",
@@ -157,7 +162,7 @@ DOC_TEMPLATES = {
         ("{a} 자꾸 실패해서 살펴보니 {i} 때문이었다. {b} 바꾸니 해결됐다.", "subject", "object"),
         ("{i}는 {a} {b} 함께 쓸 때 조심해야 한다.", "and", "object"),
         ("{b} {a} 넣기 전에 {i}부터 확인하자.", "object", "to"),
-        ("코드 리뷰에서 {i} 설정이 {a} {b} 망가뜨린다는 지적을 받았다.", "of", "object"),
+        ("동료에게서 {i} 설정이 {a} {b} 망가뜨린다는 지적을 받았다.", "of", "object"),
         ("{a} {b} 디버깅하다가 {i}의 기본값이 원인이라는 걸 알았다.", "and", "object"),
     ),
     "question": (
@@ -205,6 +210,7 @@ class Query:
     type: str
     text: str
     relevant: list[str]
+    split: str = "tune"
 
 
 @dataclass
@@ -229,7 +235,16 @@ def _query_role(used: str, rng: random.Random) -> str:
     return rng.choice([r for r in QUERY_ROLES if r != used])
 
 
+def check_vocabulary() -> None:
+    """Fails if a template or filler contains a concept: a distractor would then name a labelled pair."""
+    fixed = [*FILLERS, *(t for ts in (*DOC_TEMPLATES.values(), *QUERY_TEMPLATES.values()) for t, _, _ in ts)]
+    for text in fixed:
+        if clash := [c for c in CONCEPTS if c in text]:
+            raise ValueError(f"the template or filler {text!r} contains the concepts {clash}")
+
+
 def labelled_set(seed: int = 7, *, docs_per_identifier: int = 3) -> LabelledSet:
+    check_vocabulary()
     rng = random.Random(seed)
     identifiers = [Identifier(words=w) for w in WORD_IDENTIFIERS] + [
         Identifier(path=p) for p in PATH_IDENTIFIERS
@@ -275,7 +290,8 @@ def labelled_set(seed: int = 7, *, docs_per_identifier: int = 3) -> LabelledSet:
                 a=attach(a, _query_role(role_a, rng)),
                 b=attach(b, _query_role(role_b, rng)) if slot_b else b,
             )
-            queries.append(Query(f"q-{len(queries):03d}", qtype, text, [doc.id]))
+            n = len(queries)
+            queries.append(Query(f"q-{n:03d}", qtype, text, [doc.id], "tune" if n % 2 == 0 else "held-out"))
         cursor += count
     return LabelledSet(documents, queries)
 

@@ -23,10 +23,14 @@ def main() -> None:
             timeout_s=settings.qdrant_timeout_s,
         ),
         SentenceTransformerEncoder(
-            settings.embedding_model, device=settings.embedding_device, batch_size=settings.embedding_batch
+            settings.embedding_model,
+            device=settings.embedding_device,
+            batch_size=settings.embedding_batch,
+            threads=settings.embedding_threads,
         ),
         LexicalEncoder(),
         collection=settings.collection,
+        multilingual_embeddings=settings.embedding_multilingual,
         mmr_candidates=settings.mmr_candidates,
     )
     servicer = RetrieverServicer(

@@ -54,10 +54,14 @@ class SentenceTransformerEncoder:
     One forward pass at a time: Hugging Face fast tokenizers are not safe to share between threads.
     """
 
-    def __init__(self, model: str = "", *, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self, model: str = "", *, device: str = "cpu", batch_size: int = 32, threads: int = 0
+    ) -> None:
+        """`threads` > 0 sets torch's CPU thread count when the model loads (for the whole process)."""
         self._model_ref = model
         self.device = device
         self.batch_size = batch_size
+        self.threads = threads
         self._model: SentenceTransformer | None = None
         self._lock = threading.Lock()
 
@@ -75,8 +79,12 @@ class SentenceTransformerEncoder:
 
     def _load_locked(self) -> SentenceTransformer:
         if self._model is None:
+            import torch
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as transformers_logging
+
+            if self.threads > 0:
+                torch.set_num_threads(self.threads)
 
             transformers_logging.disable_progress_bar()  # a service logs lines, not progress bars
 

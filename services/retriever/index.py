@@ -2,8 +2,10 @@
 
 One Qdrant collection holds every document as a point with two named vectors: `dense` (cosine over
 sentence-transformers embeddings) and `sparse` (term frequencies that Qdrant weights by IDF). Hybrid
-search asks Qdrant's Query API for the best of each and fuses the two lists by reciprocal rank.
-The same code runs against a Qdrant server (`url`) and Qdrant embedded in the process (`path`).
+search fuses the best of each channel by weighted reciprocal rank (`fusion.py`). Against a Qdrant
+server it is one Query API request. Embedded Qdrant (qdrant-client local mode) stays the store of
+record, but ranks by scanning every point in Python, so there the two rankings come from an
+`ExactIndex` kept next to it (same scores, same fusion), and only the hits are read from Qdrant.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from services.common.errors import FailedPrecondition, Unavailable
 from services.retriever.embedding import DenseEncoder
+from services.retriever.exact import ExactIndex, Ranking
+from services.retriever.fusion import dense_weight, readable_text, rrf
 from services.retriever.lexical import SparseTerms
 from services.retriever.mmr import mmr_order
 
@@ -35,8 +39,10 @@ T = TypeVar("T")
 
 DENSE = "dense"
 SPARSE = "sparse"
-# Payload keys that filters match on; a Qdrant server gets a keyword index for each.
-FILTERED_KEYS = ("doc_id", "kind", "owner", "language", "difficulty", "tags")
+# Payload keys that a `SearchFilter` matches on.
+CONDITION_KEYS = ("kind", "owner", "language", "difficulty", "tags")
+# Payload keys that a Qdrant server gets a keyword index for.
+FILTERED_KEYS = ("doc_id", *CONDITION_KEYS)
 # Points ids must be UUIDs or integers; document ids are any string, mapped into this namespace.
 POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tilserve:retriever:point")
 DOCUMENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tilserve:retriever:document")
@@ -187,15 +193,24 @@ def qdrant_errors(location: QdrantLocation, action: str) -> Iterator[None]:
         raise Unavailable(f"{location.describe()} is unreachable ({action}): {exc}") from exc
 
 
+def filter_conditions(f: SearchFilter) -> list[tuple[str, tuple[str, ...]]]:
+    """The filter as (payload key, accepted values) pairs that must all hold."""
+    conditions = [("kind", f.kinds), ("tags", f.tags)]
+    conditions += [
+        (key, (value,)) for key in ("owner", "language", "difficulty") if (value := getattr(f, key))
+    ]
+    return [(key, values) for key, values in conditions if values]
+
+
 def payload_filter(f: SearchFilter) -> models.Filter | None:
     must: list[models.Condition] = []
-    if f.kinds:
-        must.append(models.FieldCondition(key="kind", match=models.MatchAny(any=list(f.kinds))))
-    for key in ("owner", "language", "difficulty"):
-        if value := getattr(f, key):
-            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=value)))
-    if f.tags:
-        must.append(models.FieldCondition(key="tags", match=models.MatchAny(any=list(f.tags))))
+    for key, values in filter_conditions(f):
+        match: models.Match = (
+            models.MatchAny(any=list(values))
+            if key in ("kind", "tags")
+            else models.MatchValue(value=values[0])
+        )
+        must.append(models.FieldCondition(key=key, match=match))
     return models.Filter(must=must) if must else None
 
 
@@ -227,8 +242,35 @@ def _document(payload: dict[str, Any]) -> Document:
     )
 
 
+def _keywords(payload: dict[str, Any]) -> dict[str, list[str]]:
+    """The payload values that filters match on, each key's as a list."""
+    out: dict[str, list[str]] = {}
+    for key in CONDITION_KEYS:
+        value = payload.get(key)
+        if isinstance(value, list):
+            out[key] = [str(v) for v in value]
+        else:
+            out[key] = [] if value is None else [str(value)]
+    return out
+
+
 def _sparse_vector(terms: SparseTerms) -> models.SparseVector:
     return models.SparseVector(indices=list(terms.indices), values=list(terms.values))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One search, resolved: which channels rank, with what, and how much each counts."""
+
+    limit: int  # hits to rank (before MMR)
+    prefetch_limit: int  # candidates each channel hands to the fusion
+    filter: SearchFilter
+    fused: bool  # hybrid: the channels' rankings are fused by weighted RRF
+    dense: list[float] | None  # the query embedding, when the dense channel ranks
+    dense_weight: float
+    sparse: SparseTerms | None  # the query terms, when the sparse channel ranks
+    score_threshold: float | None
+    with_vectors: bool
 
 
 class QdrantIndex:
@@ -241,52 +283,117 @@ class QdrantIndex:
         sparse: SparseEncoder,
         *,
         collection: str,
+        multilingual_embeddings: bool = False,
+        exact_embedded: bool = True,
         upsert_batch: int = 64,
         mmr_candidates: int = 4,
         # Candidates each channel hands to the fusion, per hit asked for (at least `min_prefetch`).
         prefetch_factor: int = 2,
         min_prefetch: int = 20,
     ) -> None:
+        """`multilingual_embeddings`: the dense model reads Korean, so its ranking always counts fully
+        (`fusion.dense_weight`). `exact_embedded`: embedded Qdrant ranks with an `ExactIndex`; False sends
+        the server's Query API requests to embedded Qdrant too (slow: for comparisons and tests)."""
         self.location = location
         self.collection = collection
         self._dense = dense
         self._sparse = sparse
+        self._multilingual = multilingual_embeddings
         self._upsert_batch = upsert_batch
         self._mmr_candidates = mmr_candidates
         self._prefetch_factor = prefetch_factor
         self._min_prefetch = min_prefetch
         self._client: AsyncQdrantClient | None = None
-        # Embedded Qdrant searches exhaustively, partly in pure Python, inside its coroutines: they run
-        # on this one thread (which also opens it: SQLite wants one thread), and the event loop keeps
-        # serving other calls meanwhile.
+        # Embedded Qdrant, its event loop and the ExactIndex live on this one thread (which also opens
+        # Qdrant: SQLite wants one thread), so writes reach both in the same order, and the service's
+        # event loop keeps serving other calls meanwhile.
         self._embedded_worker = ThreadPoolExecutor(1, thread_name_prefix="embedded-qdrant")
+        self._worker_loop: asyncio.AbstractEventLoop | None = None
+        self._use_exact = location.embedded and exact_embedded
+        self._exact: ExactIndex | None = None
 
-    async def _call(self, action: str, call: Callable[[AsyncQdrantClient], Coroutine[Any, Any, T]]) -> T:
-        """Runs `call(client)`; on embedded Qdrant, on its worker thread. Errors as in `qdrant_errors`."""
+    def _client_or_unavailable(self) -> AsyncQdrantClient:
         if self._client is None:
             raise Unavailable("the retriever is still starting (the index is not open yet)")
-        client = self._client
+        return self._client
+
+    def _await_on_worker(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine of embedded Qdrant to completion; only on the worker thread."""
+        if self._worker_loop is None:
+            self._worker_loop = asyncio.new_event_loop()
+        return self._worker_loop.run_until_complete(coroutine)
+
+    async def _on_worker(self, action: str, job: Callable[[], T]) -> T:
+        """Runs `job` on the embedded worker thread; errors as in `qdrant_errors`."""
         with qdrant_errors(self.location, action):
-            if not self.location.embedded:
+            return await asyncio.get_running_loop().run_in_executor(self._embedded_worker, job)
+
+    async def _call(
+        self,
+        action: str,
+        call: Callable[[AsyncQdrantClient], Coroutine[Any, Any, T]],
+        *,
+        then: Callable[[ExactIndex], None] | None = None,
+    ) -> T:
+        """Runs `call(client)`, then (embedded, once it succeeded) `then` on the ExactIndex, both on the
+        worker thread. Errors as in `qdrant_errors`."""
+        client = self._client_or_unavailable()
+        if not self.location.embedded:
+            with qdrant_errors(self.location, action):
                 return await call(client)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._embedded_worker, lambda: asyncio.run(call(client)))
+
+        def job() -> T:
+            result = self._await_on_worker(call(client))
+            if then is not None and self._exact is not None:
+                then(self._exact)
+            return result
+
+        return await self._on_worker(action, job)
 
     async def start(self) -> None:
         size = await asyncio.to_thread(self._dense.load)
         if self._client is None:
-            loop = asyncio.get_running_loop()
-            self._client = await loop.run_in_executor(self._embedded_worker, self.location.connect)
+            self._client = await self._on_worker("opening", self.location.connect)
         await self._call("creating the collection", lambda client: self._ensure_collection(client, size))
+        if self._use_exact and self._exact is None:
+            self._exact = await self._on_worker("reading the collection", lambda: self._read_exact(size))
         # One real search so the first caller does not pay for lazy initialisation (~10x a warm search).
         await self.search(SearchQuery(text="warm-up 캐시 query_cache", top_k=1))
         log.info(
-            "index ready: collection %r on %s, %d-dim embeddings from %s",
+            "index ready: collection %r on %s%s, %d-dim embeddings from %s",
             self.collection,
             self.location.describe(),
+            f" ({len(self._exact)} documents ranked in memory)" if self._exact is not None else "",
             size,
             self._dense.name,
         )
+
+    def _read_exact(self, size: int) -> ExactIndex:
+        """An ExactIndex of every point in the collection; on the worker thread."""
+        client = self._client_or_unavailable()
+        exact = ExactIndex(size)
+        offset: models.ExtendedPointId | None = None
+        while True:
+            points, offset = self._await_on_worker(
+                client.scroll(
+                    self.collection,
+                    limit=1024,
+                    offset=offset,
+                    with_payload=list(CONDITION_KEYS),
+                    with_vectors=True,
+                )
+            )
+            for point in points:
+                vectors = point.vector if isinstance(point.vector, dict) else {}
+                sparse = vectors.get(SPARSE)
+                terms = (
+                    SparseTerms(tuple(sparse.indices), tuple(sparse.values))
+                    if isinstance(sparse, models.SparseVector)
+                    else SparseTerms((), ())
+                )
+                exact.put(str(point.id), np.asarray(vectors[DENSE]), terms, _keywords(point.payload or {}))
+            if offset is None:
+                return exact
 
     async def _ensure_collection(self, client: AsyncQdrantClient, size: int) -> None:
         if not await client.collection_exists(self.collection):
@@ -301,7 +408,7 @@ class QdrantIndex:
                     raise
         else:
             self._check_collection(await client.get_collection(self.collection), size)
-        if not self.location.embedded:  # embedded Qdrant scans every point and has no payload indexes
+        if not self.location.embedded:  # embedded Qdrant has no payload indexes
             for key in FILTERED_KEYS:
                 await client.create_payload_index(
                     self.collection, key, models.PayloadSchemaType.KEYWORD, wait=True
@@ -327,24 +434,31 @@ class QdrantIndex:
 
     async def upsert(self, documents: Sequence[Document]) -> list[str]:
         ids = [doc.id or document_id(doc.kind, doc.text) for doc in documents]
-        for start in range(0, len(documents), self._upsert_batch):
-            batch = documents[start : start + self._upsert_batch]
-            batch_ids = ids[start : start + self._upsert_batch]
-            dense, sparse = await asyncio.to_thread(self._encode_documents, [d.text for d in batch])
-            points = [
-                models.PointStruct(
-                    id=point_id(doc_id),
-                    vector={DENSE: vector.tolist(), SPARSE: _sparse_vector(terms)},
-                    payload=_payload(dataclasses.replace(doc, id=doc_id)),
-                )
-                for doc, doc_id, vector, terms in zip(batch, batch_ids, dense, sparse, strict=True)
-            ]
-            await self._call(
-                "upserting documents",
-                # Called and awaited before the loop moves on, so `points` is this batch's.
-                lambda client: client.upsert(self.collection, points=points, wait=True),  # noqa: B023
-            )
+        named = [dataclasses.replace(doc, id=doc_id) for doc, doc_id in zip(documents, ids, strict=True)]
+        for start in range(0, len(named), self._upsert_batch):
+            await self._store(named[start : start + self._upsert_batch])
         return ids
+
+    async def _store(self, batch: list[Document]) -> None:
+        dense, sparse = await asyncio.to_thread(self._encode_documents, [d.text for d in batch])
+        points = [
+            models.PointStruct(
+                id=point_id(doc.id),
+                vector={DENSE: vector.tolist(), SPARSE: _sparse_vector(terms)},
+                payload=_payload(doc),
+            )
+            for doc, vector, terms in zip(batch, dense, sparse, strict=True)
+        ]
+
+        def mirror(exact: ExactIndex) -> None:
+            for point, vector, terms in zip(points, dense, sparse, strict=True):
+                exact.put(str(point.id), vector, terms, _keywords(point.payload or {}))
+
+        await self._call(
+            "upserting documents",
+            lambda client: client.upsert(self.collection, points=points, wait=True),
+            then=mirror,
+        )
 
     async def get(self, doc_id: str) -> Document | None:
         points = await self._call(
@@ -354,67 +468,154 @@ class QdrantIndex:
         return _document(points[0].payload or {}) if points else None
 
     async def delete(self, ids: Sequence[str]) -> None:
-        selector = models.PointIdsList(points=[point_id(i) for i in ids])
+        points = [point_id(i) for i in ids]
         await self._call(
             "deleting documents",
-            lambda client: client.delete(self.collection, points_selector=selector, wait=True),
+            lambda client: client.delete(
+                self.collection, points_selector=models.PointIdsList(points=points), wait=True
+            ),
+            then=lambda exact: exact.remove(points),
         )
 
     async def search(self, query: SearchQuery) -> list[Hit]:
-        if self._client is None:  # before paying for the query embedding
-            raise Unavailable("the retriever is still starting (the index is not open yet)")
-        rerank = query.mmr_lambda is not None
-        limit = query.top_k * self._mmr_candidates if rerank else query.top_k
-        prefetch_limit = max(limit * self._prefetch_factor, self._min_prefetch)
-        flt = payload_filter(query.filter)
-
-        dense_query: list[float] | None = None
-        if query.mode is not SearchMode.SPARSE or rerank:
-            dense_query = (await asyncio.to_thread(self._dense.embed, [query.text]))[0].tolist()
-        terms = self._sparse.encode(query.text) if query.mode is not SearchMode.DENSE else None
-        if query.mode is SearchMode.SPARSE and not terms:
-            return []  # nothing to match on: no term of the query is indexable
-
-        request: dict[str, Any]
-        if query.mode is SearchMode.DENSE:
-            request = {"query": dense_query, "using": DENSE}
-        elif query.mode is SearchMode.SPARSE:
-            assert terms is not None
-            request = {"query": _sparse_vector(terms), "using": SPARSE}
+        self._client_or_unavailable()  # before paying for the query embedding
+        if self._use_exact and self._exact is None:
+            raise Unavailable("the retriever is still starting (the collection is being read)")
+        plan = await self._plan(query)
+        if plan is None:
+            return []
+        if self._use_exact:
+            points = await self._on_worker("searching", lambda: self._exact_search(plan))
         else:
-            prefetch = [models.Prefetch(query=dense_query, using=DENSE, filter=flt, limit=prefetch_limit)]
-            if terms:
-                prefetch.append(
-                    models.Prefetch(
-                        query=_sparse_vector(terms), using=SPARSE, filter=flt, limit=prefetch_limit
-                    )
-                )
-            request = {"prefetch": prefetch, "query": models.FusionQuery(fusion=models.Fusion.RRF)}
-
-        response = await self._call(
-            "searching",
-            lambda client: client.query_points(
-                self.collection,
-                **request,
-                query_filter=flt,
-                limit=limit,
-                score_threshold=query.score_threshold,
-                with_payload=True,
-                with_vectors=[DENSE] if rerank else False,
-            ),
-        )
-        hits = [Hit(_document(p.payload or {}), p.score) for p in response.points]
-        if not rerank or len(hits) <= 1:
+            points = await self._call("searching", lambda client: self._query_api_search(client, plan))
+        hits = [Hit(_document(p.payload or {}), p.score) for p in points]
+        if query.mmr_lambda is None or len(hits) <= 1:
             return hits[: query.top_k]
-        assert query.mmr_lambda is not None
-        embeddings = np.array([_dense_of(p) for p in response.points], dtype=np.float32)
+        embeddings = np.array([_dense_of(p) for p in points], dtype=np.float32)
         order = mmr_order([h.score for h in hits], embeddings, lambda_=query.mmr_lambda, k=query.top_k)
         return [hits[i] for i in order]
+
+    async def _plan(self, query: SearchQuery) -> _Plan | None:
+        """What `query` asks each channel for; None when nothing can match (no indexable term in a sparse search)."""
+        rerank = query.mmr_lambda is not None
+        limit = query.top_k * self._mmr_candidates if rerank else query.top_k
+        weight = 1.0
+        if query.mode is SearchMode.HYBRID:
+            weight = dense_weight(query.text, multilingual=self._multilingual)
+        terms = self._sparse.encode(query.text) if query.mode is not SearchMode.DENSE else None
+        if query.mode is SearchMode.SPARSE and not terms:
+            return None
+        if query.mode is SearchMode.HYBRID and not terms:
+            weight = 1.0  # the dense channel alone, whatever it can read
+        dense = None
+        if weight > 0 and query.mode is not SearchMode.SPARSE:
+            readable = readable_text(query.text, multilingual=self._multilingual)
+            dense = (await asyncio.to_thread(self._dense.embed, [readable]))[0].tolist()
+        return _Plan(
+            limit=limit,
+            prefetch_limit=max(limit * self._prefetch_factor, self._min_prefetch),
+            filter=query.filter,
+            fused=query.mode is SearchMode.HYBRID,
+            dense=dense,
+            dense_weight=weight,
+            sparse=terms or None,
+            score_threshold=query.score_threshold,
+            with_vectors=rerank,
+        )
+
+    async def _query_api_search(self, client: AsyncQdrantClient, plan: _Plan) -> list[models.ScoredPoint]:
+        flt = payload_filter(plan.filter)
+        request: dict[str, Any]
+        if not plan.fused:
+            request = (
+                {"query": plan.dense, "using": DENSE}
+                if plan.dense is not None
+                else {"query": _sparse_vector(plan.sparse or SparseTerms((), ())), "using": SPARSE}
+            )
+        else:
+            prefetch, weights = [], []
+            if plan.dense is not None:
+                prefetch.append(
+                    models.Prefetch(query=plan.dense, using=DENSE, filter=flt, limit=plan.prefetch_limit)
+                )
+                weights.append(plan.dense_weight)
+            if plan.sparse is not None:
+                prefetch.append(
+                    models.Prefetch(
+                        query=_sparse_vector(plan.sparse), using=SPARSE, filter=flt, limit=plan.prefetch_limit
+                    )
+                )
+                weights.append(1.0)
+            fusion: models.Query = (
+                models.FusionQuery(fusion=models.Fusion.RRF)  # understood by servers without weighted RRF
+                if all(w == 1.0 for w in weights)
+                else models.RrfQuery(rrf=models.Rrf(weights=weights))
+            )
+            request = {"prefetch": prefetch, "query": fusion}
+        response = await client.query_points(
+            self.collection,
+            **request,
+            query_filter=flt,
+            limit=plan.limit,
+            score_threshold=plan.score_threshold,
+            with_payload=True,
+            with_vectors=[DENSE] if plan.with_vectors else False,
+        )
+        return response.points
+
+    def _exact_search(self, plan: _Plan) -> list[models.ScoredPoint]:
+        """The Query API's answer to `plan`, ranked by the ExactIndex; hits read from embedded Qdrant. On the worker."""
+        exact, client = self._exact, self._client_or_unavailable()
+        if exact is None:
+            raise Unavailable("the index is closed")
+        conditions = filter_conditions(plan.filter)
+        ranked: Ranking
+        if not plan.fused:
+            ranked = (
+                exact.dense_ranking(np.asarray(plan.dense), plan.limit, conditions, plan.score_threshold)
+                if plan.dense is not None
+                else exact.sparse_ranking(
+                    plan.sparse or SparseTerms((), ()), plan.limit, conditions, plan.score_threshold
+                )
+            )
+        else:
+            rankings, weights = [], []
+            if plan.dense is not None:
+                rankings.append(exact.dense_ranking(np.asarray(plan.dense), plan.prefetch_limit, conditions))
+                weights.append(plan.dense_weight)
+            if plan.sparse is not None:
+                rankings.append(exact.sparse_ranking(plan.sparse, plan.prefetch_limit, conditions))
+                weights.append(1.0)
+            ranked = rrf([[point for point, _ in r] for r in rankings], weights)[: plan.limit]
+            if plan.score_threshold is not None:
+                ranked = [(point, score) for point, score in ranked if score >= plan.score_threshold]
+        if not ranked:
+            return []
+        records = self._await_on_worker(
+            client.retrieve(
+                self.collection,
+                ids=[point for point, _ in ranked],
+                with_payload=True,
+                with_vectors=[DENSE] if plan.with_vectors else False,
+            )
+        )
+        by_id = {str(r.id): r for r in records}
+        return [
+            models.ScoredPoint(
+                id=point, version=0, score=score, payload=by_id[point].payload, vector=by_id[point].vector
+            )
+            for point, score in ranked
+            if point in by_id
+        ]
 
     async def close(self) -> None:
         if self._client is not None:
             await self._call("closing", lambda client: client.close())
             self._client = None
+        if self._worker_loop is not None:
+            await asyncio.get_running_loop().run_in_executor(self._embedded_worker, self._worker_loop.close)
+            self._worker_loop = None
+        self._exact = None
         self._embedded_worker.shutdown(wait=False)
 
 

@@ -80,10 +80,16 @@ def ngram_terms(word: str) -> set[str]:
     return out
 
 
+def tokens(text: str) -> Iterator[tuple[str, str]]:
+    """(kind, token) for every token of `text`, in order: kind "code" is a Latin-script word or identifier,
+    "ngram" a run of Hangul, kana or CJK ideographs, "number" digits; anything else is skipped."""
+    for match in _TOKEN.finditer(unicodedata.normalize("NFKC", text)):
+        yield match.lastgroup or "", match.group()
+
+
 def iter_terms(text: str) -> Iterator[str]:
     """Every term of `text`, each token's terms once, in order of appearance (repeats across tokens)."""
-    for match in _TOKEN.finditer(unicodedata.normalize("NFKC", text)):
-        kind, token = match.lastgroup, match.group()
+    for kind, token in tokens(text):
         if kind == "code":
             yield from sorted(code_terms(token))
         elif kind == "ngram":

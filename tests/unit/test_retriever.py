@@ -435,19 +435,26 @@ async def test_the_index_survives_a_restart(encoder: SentenceTransformerEncoder,
 async def test_embedded_qdrant_works_off_the_event_loop(
     index: QdrantIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Embedded search is exhaustive Python work; on the loop's thread it would stall every other call.
-    assert index._client is not None
+    # Embedded ranking and reads are CPU work; on the loop's thread they would stall every other call.
+    assert index._client is not None and index._exact is not None
     local: Any = index._client._client
-    original = local.query_points
     threads: list[str] = []
 
-    async def recording(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return await original(*args, **kwargs)
+    def recording(obj: Any, name: str) -> None:
+        original = getattr(obj, name)
 
-    monkeypatch.setattr(local, "query_points", recording)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, call)
+
+    for obj, name in [(local, "upsert"), (local, "retrieve"), (index._exact, "put")]:
+        recording(obj, name)
+    for name in ("dense_ranking", "sparse_ranking"):
+        recording(index._exact, name)
     await index.upsert([Document("a", "til", "asyncio.Queue를 배웠다")])
     hits = await index.search(SearchQuery("asyncio", 1, SearchMode.HYBRID))
     assert [h.document.id for h in hits] == ["a"]
-    assert threads and all(name.startswith("embedded-qdrant") for name in threads)
+    assert len(threads) == 5 and all(name.startswith("embedded-qdrant") for name in threads)
     assert threading.current_thread().name not in threads

@@ -30,6 +30,7 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.qdrant_url == "" and s.qdrant_path == ".data/qdrant"
     assert s.collection == "til_documents"
     assert (s.embedding_model, s.embedding_device) == ("", "cpu")
+    assert (s.embedding_threads, s.embedding_multilingual) == (1, False)
     assert (s.default_top_k, s.max_top_k) == (5, 100)
 
 
