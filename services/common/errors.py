@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata with a RESOURCE_EXHAUSTED status: milliseconds the caller should wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+
 
 class ServiceError(Exception):
     """An error with a gRPC status code; the message is shown to the caller."""
@@ -50,7 +53,7 @@ class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, trailing_metadata=(("retry-after-ms", str(int(retry_after_s * 1000))),))
+        super().__init__(message, trailing_metadata=((RETRY_AFTER_KEY, str(int(retry_after_s * 1000))),))
         self.retry_after_s = retry_after_s
 
 
@@ -64,7 +67,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
         code = exc.code()
         if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
             code = grpc.StatusCode.UNAVAILABLE
-        return code, exc.details() or code.name, ()
+        # A retry hint from downstream (RESOURCE_EXHAUSTED) is the caller's hint too.
+        trailers = tuple(
+            (key, value)
+            for key, value in exc.trailing_metadata() or ()
+            if key == RETRY_AFTER_KEY and isinstance(value, str)
+        )
+        return code, exc.details() or code.name, trailers
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented", ()
     if isinstance(exc, TimeoutError):

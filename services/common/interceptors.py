@@ -7,6 +7,7 @@ only raises `ServiceError`s and never touches status codes itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,13 +63,29 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
     return decode
 
 
+# Status details travel percent-encoded in the grpc-message trailer (up to 9 bytes a character), and a
+# client starts dropping trailers past 8 KiB (its soft metadata limit), which turns the status into
+# RESOURCE_EXHAUSTED: details that quote a large input are cut to fit well within that.
+MAX_DETAILS_BYTES = 4096
+
+
+def fit_details(details: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`details`, cut (with an ellipsis) so that its percent-encoded form takes at most `limit` bytes."""
+    size = 0
+    for i, char in enumerate(details):
+        size += sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in char.encode("utf-8", "replace"))
+        if size > limit - 9:  # room for the ellipsis
+            return details[:i] + "…"
+    return details
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     code, details, trailers = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method, exc_info=exc)
     if trailers:
         context.set_trailing_metadata(trailers)
-    await context.abort(code, details)
+    await context.abort(code, fit_details(details))
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -107,9 +124,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     self._identify(method, context)
                     if isinstance(request, MalformedRequest):
                         raise InvalidArgument(request.message)
-                    async for response in inner_stream(request, context):
-                        STREAM_MESSAGES_SENT.labels(*labels).inc()
-                        yield response
+                    # Closed on the way out however the call ends: a cancellation that lands while a
+                    # message is being sent must still reach the handler (and stop its work) at once.
+                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                        async for response in responses:
+                            STREAM_MESSAGES_SENT.labels(*labels).inc()
+                            yield response
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 
 # Each pattern's first group (or the whole match, if it has none) is the secret; the rest is kept for context.
+# Patterns start at a literal where they can, and every repetition that can fail after it is bounded (names
+# {0,64}, blanks {0,32}): otherwise a failing search is quadratic, and a 256 KiB diff of `a.a.a.` takes minutes.
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "private-key",
@@ -22,7 +24,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "aws-secret-access-key",
         re.compile(
-            r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:]\s*[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+            r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:][ \t]{0,32}[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
         ),
     ),
     (
@@ -35,28 +37,28 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("stripe-key", re.compile(r"\b((?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,})")),
     ("openai-key", re.compile(r"\b(sk-(?:proj-)?[A-Za-z0-9_\-]{20,})")),
     ("jwt", re.compile(r"\b(eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,})")),
-    ("url-credentials", re.compile(r"\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:([^\s:/@]{3,})@")),
+    ("url-credentials", re.compile(r"://[^\s:/@]{1,256}:([^\s:/@]{3,256})@")),
     (
         "password-assignment",
         re.compile(
-            r"(?i)\b[\w.\-]*(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key|client[_\-]?secret|auth)[\w.\-]*"
-            r"\s*[:=]\s*[\"']([^\"'\s]{6,})[\"']"
+            r"(?i)(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key|client[_\-]?secret|auth)"
+            r"[\w.\-]{0,64}[ \t]{0,32}[:=][ \t]{0,32}[\"']([^\"'\s]{6,})[\"']"
         ),
     ),
     # KEY=value lines in env files and shell scripts (upper-case names only: code uses other spellings).
     (
         "password-assignment",
         re.compile(
-            r"(?m)^[+\- ]?\s*(?:export\s+)?[A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY)[A-Z0-9_]*"
-            r"\s*=\s*([^\s\"'#,;$]{8,})\s*$"
+            r"(?m)^[+\- ]?[ \t]*(?:export[ \t]+)?[A-Z0-9_]{0,64}(?:PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY)"
+            r"[A-Z0-9_]{0,64}[ \t]*=[ \t]*([^\s\"'#,;$]{8,})[ \t]*$"
         ),
     ),
     # `password: value` lines in YAML and similar configs.
     (
         "password-assignment",
         re.compile(
-            r"(?im)^[+\- ]?\s*[\w\-]*(?:password|passwd|secret|token|api[_\-]?key|access[_\-]?key)[\w\-]*"
-            r"\s*:\s*([^\s\"'#,;(){}\[\]$]{8,})\s*$"
+            r"(?im)^[+\- ]?[ \t]*[\w\-]{0,64}(?:password|passwd|secret|token|api[_\-]?key|access[_\-]?key)[\w\-]{0,64}"
+            r"[ \t]*:[ \t]*([^\s\"'#,;(){}\[\]$]{8,})[ \t]*$"
         ),
     ),
 )

@@ -17,7 +17,8 @@ from services.common.admission import Admission
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
-from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient
+from services.edge.breaker import CircuitBreaker, GuardedCache, GuardedStore
+from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient, RetryPolicy
 from services.edge.config import EdgeSettings
 from services.edge.pipeline import TilPipeline
 from services.edge.questions import QuestionPipeline
@@ -55,18 +56,36 @@ async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings)
 
 async def main() -> None:
     settings = load_settings(EdgeSettings)
-    channels = [
-        open_channel(target, max_message_bytes=settings.max_message_bytes)
-        for target in (settings.generator_target, settings.retriever_target, settings.cacher_target)
-    ]
-    generator = GeneratorClient(channels[0])
-    store = RetrieverClient(channels[1])
-    cache = CacherClient(channels[2])
+    try:
+        channels = [
+            open_channel(target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls)
+            for target in (settings.generator_target, settings.retriever_target, settings.cacher_target)
+        ]
+    except OSError as exc:
+        raise SystemExit(f"cannot read the EDGE_PEER_TLS_* files: {exc}") from None
+    generator = GeneratorClient(
+        channels[0],
+        retry=RetryPolicy(attempts=settings.generator_attempts, backoff_s=settings.generator_backoff_s),
+    )
+
+    def breaker(dependency: str) -> CircuitBreaker:
+        return CircuitBreaker(
+            dependency, failures=settings.breaker_failures, cool_down_s=settings.breaker_cool_down_s
+        )
+
+    store = GuardedStore(RetrieverClient(channels[1]), breaker("retriever"))
+    cache = GuardedCache(CacherClient(channels[2]), breaker("cacher"))
     background = Background()
     servicer = EdgeServicer(
         TilPipeline(generator, store, cache, settings, background=background),
         QuestionPipeline(generator, store, cache, settings, background=background),
-        Admission("edge", max_active=settings.max_active, max_waiting=settings.max_waiting),
+        Admission(
+            "edge",
+            max_active=settings.max_active,
+            max_waiting=settings.max_waiting,
+            retry_after_s=settings.retry_after_s,
+            max_per_client=settings.max_active_per_client,
+        ),
     )
 
     async def shutdown() -> None:

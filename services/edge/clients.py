@@ -1,16 +1,23 @@
 """Thin clients of the generator, retriever and cacher, and the narrow Protocols the pipelines use.
 
-The generator is essential: its errors reach the caller with their own status. The cache and the
-retriever are helpers with short deadlines: every failure becomes `DependencyUnavailable`, which the
-pipelines turn into a degraded-but-working answer.
+The generator is essential: its errors reach the caller with their own status (after bounded retries
+of UNAVAILABLE before the first token). The cache and the retriever are helpers with short deadlines:
+every failure becomes `DependencyUnavailable`, which the pipelines turn into a degraded-but-working
+answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+import time
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from prometheus_client import Counter
 from til.v1 import (
     cacher_pb2,
     cacher_pb2_grpc,
@@ -18,6 +25,12 @@ from til.v1 import (
     generator_pb2_grpc,
     retriever_pb2,
     retriever_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATOR_RETRIES = Counter(
+    "tilserve_edge_generator_retries_total", "Generations tried again after UNAVAILABLE before any text."
 )
 
 
@@ -61,29 +74,77 @@ def _unavailable(service: str, exc: grpc.aio.AioRpcError) -> DependencyUnavailab
     return DependencyUnavailable(f"{service}: {exc.code().name}: {exc.details() or 'no details'}")
 
 
-class GeneratorClient:
-    """`TilGenerator` over a channel to til.v1.GeneratorService."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Tries of one generation: only after UNAVAILABLE, only before any text, with doubling backoff."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    attempts: int = 3
+    backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number `retry` (1, 2, ...): full jitter over a doubling cap."""
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1)))
+
+
+class GeneratorClient:
+    """`TilGenerator` over a channel to til.v1.GeneratorService.
+
+    A generation that fails with UNAVAILABLE before it streamed any text (the replica went away, or
+    is draining) is tried again, on the next replica the channel's round robin picks, within the
+    call's deadline. Once text has been streamed, a failure ends the stream: a retry would repeat it.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, retry: RetryPolicy | None = None) -> None:
         self._stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         self._info: generator_pb2.GetModelInfoResponse | None = None
+        self._retry = retry or RetryPolicy()
 
     async def generate(
         self, request: generator_pb2.GenerateRequest, *, timeout: float | None
     ) -> AsyncGenerator[generator_pb2.GenerateResponse, None]:
-        call = self._stub.Generate(request, timeout=timeout)
-        try:
-            async for response in call:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        started_sent = False
+        attempt = 1
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            call = self._stub.Generate(request, timeout=remaining)
+            text_sent = False
+            try:
+                async for response in call:
+                    if response.HasField("started"):
+                        if self._info is not None and response.started.model != self._info.model:
+                            self._info = None  # the generator was redeployed with another model
+                        if started_sent:
+                            continue  # a retry: the caller already has its started event
+                        started_sent = True
+                    elif response.HasField("delta"):
+                        text_sent = True
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                delay = self._retry.delay(attempt)
                 if (
-                    response.HasField("started")
-                    and self._info is not None
-                    and response.started.model != self._info.model
+                    exc.code() is not grpc.StatusCode.UNAVAILABLE
+                    or text_sent
+                    or attempt >= self._retry.attempts
+                    or (deadline is not None and time.monotonic() + delay >= deadline)
                 ):
-                    self._info = None  # the generator was redeployed with another model
-                yield response
-        finally:
-            # Our caller left (client gone, error, or early close): stop the generation too.
-            call.cancel()
+                    raise
+                GENERATOR_RETRIES.inc()
+                log.info(
+                    "generation %s: the generator is unavailable (%s); try %d of %d in %.0f ms",
+                    request.request_id,
+                    exc.details(),
+                    attempt + 1,
+                    self._retry.attempts,
+                    delay * 1000,
+                )
+            finally:
+                # Our caller left (client gone, error, or early close): stop the generation too.
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def model_info(self, *, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
         if self._info is None:

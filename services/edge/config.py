@@ -8,6 +8,7 @@ import zoneinfo
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.channels import ClientTls
 from services.common.settings import ServerSettings
 
 
@@ -66,8 +67,17 @@ class EdgeSettings(ServerSettings):
         3.0, gt=0, description="Estimate used to trim a diff that cannot fit the model's context."
     )
 
+    max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest gRPC message in or out: above max_diff_bytes plus commit messages, well below "
+        "what a stream of replies would hold in memory.",
+    )
+
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="Time to live of cached results; 0 keeps them.")
-    cache_timeout_s: float = Field(0.2, gt=0, description="Deadline of one cache call.")
+    cache_timeout_s: float = Field(
+        0.1, gt=0, description="Deadline of one cache call: a dead or slow cache costs at most this."
+    )
     retrieval_timeout_s: float = Field(0.5, gt=0, description="Deadline of one retriever search.")
     write_timeout_s: float = Field(
         5.0, gt=0, description="Deadline of one background write (cache store or index upsert)."
@@ -81,6 +91,54 @@ class EdgeSettings(ServerSettings):
 
     max_active: int = Field(128, ge=1, description="Calls the edge runs at once.")
     max_waiting: int = Field(512, ge=0, description="Calls that may wait for a slot; more are refused.")
+    max_active_per_client: int = Field(
+        0,
+        ge=0,
+        description="Calls one caller identity may have running or waiting; 0: no per-caller limit. "
+        "The identity is the bearer token's when auth is on, else the peer's IP address.",
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry hint sent with RESOURCE_EXHAUSTED.")
+
+    admin_identities: str = Field(
+        "",
+        description="Comma-separated caller identities that may act for any owner. Every other "
+        "authenticated caller may only read and write its own data (owner = its identity).",
+    )
+
+    generator_attempts: int = Field(
+        3,
+        ge=1,
+        description="Tries of one generation when the generator is UNAVAILABLE before its first token.",
+    )
+    generator_backoff_s: float = Field(
+        0.1, gt=0, description="Wait before the first retry; doubled (with jitter) for each later one."
+    )
+    breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed calls to the cache (or the retriever) after which the edge stops "
+        "calling it for breaker_cool_down_s.",
+    )
+    breaker_cool_down_s: float = Field(
+        5.0, gt=0, description="How long an open breaker skips its dependency before one probe call."
+    )
+    share_identical: bool = Field(
+        True, description="Identical concurrent requests that miss the cache share one generation."
+    )
+    shared_deadline_slack_s: float = Field(
+        1.0,
+        ge=0,
+        description="A call joins an identical generation in progress if its own deadline is at most this "
+        "much later than the deadline that generation runs under.",
+    )
+
+    # TLS to the generator, retriever and cacher: plaintext unless a CA or client certificate is set.
+    peer_tls_ca_file: str = Field("", description="PEM CA bundle that signed the peers' certificates.")
+    peer_tls_cert_file: str = Field("", description="PEM client certificate for mutual TLS to the peers.")
+    peer_tls_key_file: str = Field("", description="PEM private key of peer_tls_cert_file.")
+    peer_tls_server_name: str = Field(
+        "", description="Name to check the peers' certificates against, when it is not the address's host."
+    )
 
     warmup_timeout_s: float = Field(
         900.0, gt=0, description="How long to wait for the generator at start before giving up."
@@ -107,7 +165,43 @@ class EdgeSettings(ServerSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
+        # Room for the diff, the commit messages (each up to 4 bytes a character) and the framing.
+        needed = (
+            self.max_diff_bytes + 4 * self.max_commit_messages * self.max_commit_message_chars + 16 * 1024
+        )
+        if self.max_message_bytes < needed:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) cannot carry a request at the input limits "
+                f"(max_diff_bytes and commit messages need {needed}): raise it or lower those limits"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _peer_tls_pairs(self) -> EdgeSettings:
+        if bool(self.peer_tls_cert_file) != bool(self.peer_tls_key_file):
+            raise ValueError("set both peer_tls_cert_file and peer_tls_key_file, or neither")
+        return self
+
+    @property
+    def peer_tls(self) -> ClientTls | None:
+        """TLS settings for the channels to the peers; None for plaintext."""
+        if not (self.peer_tls_ca_file or self.peer_tls_cert_file):
+            return None
+        return ClientTls(
+            ca_file=self.peer_tls_ca_file,
+            cert_file=self.peer_tls_cert_file,
+            key_file=self.peer_tls_key_file,
+            server_name=self.peer_tls_server_name,
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether callers present bearer tokens (so `caller_identity` is an authenticated name)."""
+        return bool(self.auth_tokens.strip() or self.auth_tokens_file)
+
+    @property
+    def admins(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.admin_identities.split(",") if name.strip())
 
     @property
     def generator_target(self) -> str:

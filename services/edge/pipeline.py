@@ -10,6 +10,7 @@ results. The cache and the retriever are optional: when either fails the TIL is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import re
@@ -24,6 +25,7 @@ from services.common.errors import InvalidArgument
 from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
 from services.edge.diffs import changed_files, changed_identifiers, fit_diff, guess_language, looks_like_diff
+from services.edge.flights import JOINED_NOTICE, Plan, SingleFlight
 from services.edge.prompt import (
     REVISE_PROMPT_VERSION,
     TIL_PROMPT_VERSION,
@@ -47,6 +49,8 @@ from services.edge.stages import (
     envelope,
     look_up,
     parse_json_output,
+    redact_text,
+    redaction_notice,
     resolve_max_tokens,
     sampling_fields,
     settle,
@@ -130,6 +134,7 @@ class TilPipeline:
         self._cache = cache
         self._settings = settings
         self.background = background or Background()
+        self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
         zone = zoneinfo.ZoneInfo(settings.timezone)
         self._today = today or (lambda: datetime.datetime.now(zone).date())
 
@@ -170,7 +175,7 @@ class TilPipeline:
         date = parse_date(request.date.strip()) if request.date.strip() else self._today().isoformat()
         check_policy(request.cache_policy)
         max_tokens = check_max_tokens(request.generation, s.max_tokens_limit)
-        owner = check_owner(request.owner)
+        owner = check_owner(request.owner, s)
         files = tuple(changed_files(diff))
         guessed = not language
         return TilJob(
@@ -231,7 +236,7 @@ class TilPipeline:
             instruction=instruction,
             sampling=request.generation.sampling,
             max_tokens=check_max_tokens(request.generation, s.max_tokens_limit),
-            owner=check_owner(request.owner),
+            owner=check_owner(request.owner, s),
         )
 
     # --- GenerateTil ------------------------------------------------------------------------------
@@ -239,6 +244,7 @@ class TilPipeline:
     async def generate(self, job: TilJob, ctx: CallContext) -> AsyncIterator[TilEvent]:
         """Streams a TIL for a request that `job()` validated."""
         s = self._settings
+        job, redacted = self._redacted(job)
         info = await self._generator.model_info(timeout=ctx.remaining())
         max_tokens = resolve_max_tokens(job.max_tokens, s.default_max_tokens, info)
         key = self.cache_key(job, model=info.model, max_tokens=job.max_tokens)
@@ -246,70 +252,134 @@ class TilPipeline:
         notices: list[str] = []
         if job.language_guessed and job.language:
             notices.append(f"language guessed from the file names: {job.language}")
+        if redaction := redaction_notice(redacted):
+            notices.append(redaction)
 
-        # Search for related TILs while the cache is read: a miss then waits for neither in turn.
-        searching = asyncio.ensure_future(self._related_tils(job, ctx, exclude=til_id))
-        try:
-            lookup = await look_up(
-                self._cache, TIL_NAMESPACE, key, job.policy, ctx.bounded(s.cache_timeout_s)
+        # Identical calls that miss the cache together share one generation (see flights.py).
+        shared = s.share_identical and job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED
+        listener = self._flights.join(key, ctx.deadline) if shared else None
+        joined = listener is not None
+        # A call that joins before its own look-up reports what the first call's look-up found.
+        cache_status = listener.flight.cache_status if listener is not None else edge_pb2.CACHE_STATUS_MISS
+        plan: Plan | None = None
+        if listener is None:
+            # Search for related TILs while the cache is read: a miss then waits for neither in turn.
+            searching = asyncio.ensure_future(self._related_tils(job, ctx, exclude=til_id))
+            owns_search = True
+            try:
+                lookup = await look_up(
+                    self._cache, TIL_NAMESPACE, key, job.policy, ctx.bounded(s.cache_timeout_s)
+                )
+                cache_status = lookup.status
+                if lookup.notice:
+                    notices.append(lookup.notice)
+                if lookup.value is not None:
+                    searching.cancel()
+                    async for event in self._replay(lookup.value, job.date, ctx, notices):
+                        yield event
+                    return
+                # Another call may have started the same generation while this one looked.
+                listener = self._flights.join(key, ctx.deadline) if shared else None
+                joined = listener is not None
+                if listener is None:
+
+                    async def prepare() -> Plan:
+                        return self._plan(job, info, max_tokens, ctx, await searching)
+
+                    if shared:
+                        listener = self._flights.start(
+                            key,
+                            ctx.deadline,
+                            prepare,
+                            lambda request: self._generator.generate(request, timeout=ctx.remaining()),
+                            cache_status=cache_status,
+                            cleanup=lambda: settle(searching),
+                        )
+                        owns_search = False
+                    else:
+                        plan = await prepare()
+            finally:
+                if owns_search:
+                    settle(searching)
+        if listener is not None:
+            stream: AsyncIterator[generator_pb2.GenerateResponse] = listener
+        else:
+            assert plan is not None
+            stream = self._generator.generate(plan.request, timeout=ctx.remaining())
+
+        def started(gen: generator_pb2.GenerateStarted) -> edge_pb2.StreamStarted:
+            used = listener.flight.plan if listener is not None else plan
+            assert used is not None  # a flight has its plan before its first response
+            return edge_pb2.StreamStarted(
+                request_id=ctx.request_id,
+                model=gen.model,
+                cache_status=cache_status,
+                retrieval_status=used.retrieval_status,
+                sources=used.sources,
+                prompt_version=TIL_PROMPT_VERSION,
+                prompt_tokens=gen.prompt_tokens,
+                notices=[*notices, *used.notices, *([JOINED_NOTICE] if joined else [])],
             )
-            if lookup.notice:
-                notices.append(lookup.notice)
-            if lookup.value is not None:
-                searching.cancel()
-                async for event in self._replay(lookup.value, job.date, ctx, notices):
-                    yield event
-                return
-            status, sources, related, notice = await searching
-        finally:
-            settle(searching)
-        if notice:
-            notices.append(notice)
-        chat = self._fitted_chat(job, related, info, max_tokens, notices)
-        generate_request = generator_pb2.GenerateRequest(
+
+        outcome = Outcome()
+        async for event in stream_generation(stream, ctx, started, outcome):
+            yield event
+        closing, finished, complete = self._finish(outcome, job.date, ctx)
+        if closing is not None:
+            yield closing
+        if complete:
+            if til_id:
+                finished.til_id = til_id
+            # A shared result is stored and indexed once, by whichever listener gets here first.
+            if listener is None or listener.flight.claim_writes():
+                # Only under the key's model: after a redeploy the key names the model no longer serving.
+                if job.policy != edge_pb2.CACHE_POLICY_BYPASS and outcome.model == info.model:
+                    value = envelope(
+                        json_text=finished.til_json, model=outcome.model, usage=outcome.usage, til_id=til_id
+                    )
+                    self.background.spawn(
+                        "til cache store",
+                        self._cache.put(
+                            TIL_NAMESPACE, key, value, ttl_s=s.cache_ttl_s, timeout=s.write_timeout_s
+                        ),
+                    )
+                if til_id:
+                    self._index(finished.til, til_id, job.owner, job.language, job.date, outcome.model)
+        yield finished
+
+    def _plan(
+        self,
+        job: TilJob,
+        info: generator_pb2.GetModelInfoResponse,
+        max_tokens: int,
+        ctx: CallContext,
+        context: tuple[int, list[edge_pb2.Source], list[RelatedDocument], str | None],
+    ) -> Plan:
+        """The generator request for `job` with the related TILs found, and what to tell the caller."""
+        status, sources, related, notice = context
+        notices = [notice] if notice else []
+        request = generator_pb2.GenerateRequest(
             request_id=ctx.request_id,
-            chat=chat,
+            chat=self._fitted_chat(job, related, info, max_tokens, notices),
             sampling=job.sampling,
             stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
             output=generator_pb2.OutputFormat(
                 json_schema=json.dumps(til_schema(job.date), ensure_ascii=False)
             ),
         )
+        return Plan(request, status, tuple(sources), tuple(notices))
 
-        def started(gen: generator_pb2.GenerateStarted) -> edge_pb2.StreamStarted:
-            return edge_pb2.StreamStarted(
-                request_id=ctx.request_id,
-                model=gen.model,
-                cache_status=lookup.status,
-                retrieval_status=status,
-                sources=sources,
-                prompt_version=TIL_PROMPT_VERSION,
-                prompt_tokens=gen.prompt_tokens,
-                notices=notices,
-            )
+    @staticmethod
+    def _redacted(job: TilJob) -> tuple[TilJob, list[str]]:
+        """The job with secrets replaced in the diff and commit messages, and the kinds found.
 
-        outcome = Outcome()
-        async for event in stream_generation(self._generator, generate_request, ctx, started, outcome):
-            yield event
-        closing, finished, complete = self._finish(outcome, job.date, ctx)
-        if closing is not None:
-            yield closing
-        if complete:
-            # Only under the key's model: after a redeploy the key names the model no longer serving.
-            if job.policy != edge_pb2.CACHE_POLICY_BYPASS and outcome.model == info.model:
-                value = envelope(
-                    json_text=finished.til_json, model=outcome.model, usage=outcome.usage, til_id=til_id
-                )
-                self.background.spawn(
-                    "til cache store",
-                    self._cache.put(
-                        TIL_NAMESPACE, key, value, ttl_s=s.cache_ttl_s, timeout=s.write_timeout_s
-                    ),
-                )
-            if til_id:
-                finished.til_id = til_id
-                self._index(finished.til, til_id, job.owner, job.language, job.date, outcome.model)
-        yield finished
+        Everything downstream (cache key and value, retrieval query, prompt, index) sees only this."""
+        found: list[str] = []
+        diff = redact_text(job.diff, found)
+        messages = tuple(redact_text(m, found) for m in job.commit_messages)
+        if not found:
+            return job, found
+        return dataclasses.replace(job, diff=diff, commit_messages=messages), found
 
     @staticmethod
     def cache_key(job: TilJob, *, model: str, max_tokens: int | None) -> str:
@@ -477,6 +547,8 @@ class TilPipeline:
     async def revise(self, revision: Revision, ctx: CallContext) -> AsyncIterator[TilEvent]:
         """Streams the revised TIL for a request that `revision()` validated."""
         s = self._settings
+        revision, redacted = self._redacted_revision(revision)
+        notice = redaction_notice(redacted)
         info = await self._generator.model_info(timeout=ctx.remaining())
         max_tokens = resolve_max_tokens(revision.max_tokens, s.default_max_tokens, info)
         generate_request = generator_pb2.GenerateRequest(
@@ -503,10 +575,12 @@ class TilPipeline:
                 retrieval_status=edge_pb2.RETRIEVAL_STATUS_SKIPPED,
                 prompt_version=REVISE_PROMPT_VERSION,
                 prompt_tokens=gen.prompt_tokens,
+                notices=[notice] if notice else [],
             )
 
         outcome = Outcome()
-        async for event in stream_generation(self._generator, generate_request, ctx, started, outcome):
+        stream = self._generator.generate(generate_request, timeout=ctx.remaining())
+        async for event in stream_generation(stream, ctx, started, outcome):
             yield event
         closing, finished, complete = self._finish(outcome, revision.date, ctx)
         if closing is not None:
@@ -518,6 +592,17 @@ class TilPipeline:
             )
             self._index(til, finished.til_id, revision.owner, "", revision.date, outcome.model)
         yield finished
+
+    @staticmethod
+    def _redacted_revision(revision: Revision) -> tuple[Revision, list[str]]:
+        found: list[str] = []
+        redacted = dataclasses.replace(
+            revision,
+            current_json=redact_text(revision.current_json, found),
+            history=tuple((role, redact_text(content, found)) for role, content in revision.history),
+            instruction=redact_text(revision.instruction, found),
+        )
+        return (redacted if found else revision), found
 
 
 def retrieval_query(job: TilJob) -> str:

@@ -20,6 +20,7 @@ from til.v1 import common_pb2, edge_pb2, generator_pb2, retriever_pb2
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
+from services.edge.flights import JOINED_NOTICE, Plan, SingleFlight
 from services.edge.prompt import QUESTIONS_PROMPT_VERSION, questions_chat
 from services.edge.question_format import (
     DIFFICULTIES,
@@ -44,6 +45,8 @@ from services.edge.stages import (
     envelope,
     look_up,
     parse_json_output,
+    redact_text,
+    redaction_notice,
     resolve_max_tokens,
     sampling_fields,
     settle,
@@ -92,6 +95,7 @@ class QuestionPipeline:
         self._cache = cache
         self._settings = settings
         self.background = background or Background()
+        self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
 
     def job(self, request: edge_pb2.GenerateQuestionsRequest) -> QuestionJob:
         source = request.WhichOneof("til")
@@ -129,13 +133,17 @@ class QuestionPipeline:
             sampling=request.generation.sampling,
             max_tokens=check_max_tokens(request.generation, self._settings.max_tokens_limit),
             policy=request.cache_policy,
-            owner=check_owner(request.owner),
+            owner=check_owner(request.owner, self._settings),
         )
 
     async def generate(self, job: QuestionJob, ctx: CallContext) -> AsyncIterator[QuestionEvent]:
         """Streams questions for a request that `job()` validated."""
         s = self._settings
-        til_text = job.til_text if job.til_text is not None else await self._stored_til(job, ctx)
+        redacted: list[str] = []
+        if job.til_text is not None:
+            til_text = redact_text(job.til_text, redacted)
+        else:
+            til_text = await self._stored_til(job, ctx)  # indexed by the edge: redacted already
         info = await self._generator.model_info(timeout=ctx.remaining())
         max_tokens = resolve_max_tokens(job.max_tokens, s.default_max_tokens, info)
         key = cache_key(
@@ -151,51 +159,78 @@ class QuestionPipeline:
             }
         )
         notices: list[str] = []
-        searching = asyncio.ensure_future(self._earlier_questions(til_text, job, ctx))
-        try:
-            lookup = await look_up(
-                self._cache, QUESTIONS_NAMESPACE, key, job.policy, ctx.bounded(s.cache_timeout_s)
-            )
-            if lookup.notice:
-                notices.append(lookup.notice)
-            if lookup.value is not None:
-                searching.cancel()
-                async for event in self._replay(lookup.value, job, ctx, notices):
-                    yield event
-                return
-            status, sources, asked, notice = await searching
-        finally:
-            settle(searching)
-        if notice:
-            notices.append(notice)
+        if redaction := redaction_notice(redacted):
+            notices.append(redaction)
 
-        generate_request = generator_pb2.GenerateRequest(
-            request_id=ctx.request_id,
-            chat=questions_chat(
-                til_text=til_text, difficulty=job.difficulty, count=job.count, asked_before=asked
-            ),
-            sampling=job.sampling,
-            stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
-            output=generator_pb2.OutputFormat(
-                json_schema=json.dumps(questions_schema(job.difficulty, job.count), ensure_ascii=False)
-            ),
-        )
+        # Identical calls that miss the cache together share one generation (see flights.py).
+        shared = s.share_identical and job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED
+        listener = self._flights.join(key, ctx.deadline) if shared else None
+        joined = listener is not None
+        # A call that joins before its own look-up reports what the first call's look-up found.
+        cache_status = listener.flight.cache_status if listener is not None else edge_pb2.CACHE_STATUS_MISS
+        plan: Plan | None = None
+        if listener is None:
+            searching = asyncio.ensure_future(self._earlier_questions(til_text, job, ctx))
+            owns_search = True
+            try:
+                lookup = await look_up(
+                    self._cache, QUESTIONS_NAMESPACE, key, job.policy, ctx.bounded(s.cache_timeout_s)
+                )
+                cache_status = lookup.status
+                if lookup.notice:
+                    notices.append(lookup.notice)
+                if lookup.value is not None:
+                    searching.cancel()
+                    async for event in self._replay(lookup.value, job, ctx, notices):
+                        yield event
+                    return
+                listener = self._flights.join(key, ctx.deadline) if shared else None
+                joined = listener is not None
+                if listener is None:
+
+                    async def prepare() -> Plan:
+                        return self._plan(til_text, job, max_tokens, ctx, await searching)
+
+                    if shared:
+                        listener = self._flights.start(
+                            key,
+                            ctx.deadline,
+                            prepare,
+                            lambda request: self._generator.generate(request, timeout=ctx.remaining()),
+                            cache_status=cache_status,
+                            cleanup=lambda: settle(searching),
+                        )
+                        owns_search = False
+                    else:
+                        plan = await prepare()
+            finally:
+                if owns_search:
+                    settle(searching)
+        if listener is not None:
+            stream: AsyncIterator[generator_pb2.GenerateResponse] = listener
+        else:
+            assert plan is not None
+            stream = self._generator.generate(plan.request, timeout=ctx.remaining())
 
         def started(gen: generator_pb2.GenerateStarted) -> edge_pb2.StreamStarted:
+            used = listener.flight.plan if listener is not None else plan
+            assert used is not None  # a flight has its plan before its first response
             return edge_pb2.StreamStarted(
                 request_id=ctx.request_id,
                 model=gen.model,
-                cache_status=lookup.status,
-                retrieval_status=status,
-                sources=sources,
+                cache_status=cache_status,
+                retrieval_status=used.retrieval_status,
+                sources=used.sources,
                 prompt_version=QUESTIONS_PROMPT_VERSION,
                 prompt_tokens=gen.prompt_tokens,
-                notices=notices,
+                notices=[*notices, *used.notices, *([JOINED_NOTICE] if joined else [])],
             )
 
         outcome = Outcome()
-        async for event in stream_generation(self._generator, generate_request, ctx, started, outcome):
+        async for event in stream_generation(stream, ctx, started, outcome):
             yield event
+        used = listener.flight.plan if listener is not None else plan
+        asked = list(used.asked_before) if used is not None else []
         document, questions_json, problems = parse_json_output(outcome.text)
         violations = [
             *problems,
@@ -222,7 +257,8 @@ class QuestionPipeline:
             timings=outcome.timings(ctx),
             violations=[v.message for v in violations],
         )
-        if complete:
+        # A shared result is stored and indexed once, by whichever listener gets here first.
+        if complete and (listener is None or listener.flight.claim_writes()):
             if job.policy != edge_pb2.CACHE_POLICY_BYPASS and outcome.model == info.model:
                 value = envelope(json_text=questions_json, model=outcome.model, usage=outcome.usage)
                 self.background.spawn(
@@ -234,6 +270,29 @@ class QuestionPipeline:
             if s.index_tils:
                 self._index(finished.questions, job)
         yield finished
+
+    @staticmethod
+    def _plan(
+        til_text: str,
+        job: QuestionJob,
+        max_tokens: int,
+        ctx: CallContext,
+        context: tuple[int, list[edge_pb2.Source], list[str], str | None],
+    ) -> Plan:
+        """The generator request with the earlier questions found, and what to tell the caller."""
+        status, sources, asked, notice = context
+        request = generator_pb2.GenerateRequest(
+            request_id=ctx.request_id,
+            chat=questions_chat(
+                til_text=til_text, difficulty=job.difficulty, count=job.count, asked_before=asked
+            ),
+            sampling=job.sampling,
+            stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
+            output=generator_pb2.OutputFormat(
+                json_schema=json.dumps(questions_schema(job.difficulty, job.count), ensure_ascii=False)
+            ),
+        )
+        return Plan(request, status, tuple(sources), (notice,) if notice else (), asked_before=tuple(asked))
 
     async def _stored_til(self, job: QuestionJob, ctx: CallContext) -> str:
         assert job.til_id is not None

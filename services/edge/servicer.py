@@ -2,7 +2,8 @@
 
 A request is validated before it takes an admission slot, so bad input is answered at once even
 under load. The pipeline runs inside the handler's task: when the client leaves, the task is
-cancelled and the cancellation reaches the generator call.
+cancelled and the cancellation reaches the generator call (a generation shared by identical calls
+is cancelled when the last of them leaves; see flights.py).
 """
 
 from __future__ import annotations

@@ -4,20 +4,24 @@ parsing of its JSON output, and the best-effort writes that run after a stream h
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from til.v1 import common_pb2, edge_pb2, generator_pb2
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.edge.clients import DependencyUnavailable, ResultCache, TilGenerator
+from services.common.auth import caller_identity
+from services.common.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
+from services.common.redaction import redact
+from services.edge.clients import DependencyUnavailable, ResultCache
+from services.edge.config import EdgeSettings
 from services.edge.json_closer import NotAJsonPrefix, close_json
 from services.edge.til_format import Violation
 
@@ -26,11 +30,20 @@ log = logging.getLogger(__name__)
 CACHE_LOOKUPS = Counter(
     "tilserve_edge_cache_lookups_total", "Cache look-ups by result.", ["namespace", "status"]
 )
+CACHE_LOOKUP_SECONDS = Histogram(
+    "tilserve_edge_cache_lookup_seconds",
+    "Time a stream spent on its cache look-up, by result (a dead cache should cost next to nothing).",
+    ["namespace", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 RETRIEVALS = Counter("tilserve_edge_retrievals_total", "Context searches by result.", ["kind", "status"])
 BACKGROUND_WRITES = Counter(
     "tilserve_edge_background_writes_total",
     "Cache stores and index upserts after a stream.",
     ["what", "result"],
+)
+SECRETS_REDACTED = Counter(
+    "tilserve_edge_secrets_redacted_total", "Secrets found in requests and replaced, by kind.", ["kind"]
 )
 RESULTS = Counter(
     "tilserve_edge_results_total",
@@ -87,10 +100,37 @@ MAX_OWNER_CHARS = 200
 MAX_QUERY_CHARS = 1000
 
 
-def check_owner(owner: str) -> str:
+def check_owner(owner: str, settings: EdgeSettings) -> str:
+    """The owner a call acts for. With auth on, it is the caller's identity by default, and only an
+    admin identity (EDGE_ADMIN_IDENTITIES) may name another owner."""
     if len(owner) > MAX_OWNER_CHARS:
         raise InvalidArgument(f"owner has {len(owner)} characters; at most {MAX_OWNER_CHARS}")
+    if not settings.auth_enabled:
+        return owner
+    caller = caller_identity.get()
+    if not owner:
+        return caller
+    if owner != caller and caller not in settings.admins:
+        raise PermissionDenied(f"caller {caller!r} may only act as owner {caller!r}, not {owner!r}")
     return owner
+
+
+def redact_text(text: str, found: list[str]) -> str:
+    """`text` with its secrets replaced; the kinds of secrets found are appended to `found`."""
+    result = redact(text)
+    found.extend(result.kinds)
+    for kind in result.kinds:
+        SECRETS_REDACTED.labels(kind).inc()
+    return result.text
+
+
+def redaction_notice(kinds: Sequence[str]) -> str | None:
+    """A notice naming the kinds of secrets replaced (never the secrets), or None."""
+    if not kinds:
+        return None
+    counts = collections.Counter(kinds)
+    listed = ", ".join(f"{kind} x{n}" if n > 1 else kind for kind, n in sorted(counts.items()))
+    return f"secrets were found in the input and replaced before use: {listed}"
 
 
 def check_policy(policy: int) -> None:
@@ -131,6 +171,7 @@ class CacheLookup:
 
 async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, timeout_s: float) -> CacheLookup:
     """Reads the cache as the policy allows. Never raises: a cache problem is a status and a notice."""
+    began = time.monotonic()
     if policy != edge_pb2.CACHE_POLICY_UNSPECIFIED:
         lookup = CacheLookup(edge_pb2.CACHE_STATUS_BYPASSED)
     else:
@@ -148,7 +189,9 @@ async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, tim
             else:
                 status = edge_pb2.CACHE_STATUS_HIT if value is not None else edge_pb2.CACHE_STATUS_MISS
                 lookup = CacheLookup(status, value)
-    CACHE_LOOKUPS.labels(namespace, CACHE_STATUS_NAMES[lookup.status]).inc()
+    status = CACHE_STATUS_NAMES[lookup.status]
+    CACHE_LOOKUPS.labels(namespace, status).inc()
+    CACHE_LOOKUP_SECONDS.labels(namespace, status).observe(time.monotonic() - began)
     return lookup
 
 
@@ -244,19 +287,18 @@ class Outcome:
 
 
 async def stream_generation(
-    generator: TilGenerator,
-    request: generator_pb2.GenerateRequest,
+    stream: AsyncIterator[generator_pb2.GenerateResponse],
     ctx: CallContext,
     started: Callable[[generator_pb2.GenerateStarted], edge_pb2.StreamStarted],
     outcome: Outcome,
 ) -> AsyncIterator[edge_pb2.StreamStarted | common_pb2.TextDelta]:
     """Streams one generation: our `started` (built once the generator's arrives), then the deltas.
 
-    Fills `outcome` as it goes. Runs in the caller's task, so a client that leaves cancels the
-    generator call (the client closes it on the way out).
+    `stream` is the generator call (or a shared generation's listener); it is closed when this ends,
+    however it ends. Fills `outcome` as it goes. Runs in the caller's task, so a client that leaves
+    cancels the generator call (or leaves the shared generation).
     """
-    stream = generator.generate(request, timeout=ctx.remaining())
-    async with contextlib.aclosing(stream):
+    async with _closing(stream):
         first = await anext(aiter(stream), None)
         if first is None or not first.HasField("started"):
             raise Unavailable("the generator's stream did not begin with a started event")
@@ -280,6 +322,16 @@ async def stream_generation(
     outcome.finish_reason = finished.finish_reason
     outcome.usage.CopyFrom(finished.usage)
     outcome.queue_ms = ctx.queued_s * 1000.0 + finished.timings.queue_ms
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[Any]]:
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def parse_json_output(text: str) -> tuple[Any, str, list[Violation]]:

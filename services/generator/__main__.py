@@ -22,6 +22,10 @@ def build_engine(settings: GeneratorSettings) -> GenerationEngine:
         from services.generator.vllm_engine import VllmEngine
 
         return VllmEngine(settings)
+    if settings.backend == "fake":
+        from services.generator.fake_engine import FakeEngine
+
+        return FakeEngine(settings)
     from services.generator.llama_cpp_engine import LlamaCppEngine
 
     return LlamaCppEngine(settings)

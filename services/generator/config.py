@@ -23,8 +23,10 @@ class GeneratorSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535)
     metrics_port: int = Field(9092, ge=0, le=65535)
 
-    backend: Literal["llama_cpp", "vllm"] = Field(
-        "llama_cpp", description="llama_cpp (CPU, GGUF files) or vllm (GPU, Hugging Face models)."
+    backend: Literal["llama_cpp", "vllm", "fake"] = Field(
+        "llama_cpp",
+        description="llama_cpp (CPU, GGUF files) or vllm (GPU, Hugging Face models); "
+        "fake: no model, schema-shaped output at a fixed pace (tests only).",
     )
     model: str = Field(
         "",
@@ -61,6 +63,10 @@ class GeneratorSettings(ServerSettings):
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens llama.cpp evaluates per step.")
 
+    fake_token_interval_s: float = Field(
+        0.01, ge=0, description="fake backend: seconds between two streamed tokens."
+    )
+
     # vLLM engine arguments (ignored by llama_cpp).
     tokenizer: str | None = Field(
         None, description="Tokenizer name or path when it differs from the model's."
@@ -79,12 +85,15 @@ class GeneratorSettings(ServerSettings):
     @classmethod
     def _derive_model_id(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("model_id"):
-            return {**data, "model_id": model_id_for(str(data.get("model") or ""))}
+            model_id = "fake" if data.get("backend") == "fake" else model_id_for(str(data.get("model") or ""))
+            return {**data, "model_id": model_id}
         return data
 
     @field_validator("model")
     @classmethod
     def _model_for_backend(cls, model: str, info: ValidationInfo) -> str:
+        if info.data.get("backend") == "fake":
+            return model
         if info.data.get("backend") == "vllm":
             if not model:
                 raise ValueError("the vllm backend needs a model: a Hugging Face name or a local directory")

@@ -226,10 +226,20 @@ def test_peer_addresses_become_grpc_targets() -> None:
 def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = EdgeSettings()
     assert (settings.port, settings.metrics_port, settings.generator_addr) == (50051, 9091, "127.0.0.1:50052")
-    assert (settings.cache_timeout_s, settings.retrieval_timeout_s, settings.retrieval_top_k) == (0.2, 0.5, 3)
+    assert (settings.cache_timeout_s, settings.retrieval_timeout_s, settings.retrieval_top_k) == (0.1, 0.5, 3)
+    assert settings.peer_tls is None and not settings.auth_enabled and settings.max_active_per_client == 0
     monkeypatch.setenv("EDGE_RETRIEVER_ADDR", "10.1.1.1:50053,10.1.1.2:50053")
     assert EdgeSettings().retriever_target == "ipv4:10.1.1.1:50053,10.1.1.2:50053"
     with pytest.raises(ValidationError, match="unknown time zone"):
         EdgeSettings(timezone="Mars/Olympus")
     with pytest.raises(ValidationError, match="exceeds max_tokens_limit"):
         EdgeSettings(default_max_tokens=5000, max_tokens_limit=4096)
+    with pytest.raises(ValidationError, match="cannot carry a request at the input limits"):
+        EdgeSettings(max_diff_bytes=2 * 1024 * 1024)
+    with pytest.raises(ValidationError, match="peer_tls_cert_file and peer_tls_key_file"):
+        EdgeSettings(peer_tls_cert_file="/tls/edge.pem")
+    secured = EdgeSettings(
+        peer_tls_ca_file="/tls/ca.pem", auth_tokens="alice:alice-token-0123456789", admin_identities="ops, ci"
+    )
+    assert secured.peer_tls is not None and secured.peer_tls.ca_file == "/tls/ca.pem"
+    assert secured.auth_enabled and secured.admins == {"ops", "ci"}

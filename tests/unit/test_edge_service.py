@@ -11,7 +11,7 @@ import datetime
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from services.common.admission import Admission
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.server import Service
 from services.edge import pipeline as pipeline_module
-from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient
+from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient, RetryPolicy
 from services.edge.config import EdgeSettings
 from services.edge.pipeline import TilPipeline
 from services.edge.questions import QuestionPipeline
@@ -97,7 +97,10 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     max_model_len: int = 32768
     default_max_tokens: int = 2048
     error: ServiceError | None = None
+    # Raised by the next calls, one each, before `error` applies: (exception, deltas sent before it).
+    failures: list[tuple[ServiceError, int]] = field(default_factory=list)
     hang_after: int | None = None  # deltas sent before the stream blocks forever
+    delay_s: float = 0.0  # before each delta
     requests: list[generator_pb2.GenerateRequest] = field(default_factory=list)
     time_remaining: list[float | None] = field(default_factory=list)
     model_info_calls: int = 0
@@ -115,7 +118,8 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[generator_pb2.GenerateResponse]:
         self.requests.append(request)
         self.time_remaining.append(context.time_remaining())
-        if self.error is not None:
+        failure, fail_after = self.failures.pop(0) if self.failures else (None, None)
+        if self.error is not None and failure is None:
             raise self.error
         try:
             yield generator_pb2.GenerateResponse(
@@ -124,8 +128,12 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
                 )
             )
             for i, text in enumerate(self.output):
+                if i == fail_after and failure is not None:
+                    raise failure
                 if i == self.hang_after:
                     await asyncio.Event().wait()
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
                 yield generator_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=text, token_count=1))
             yield generator_pb2.GenerateResponse(
                 finished=generator_pb2.GenerateFinished(
@@ -134,7 +142,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
                     timings=common_pb2.Timings(queue_ms=4.0),
                 )
             )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled while awaiting, or while sending
             self.cancelled.set()
             raise
 
@@ -208,6 +216,8 @@ class Stack:
     cacher: FakeCacher
     retriever: FakeRetriever
     background: Background
+    servicer: EdgeServicer
+    port: int
 
     async def til(
         self, request: edge_pb2.GenerateTilRequest, **kwargs: Any
@@ -229,9 +239,13 @@ async def edge_stack(
     down: Sequence[str] = (),
     admission: Admission | None = None,
     today: datetime.date | None = None,
+    wrap: Callable[[tuple[Any, Any, Any]], tuple[Any, Any, Any]] | None = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
-    """Fakes on loopback, the edge in front of them; services named in `down` point at a closed port."""
+    """Fakes on loopback, the edge in front of them; services named in `down` point at a closed port.
+
+    `wrap` may replace the (generator, retriever, cacher) clients, e.g. to put breakers around them;
+    `settings` are EdgeSettings, the edge's server included (auth_tokens turn bearer tokens on)."""
     fakes = {
         "generator": generator or FakeGenerator(),
         "cacher": FakeCacher(),
@@ -256,23 +270,29 @@ async def edge_stack(
             **{"port": 0, "metrics_port": 0, "cache_timeout_s": 0.2, "retrieval_timeout_s": 0.3, **settings}
         )
         background = Background()
-        clients = (
-            GeneratorClient(channels["generator"]),
+        clients: tuple[Any, Any, Any] = (
+            GeneratorClient(channels["generator"], retry=RetryPolicy(backoff_s=0.01)),
             RetrieverClient(channels["retriever"]),
             CacherClient(channels["cacher"]),
         )
+        if wrap is not None:
+            clients = wrap(clients)
         servicer = EdgeServicer(
             TilPipeline(*clients, config, background=background, today=(lambda: today) if today else None),
             QuestionPipeline(*clients, config, background=background),
             admission or Admission("edge-test", max_active=8, max_waiting=8),
         )
-        _, edge_channel = await stack.enter_async_context(in_process_server([edge_service(servicer)]))
+        edge_server, edge_channel = await stack.enter_async_context(
+            in_process_server([edge_service(servicer)], config)
+        )
         yield Stack(
             edge_pb2_grpc.EdgeServiceStub(edge_channel),
             fakes["generator"],  # type: ignore[arg-type]
             fakes["cacher"],  # type: ignore[arg-type]
             fakes["retriever"],  # type: ignore[arg-type]
             background,
+            servicer,
+            edge_server.port,
         )
         await background.drain(5.0)
 

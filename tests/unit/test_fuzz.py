@@ -1,0 +1,426 @@
+"""Hypothesis throws random bytes and random-valued requests at every RPC of every service.
+
+Bad input must come back as a clear status (INVALID_ARGUMENT, NOT_FOUND, ...), never as UNKNOWN or
+INTERNAL, never hang, and never take a service down: health stays SERVING. The four servicers run
+in-process on loopback behind the real interceptor: the edge in front of fake peers, the generator on
+the fake engine, the retriever on an embedded Qdrant with a tiny hashing encoder, the cacher on a
+dict. Redaction, which sees every diff, is fuzzed for crashes and for slow (backtracking) inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2, edge_pb2, generator_pb2, retriever_pb2
+
+from services.cacher.config import CacherSettings
+from services.cacher.servicer import CacherServicer
+from services.cacher.store import CacheEntry
+from services.common.admission import Admission
+from services.common.redaction import redact
+from services.common.server import Service
+from services.generator.config import GeneratorSettings
+from services.generator.fake_engine import FakeEngine
+from services.generator.servicer import GenerationLimits, GeneratorServicer
+from services.retriever.index import QdrantIndex, QdrantLocation
+from services.retriever.lexical import LexicalEncoder
+from services.retriever.servicer import RetrieverServicer, retriever_service
+from tests.conftest import in_process_server
+from tests.unit.test_edge_service import (
+    DATE,
+    DIFF,
+    GOOD_TIL_JSON,
+    edge_stack,
+    questions_request,
+    revise_request,
+    til_request,
+)
+
+EXAMPLES = 50  # per RPC and strategy: about 1200 calls in all
+CALL_TIMEOUT_S = 10.0
+# Statuses bad input may get. UNKNOWN and INTERNAL mean an unhandled error; DEADLINE_EXCEEDED a hang.
+ACCEPTED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+SERVICES: dict[str, ServiceDescriptor] = {
+    "edge": edge_pb2.DESCRIPTOR.services_by_name["EdgeService"],
+    "generator": generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"],
+    "retriever": retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"],
+    "cacher": cacher_pb2.DESCRIPTOR.services_by_name["CacherService"],
+}
+RPCS = [(name, method) for name, service in SERVICES.items() for method in service.methods]
+
+
+# --- backends ---------------------------------------------------------------------------------------
+
+
+class DictStore:
+    """`CacheStore` in a dict (the fuzz is about the servicer's checks, not Redis)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], str] = {}
+
+    async def get(self, namespace: str, key: str) -> CacheEntry | None:
+        value = self._entries.get((namespace, key))
+        return None if value is None else CacheEntry(value, None)
+
+    async def put(self, namespace: str, key: str, value_json: str, ttl_s: int) -> None:
+        self._entries[(namespace, key)] = value_json
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        return self._entries.pop((namespace, key), None) is not None
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class HashEncoder:
+    """A 16-dimensional unit vector per text, from its hash: no model to load."""
+
+    name = "hash-16"
+
+    def load(self) -> int:
+        return 16
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()
+            row = np.frombuffer(digest[:16], dtype=np.uint8).astype(np.float32) + 1.0
+            rows.append(row / np.linalg.norm(row))
+        return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.float32)
+
+
+@contextlib.asynccontextmanager
+async def fleet_servers(data_dir: Path) -> AsyncIterator[dict[str, int]]:
+    """The four servicers on loopback; yields each one's port."""
+    async with contextlib.AsyncExitStack() as stack:
+        edge = await stack.enter_async_context(edge_stack())
+
+        engine = FakeEngine(GeneratorSettings(backend="fake", fake_token_interval_s=0.0, max_model_len=4096))
+        generator = GeneratorServicer(
+            engine,
+            GenerationLimits(default_max_tokens=64, max_tokens_limit=512),
+            Admission("fuzz-generator", max_active=4, max_waiting=16),
+        )
+        generator_server, _ = await stack.enter_async_context(in_process_server([generator.service()]))
+
+        index = QdrantIndex(
+            QdrantLocation(path=str(data_dir / "qdrant")), HashEncoder(), LexicalEncoder(), collection="fuzz"
+        )
+        await index.start()
+        stack.push_async_callback(index.close)
+        retriever_server, _ = await stack.enter_async_context(
+            in_process_server([retriever_service(RetrieverServicer(index))])
+        )
+
+        cacher = CacherServicer(DictStore(), CacherSettings(port=0, metrics_port=0))
+        cacher_service = Service(
+            SERVICES["cacher"].full_name,
+            lambda server: cacher_pb2_grpc.add_CacherServiceServicer_to_server(cacher, server),
+        )
+        cacher_server, _ = await stack.enter_async_context(in_process_server([cacher_service]))
+        yield {
+            "edge": edge.port,
+            "generator": generator_server.port,
+            "retriever": retriever_server.port,
+            "cacher": cacher_server.port,
+        }
+
+
+@pytest.fixture(scope="module")
+def channels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, grpc.Channel]]:
+    """Runs the servers on an event loop in a thread of their own, so Hypothesis can drive plain
+    blocking stubs; yields a channel to each service."""
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with fleet_servers(tmp_path_factory.mktemp("fuzz")) as ports:
+                ready["ports"] = ports
+                started.set()
+                await stop.wait()
+        except BaseException as exc:
+            ready["error"] = exc
+            started.set()
+            raise
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    thread.start()
+    assert started.wait(60), "the fuzz servers did not start"
+    if "error" in ready:
+        raise ready["error"]
+    opened = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in ready["ports"].items()}
+    yield opened
+    for channel in opened.values():
+        channel.close()
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(30)
+
+
+def call(channel: grpc.Channel, service: ServiceDescriptor, method: MethodDescriptor, data: bytes) -> Any:
+    """Sends `data` as the request bytes; returns (status code, details), the stream read to its end."""
+    path = f"/{service.full_name}/{method.name}"
+    try:
+        if method.server_streaming:
+            for _ in channel.unary_stream(path)(data, timeout=CALL_TIMEOUT_S):
+                pass
+        else:
+            channel.unary_unary(path)(data, timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def assert_serving(channels: dict[str, grpc.Channel]) -> None:
+    for name, channel in channels.items():
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICES[name].full_name), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+# --- random requests from the protos ----------------------------------------------------------------
+
+# Values that get past the first checks, so the fuzz reaches the code behind them.
+INTERESTING_STRINGS = [
+    "",
+    " ",
+    DIFF,
+    DIFF + "\n+\x00\ud7a3\U0001f600",
+    DATE,
+    "2024-02-30",
+    "til",
+    "questions",
+    "user",
+    "assistant",
+    "system",
+    "alice",
+    GOOD_TIL_JSON,
+    '{"type": "object", "properties": {"a": {"type": "string", "pattern": "^x$"}}}',
+    '{"type": "array", "minItems": 1000000000}',
+    '{"$ref": "#"}',
+    "[1, 2",
+    "\ud7a3" * 3000,
+    "til-" + "0" * 32,
+]
+
+
+def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_STRING:
+        return st.one_of(st.text(max_size=64), st.sampled_from(INTERESTING_STRINGS))
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=64)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if kind in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return st.floats(width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64)
+    if kind == FieldDescriptor.TYPE_ENUM:
+        return st.integers(-3, 12)  # known values and unknown ones (proto3 enums are open)
+    if kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
+        return st.one_of(st.integers(0, 16), st.integers(0, 2**32 - 1))
+    if kind in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64):
+        return st.one_of(st.integers(0, 16), st.integers(0, 2**64 - 1))
+    if kind in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64):
+        return st.integers(-(2**63), 2**63 - 1)
+    return st.one_of(st.integers(-2, 16), st.integers(-(2**31), 2**31 - 1))
+
+
+def message_values(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    """Field values for a message: any subset of its fields, each with a random value."""
+    optional: dict[str, st.SearchStrategy[Any]] = {}
+    for field in descriptor.fields:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            optional[field.name] = st.dictionaries(_scalar(key), _scalar(value), max_size=3)
+            continue
+        if field.message_type is not None:
+            if depth >= 3:
+                continue
+            value_strategy: st.SearchStrategy[Any] = message_values(field.message_type, depth + 1)
+        else:
+            value_strategy = _scalar(field)
+        if field.is_repeated:
+            value_strategy = st.lists(value_strategy, max_size=4)
+        optional[field.name] = value_strategy
+    return st.fixed_dictionaries({}, optional=optional)
+
+
+def fill(message: Any, values: dict[str, Any]) -> Any:
+    """Sets `values` on `message`; a value the field cannot hold (a float32 overflow...) is skipped.
+    Setting several members of a oneof leaves the last one set, as on the wire."""
+    for name, value in values.items():
+        field = message.DESCRIPTOR.fields_by_name[name]
+        target = getattr(message, name)
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                target.update(value)
+            elif field.message_type is not None and field.is_repeated:
+                for item in value:
+                    fill(target.add(), item)
+            elif field.message_type is not None:
+                fill(target, value)
+                target.SetInParent()
+            elif field.is_repeated:
+                target.extend(value)
+            else:
+                setattr(message, name, value)
+    return message
+
+
+# A valid request per RPC: mutating some of its fields reaches the code behind the first checks.
+VALID: dict[str, Any] = {
+    "GenerateTil": til_request(),
+    "GenerateQuestions": questions_request(),
+    "ReviseTil": revise_request(),
+    "Generate": generator_pb2.GenerateRequest(
+        chat=generator_pb2.ChatMessages(messages=[generator_pb2.ChatMessage(role="user", content="hi")]),
+        stopping=common_pb2.StoppingCriteria(max_tokens=8),
+    ),
+    "UpsertDocuments": retriever_pb2.UpsertDocumentsRequest(
+        documents=[retriever_pb2.Document(id="d1", kind=retriever_pb2.DOCUMENT_KIND_TIL, text="캐시 TTL")]
+    ),
+    "SearchDocuments": retriever_pb2.SearchDocumentsRequest(query="캐시", top_k=3),
+    "GetDocument": retriever_pb2.GetDocumentRequest(id="d1"),
+    "DeleteDocuments": retriever_pb2.DeleteDocumentsRequest(ids=["d1"]),
+    "GetEntry": cacher_pb2.GetEntryRequest(namespace="til", key="k1"),
+    "PutEntry": cacher_pb2.PutEntryRequest(namespace="til", key="k1", value_json='{"a": 1}'),
+    "DeleteEntry": cacher_pb2.DeleteEntryRequest(namespace="til", key="k1"),
+}
+
+
+def request_bytes(method: MethodDescriptor) -> st.SearchStrategy[bytes]:
+    """Requests built from nothing, and valid requests with some fields replaced."""
+    cls = message_factory.GetMessageClass(method.input_type)
+    base = VALID.get(method.name, cls())
+
+    def mutated(values: dict[str, Any]) -> bytes:
+        message = cls()
+        message.CopyFrom(base)
+        for name in values:
+            message.ClearField(name)
+        return fill(message, values).SerializeToString()
+
+    values = message_values(method.input_type)
+    return st.one_of(values.map(lambda v: fill(cls(), v).SerializeToString()), values.map(mutated))
+
+
+# --- the tests --------------------------------------------------------------------------------------
+
+
+def _check(channels: dict[str, grpc.Channel], name: str, method: MethodDescriptor, data: bytes) -> None:
+    code, details = call(channels[name], SERVICES[name], method, data)
+    assert code in ACCEPTED, f"{SERVICES[name].full_name}/{method.name} -> {code.name}: {details}"
+
+
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@pytest.mark.parametrize(("name", "method"), RPCS, ids=[f"{n}.{m.name}" for n, m in RPCS])
+def test_random_bytes_get_a_clear_status(channels: dict[str, grpc.Channel], name: str, method: Any) -> None:
+    @FUZZ_SETTINGS
+    @given(st.binary(max_size=1024))
+    def check(data: bytes) -> None:
+        _check(channels, name, method, data)
+
+    check()
+    assert_serving(channels)
+
+
+@pytest.mark.parametrize(("name", "method"), RPCS, ids=[f"{n}.{m.name}" for n, m in RPCS])
+def test_random_requests_get_a_clear_status(
+    channels: dict[str, grpc.Channel], name: str, method: Any
+) -> None:
+    @FUZZ_SETTINGS
+    @given(request_bytes(method))
+    def check(data: bytes) -> None:
+        _check(channels, name, method, data)
+
+    check()
+    assert_serving(channels)
+
+
+def test_an_error_that_quotes_a_huge_input_is_cut_to_fit_in_a_header(
+    channels: dict[str, grpc.Channel],
+) -> None:
+    """Unquoted, 3000 Hangul characters take 27 KB percent-encoded: clients would drop the status."""
+    request = cacher_pb2.GetEntryRequest(namespace="\ud7a3" * 3000, key="k")
+    code, details = call(
+        channels["cacher"],
+        SERVICES["cacher"],
+        SERVICES["cacher"].methods_by_name["GetEntry"],
+        request.SerializeToString(),
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("namespace is") and details.endswith("…")
+    assert len(quote(details.encode(), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")) <= 4096
+
+
+# --- redaction --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from("aA0 =:'\"\n.-_/+@AKIASpasswordtokenghp_eyJ-----BEGIN KEY"), max_size=400
+    )
+)
+def test_redaction_never_fails_and_is_idempotent(text: str) -> None:
+    once = redact(text)
+    assert redact(once.text).text == once.text
+    assert len(once.kinds) == once.text.count("[REDACTED:")
+
+
+ADVERSARIAL = [
+    "a." * (128 * 1024),
+    "a-" * (128 * 1024),
+    "password" * (32 * 1024),
+    "\n" * (256 * 1024),
+    " \n" * (128 * 1024),
+    "pwd" * (85 * 1024),
+    "x://" + "a" * (256 * 1024),
+    "://a:" * (50 * 1024),
+    "Aws_key=" * (32 * 1024),
+    "TOKEN=\n" * (36 * 1024),
+    "-----BEGIN PRIVATE KEY-----" * 9000,
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=[repr(t[:8]) for t in ADVERSARIAL])
+def test_redaction_of_a_largest_diff_is_linear(text: str) -> None:
+    """Inputs that make backtracking patterns quadratic: a 256 KiB diff must take well under a second."""
+    began = time.perf_counter()
+    redact(text)
+    assert time.perf_counter() - began < 1.5
