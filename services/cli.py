@@ -158,7 +158,7 @@ async def _generate(args: argparse.Namespace) -> int:
                     elif live:
                         print(f"\n\nkeywords: {', '.join(f.til.keywords)}")
                     else:
-                        print(f"{f.til.content}\n\nkeywords: {', '.join(f.til.keywords)}")
+                        print(f"{f.til.title}\n\n{f.til.content}\n\nkeywords: {', '.join(f.til.keywords)}")
                     _print_done(f.finish_reason, f.usage, f.timings, f.violations)
         except grpc.aio.AioRpcError as exc:
             return _rpc_error(exc, args.addr)
