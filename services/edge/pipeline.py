@@ -56,7 +56,7 @@ from services.edge.stages import (
     settle,
     stream_generation,
 )
-from services.edge.til_format import check_til, til_schema, to_til
+from services.edge.til_format import check_til, content_budget, til_schema, to_til
 
 TIL_NAMESPACE = "til"
 TilEvent: TypeAlias = edge_pb2.StreamStarted | common_pb2.TextDelta | edge_pb2.TilFinished
@@ -364,7 +364,10 @@ class TilPipeline:
             sampling=job.sampling,
             stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
             output=generator_pb2.OutputFormat(
-                json_schema=json.dumps(til_schema(job.date), ensure_ascii=False)
+                json_schema=json.dumps(
+                    til_schema(job.date, content_budget(max_tokens, self._settings.output_chars_per_token)),
+                    ensure_ascii=False,
+                )
             ),
         )
         return Plan(request, status, tuple(sources), tuple(notices))
@@ -562,7 +565,12 @@ class TilPipeline:
             sampling=revision.sampling,
             stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
             output=generator_pb2.OutputFormat(
-                json_schema=json.dumps(til_schema(revision.date), ensure_ascii=False)
+                json_schema=json.dumps(
+                    til_schema(
+                        revision.date, content_budget(max_tokens, self._settings.output_chars_per_token)
+                    ),
+                    ensure_ascii=False,
+                )
             ),
         )
 

@@ -41,7 +41,20 @@ def content_heading(date: str) -> str:
     return f"# {date} TIL"
 
 
-def til_schema(date: str) -> dict[str, Any]:
+# Most characters the title and keywords can take (prefix + pattern bounds), plus the JSON around them.
+TITLE_AND_KEYWORDS_MAX_CHARS = (
+    len("YYYY-MM-DD TIL - ") + 2 * TITLE_PART_MAX + 1 + MAX_KEYWORDS * (2 * KEYWORD_PART_MAX + 1) + 40
+)
+
+
+def content_budget(max_tokens: int, chars_per_token: float) -> int:
+    """Most content characters that fit in `max_tokens` after the title and keywords, so that the grammar closes
+    the document before the budget runs out (at `chars_per_token` or better) instead of it being cut off."""
+    room = max_tokens - TITLE_AND_KEYWORDS_MAX_CHARS / chars_per_token
+    return max(len("# YYYY-MM-DD TIL\n") + 1, min(CONTENT_MAX_CHARS, int(room * chars_per_token)))
+
+
+def til_schema(date: str, content_max_chars: int = CONTENT_MAX_CHARS) -> dict[str, Any]:
     """The JSON Schema of a TIL for `date` (YYYY-MM-DD), with properties in the order they are written."""
     return {
         "type": "object",
@@ -57,7 +70,7 @@ def til_schema(date: str) -> dict[str, Any]:
             "content": {
                 "type": "string",
                 "pattern": f"^{content_heading(date)}\\n",
-                "maxLength": CONTENT_MAX_CHARS,
+                "maxLength": content_max_chars,
             },
         },
         "required": ["title", "keywords", "content"],

@@ -243,3 +243,19 @@ def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> No
     )
     assert secured.peer_tls is not None and secured.peer_tls.ca_file == "/tls/ca.pem"
     assert secured.auth_enabled and secured.admins == {"ops", "ci"}
+
+
+def test_content_budget_keeps_the_document_within_the_token_budget() -> None:
+    from services.edge.til_format import CONTENT_MAX_CHARS, TITLE_AND_KEYWORDS_MAX_CHARS, content_budget
+
+    for chars_per_token in (0.5, 1.0, 3.0):
+        previous = 0
+        for max_tokens in (64, 256, 1024, 4096, 100_000):
+            budget = content_budget(max_tokens, chars_per_token)
+            assert budget >= previous  # more tokens never means less room
+            previous = budget
+            assert budget <= CONTENT_MAX_CHARS
+            if budget < CONTENT_MAX_CHARS and max_tokens * chars_per_token > TITLE_AND_KEYWORDS_MAX_CHARS + 20:
+                # title, keywords and content at `chars_per_token` fit in max_tokens
+                assert (TITLE_AND_KEYWORDS_MAX_CHARS + budget) / chars_per_token <= max_tokens + 1
+    assert til_schema("2026-11-24", 500)["properties"]["content"]["maxLength"] == 500
