@@ -1,15 +1,21 @@
 """The arms of the benchmark: one way each of getting a streamed generation.
 
+Plain workload (a prompt of exactly `--input-len` tokens, `ignore_eos`, `--output-len` tokens):
 A. `engine`          vLLM's AsyncLLM in this process (no RPC): the ceiling.
 A'. `engine-wrapper` our `VllmEngine.generate()` in this process: what the wrapper costs.
 B. `openai`          `vllm serve` over HTTP/SSE (/v1/completions): vLLM's own front end.
 C. `generator`       our generator over gRPC (til.v1.GeneratorService/Generate).
-D. `edge`            edge -> generator (til.v1.EdgeService/GenerateTil, CACHE_POLICY_BYPASS).
-E. `edge-hit`        the edge answering from the cache (the same diff every time).
 
-Every arm sends greedy sampling and, where the contract allows, `ignore_eos` with a fixed output
-length, so arms A-C produce exactly `output_len` tokens per request. The network arms talk only
-the til.v1 contract (and vLLM's OpenAI API), so they work against any server that implements it.
+TIL workload (the edge's chat for a diff, its JSON Schema, at most `--output-len` tokens, no
+`ignore_eos`: the edge's contract has none; see bench/til_workload.py):
+A_til. `engine-til`     the same chat and schema straight into AsyncLLM: D's ceiling.
+B_til. `openai-til`     the same chat and schema through `vllm serve`'s /v1/chat/completions.
+C_til. `generator-til`  the same chat and schema through our generator.
+D. `edge`               edge -> generator (til.v1.EdgeService/GenerateTil, CACHE_POLICY_BYPASS).
+E. `edge-hit`           the edge answering from the cache (one seeded diff per client process).
+
+Every arm samples greedily. The network arms talk only the til.v1 contract (and vLLM's OpenAI
+API), so they work against any server that implements it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from bench.prompts import Prompt
 if TYPE_CHECKING:
     from services.generator.vllm_engine import VllmEngine
 
-IN_PROCESS = ("engine", "engine-wrapper")
-NETWORK = ("openai", "generator", "edge", "edge-hit")
+IN_PROCESS = ("engine", "engine-wrapper", "engine-til")
+NETWORK = ("openai", "openai-til", "generator", "generator-til", "edge", "edge-hit")
 ALL_ARMS = IN_PROCESS + NETWORK
+# Arms that send the edge's TIL request for a diff made of the prompt's words.
+TIL_ARMS = ("engine-til", "openai-til", "generator-til", "edge", "edge-hit")
 
 # Generous: a request at concurrency 128 behind a slow warm-up may take a while.
 _RPC_TIMEOUT_S = 600.0
@@ -52,8 +60,11 @@ class ArmSpec:
 
     name: str
     target: str
-    # The model name `vllm serve` serves (the OpenAI arm's "model" field).
+    # The model name `vllm serve` serves (the OpenAI arm's "model" field), or for `edge-hit` the
+    # generator's model name, which the edge's cache key holds.
     model: str = ""
+    # `edge-hit` only: the cacher that the edge reads, to seed.
+    cacher: str = ""
 
 
 def _error_name(exc: BaseException) -> str:
@@ -111,6 +122,64 @@ class EngineArm:
         pass
 
 
+class EngineTilArm:
+    """A_til: the edge's chat and JSON Schema for a diff, straight into AsyncLLM.
+
+    The chat template runs before the clock starts (D's edge and generator do theirs inside it); the
+    schema goes through the backend's `prepared_schema`, as the generator sends it.
+    """
+
+    name = "engine-til"
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self._engine = engine
+        self._ids = itertools.count()
+        self._params: dict[int, Any] = {}
+
+    async def open(self) -> None:
+        pass
+
+    def _sampling(self, output_len: int) -> Any:
+        if output_len not in self._params:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+            from bench.til_workload import schema
+            from services.generator.vllm_engine import prepared_schema
+
+            self._params[output_len] = SamplingParams(
+                max_tokens=output_len,
+                temperature=0.0,
+                output_kind=RequestOutputKind.DELTA,
+                structured_outputs=StructuredOutputsParams(json=prepared_schema(schema())),
+            )
+        return self._params[output_len]
+
+    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
+        from vllm import TokensPrompt
+
+        from bench.til_workload import chat_tokens, diff_for
+
+        llm = self._engine.async_llm
+        ids = chat_tokens(llm.get_tokenizer(), diff_for(prompt))
+        params = self._sampling(output_len)
+        record = RequestRecord(start=time.monotonic(), prompt_tokens=len(ids))
+        try:
+            tokens = TokensPrompt(prompt_token_ids=ids)
+            async for out in llm.generate(tokens, params, request_id=f"bench-at-{next(self._ids)}"):
+                n = len(out.outputs[0].token_ids)
+                if n:
+                    record.message_times.append(time.monotonic())
+                    record.tokens += n
+        except Exception as exc:
+            record.error = _error_name(exc)
+        record.end = time.monotonic()
+        return record
+
+    async def close(self) -> None:
+        pass
+
+
 class EngineWrapperArm:
     """A': our GenerationEngine (tokenizes the text itself, as the generator does)."""
 
@@ -152,12 +221,14 @@ class EngineWrapperArm:
 
 
 class OpenAIArm:
-    """B: `vllm serve`'s /v1/completions with stream=true, read as server-sent events."""
-
-    name = "openai"
+    """B: `vllm serve`'s /v1/completions with stream=true, read as server-sent events; B_til
+    (`openai-til`): the edge's chat and JSON Schema on /v1/chat/completions."""
 
     def __init__(self, spec: ArmSpec) -> None:
-        self._url = spec.target.rstrip("/") + "/v1/completions"
+        self.name = spec.name
+        self._til = spec.name == "openai-til"
+        path = "/v1/chat/completions" if self._til else "/v1/completions"
+        self._url = spec.target.rstrip("/") + path
         self._model = spec.model
         self._client: Any = None
 
@@ -168,16 +239,32 @@ class OpenAIArm:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self._client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(_RPC_TIMEOUT_S))
 
-    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
-        body = {
+    def _body(self, prompt: Prompt, output_len: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self._model,
-            "prompt": prompt.text,
             "max_tokens": output_len,
             "temperature": 0.0,
-            "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if not self._til:
+            return {**body, "prompt": prompt.text, "ignore_eos": True}
+        from bench.til_workload import chat_messages, diff_for, schema
+        from services.generator.vllm_engine import prepared_schema
+
+        # The schema as our generator hands it to vLLM (lengths folded into patterns), so that both
+        # pay the same grammar cost.
+        return {
+            **body,
+            "messages": chat_messages(diff_for(prompt)),
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "til", "schema": prepared_schema(schema())},
+            },
+        }
+
+    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
+        body = self._body(prompt, output_len)
         record = RequestRecord(start=time.monotonic())
         try:
             async with self._client.stream("POST", self._url, json=body) as response:
@@ -186,7 +273,7 @@ class OpenAIArm:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if chunk.get("choices") and _chunk_text(chunk["choices"][0]):
                         record.message_times.append(time.monotonic())
                     if usage := chunk.get("usage"):
                         record.tokens = usage["completion_tokens"]
@@ -199,6 +286,11 @@ class OpenAIArm:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _chunk_text(choice: dict[str, Any]) -> str:
+    """The text of one streamed choice: `text` (completions) or `delta.content` (chat)."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
 class _GrpcArm:
@@ -221,9 +313,13 @@ class _GrpcArm:
 
 
 class GeneratorArm(_GrpcArm):
-    """C: til.v1.GeneratorService/Generate with a raw prompt."""
+    """C: til.v1.GeneratorService/Generate with a raw prompt; C_til (`generator-til`): the edge's
+    chat and JSON Schema for a diff, as the edge sends them."""
 
-    name = "generator"
+    def __init__(self, spec: ArmSpec) -> None:
+        super().__init__(spec)
+        self.name = spec.name
+        self._til = spec.name == "generator-til"
 
     async def open(self) -> None:
         from til.v1 import generator_pb2_grpc
@@ -231,15 +327,30 @@ class GeneratorArm(_GrpcArm):
         await super().open()
         self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
 
-    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
+    def _request(self, prompt: Prompt, output_len: int) -> Any:
         from til.v1 import common_pb2, generator_pb2
 
-        request = generator_pb2.GenerateRequest(
-            request_id=f"bench-c-{next(self._ids)}",
-            prompt=prompt.text,
-            sampling=common_pb2.SamplingParams(temperature=0.0),
-            stopping=common_pb2.StoppingCriteria(max_tokens=output_len, ignore_eos=True),
+        request_id = f"bench-c-{next(self._ids)}"
+        sampling = common_pb2.SamplingParams(temperature=0.0)
+        if not self._til:
+            return generator_pb2.GenerateRequest(
+                request_id=request_id,
+                prompt=prompt.text,
+                sampling=sampling,
+                stopping=common_pb2.StoppingCriteria(max_tokens=output_len, ignore_eos=True),
+            )
+        from bench.til_workload import chat, diff_for, schema
+
+        return generator_pb2.GenerateRequest(
+            request_id=request_id,
+            chat=chat(diff_for(prompt)),
+            sampling=sampling,
+            stopping=common_pb2.StoppingCriteria(max_tokens=output_len),
+            output=generator_pb2.OutputFormat(json_schema=json.dumps(schema(), ensure_ascii=False)),
         )
+
+    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
+        request = self._request(prompt, output_len)
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:
@@ -253,6 +364,8 @@ class GeneratorArm(_GrpcArm):
                 elif kind == "finished":
                     finished = True
                     record.tokens = message.finished.usage.completion_tokens
+                    record.server_ttft_ms = message.finished.timings.time_to_first_token_ms
+                    record.server_queue_ms = message.finished.timings.queue_ms
             if not finished:
                 record.error = "stream ended without finished"
         except Exception as exc:
@@ -261,26 +374,15 @@ class GeneratorArm(_GrpcArm):
         return record
 
 
-def diff_for(prompt: Prompt) -> str:
-    """A unified diff that adds the prompt's words as a Markdown file."""
-    words = prompt.text.split()
-    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
-    header = (
-        "diff --git a/notes/bench.md b/notes/bench.md\n"
-        "--- a/notes/bench.md\n+++ b/notes/bench.md\n"
-        f"@@ -0,0 +1,{len(lines)} @@\n"
-    )
-    return header + "".join(f"+{line}\n" for line in lines)
-
-
 class EdgeArm(_GrpcArm):
-    """D (`edge`, cache bypassed) and E (`edge-hit`, every request the same cached diff)."""
+    """D (`edge`, cache bypassed) and E (`edge-hit`, every request the same seeded diff)."""
 
     def __init__(self, spec: ArmSpec) -> None:
         super().__init__(spec)
         self.name = spec.name
+        self._spec = spec
         self._hit = spec.name == "edge-hit"
-        self._cached_diff: str | None = None
+        self._seeded: dict[int, str] = {}
 
     async def open(self) -> None:
         from til.v1 import edge_pb2_grpc
@@ -288,42 +390,40 @@ class EdgeArm(_GrpcArm):
         await super().open()
         self._stub = edge_pb2_grpc.EdgeServiceStub(self._channel)
 
-    def _request(self, diff: str, output_len: int, policy: int) -> Any:
-        from til.v1 import edge_pb2
+    async def _seed(self, prompt: Prompt, output_len: int) -> str:
+        """Stores a TIL under the edge's key for this prompt's diff (untimed); returns the diff."""
+        import grpc
+        from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2
 
-        return edge_pb2.GenerateTilRequest(
-            diff=diff,
-            commit_messages=["Add benchmark notes"],
-            language="markdown",
-            date="2025-01-01",
-            generation=edge_pb2.GenerationOverrides(max_tokens=output_len),
-            cache_policy=policy,
-            owner="bench",
-        )
+        from bench.til_workload import cache_seed, diff_for
+
+        diff = diff_for(prompt)
+        seed = cache_seed(diff, output_len, self._spec.model, common_pb2.SamplingParams(temperature=0.0))
+        async with grpc.aio.insecure_channel(self._spec.cacher) as channel:
+            await cacher_pb2_grpc.CacherServiceStub(channel).PutEntry(
+                cacher_pb2.PutEntryRequest(
+                    namespace=seed.namespace, key=seed.key, value_json=seed.value_json
+                ),
+                timeout=30,
+            )
+        return diff
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
-        from til.v1 import edge_pb2
+        from til.v1 import common_pb2, edge_pb2
+
+        from bench.til_workload import diff_for, edge_request
 
         if self._hit:
-            if self._cached_diff is None:
-                # Fill the cache once (untimed); every later request asks for the same TIL.
-                self._cached_diff = diff_for(prompt)
-                fill = await self._send(self._cached_diff, output_len, edge_pb2.CACHE_POLICY_REFRESH)
-                if fill.error:
-                    return fill
-            diff, policy = self._cached_diff, edge_pb2.CACHE_POLICY_UNSPECIFIED
+            if output_len not in self._seeded:
+                self._seeded[output_len] = await self._seed(prompt, output_len)
+            diff, policy = self._seeded[output_len], edge_pb2.CACHE_POLICY_UNSPECIFIED
         else:
             diff, policy = diff_for(prompt), edge_pb2.CACHE_POLICY_BYPASS
-        return await self._send(diff, output_len, policy)
-
-    async def _send(self, diff: str, output_len: int, policy: int) -> RequestRecord:
-        from til.v1 import edge_pb2
-
+        request = edge_request(diff, output_len, common_pb2.SamplingParams(temperature=0.0), policy)
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:
-            call = self._stub.GenerateTil(self._request(diff, output_len, policy), timeout=_RPC_TIMEOUT_S)
-            async for message in call:
+            async for message in self._stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S):
                 kind = message.WhichOneof("event")
                 if kind == "delta":
                     record.message_times.append(time.monotonic())
@@ -334,6 +434,8 @@ class EdgeArm(_GrpcArm):
                 elif kind == "finished":
                     finished = True
                     record.tokens = message.finished.usage.completion_tokens
+                    record.server_ttft_ms = message.finished.timings.time_to_first_token_ms
+                    record.server_queue_ms = message.finished.timings.queue_ms
             if not finished:
                 record.error = "stream ended without finished"
         except Exception as exc:
@@ -343,9 +445,9 @@ class EdgeArm(_GrpcArm):
 
 
 def network_arm(spec: ArmSpec) -> Arm:
-    if spec.name == "openai":
+    if spec.name in ("openai", "openai-til"):
         return OpenAIArm(spec)
-    if spec.name == "generator":
+    if spec.name in ("generator", "generator-til"):
         return GeneratorArm(spec)
     if spec.name in ("edge", "edge-hit"):
         return EdgeArm(spec)

@@ -26,6 +26,10 @@ class RequestRecord:
     error: str | None = None
     # Arm-specific facts worth checking afterwards (e.g. the edge's cache status).
     note: str | None = None
+    # The server's own view (til.v1 Timings of the finished message), for time per hop: from the
+    # call's arrival at the server to its first text, and its queueing before the engine ran it.
+    server_ttft_ms: float | None = None
+    server_queue_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -91,6 +95,12 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         output_tokens_mean=round(tokens / len(ok), 1),
         tokens_per_message=round(tokens / messages, 3),
     )
+    server_ttft = [r.server_ttft_ms for r in ok if r.server_ttft_ms is not None]
+    server_queue = [r.server_queue_ms for r in ok if r.server_queue_ms is not None]
+    for name, values in (("server_ttft_ms", server_ttft), ("server_queue_ms", server_queue)):
+        if values:
+            row[f"{name}_p50"] = round(percentile(values, 50), 2)
+            row[f"{name}_p99"] = round(percentile(values, 99), 2)
     for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl), ("e2e_ms", e2e)):
         row[f"{name}_p50"] = round(percentile(values, 50), 2)
         row[f"{name}_p99"] = round(percentile(values, 99), 2)

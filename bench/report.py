@@ -26,6 +26,8 @@ _COLUMNS = [
     ("e2e_ms_p50", "E2E p50", "{:,.0f}"),
     ("e2e_ms_p99", "E2E p99", "{:,.0f}"),
     ("tokens_per_message", "tok/msg", "{:.2f}"),
+    ("server_ttft_ms_p50", "server TTFT p50", "{:.1f}"),
+    ("server_queue_ms_p50", "server queue p50", "{:.1f}"),
     ("prompt_tokens_mean", "prompt tok", "{:.0f}"),
     ("output_tokens_mean", "out tok", "{:.0f}"),
 ]

@@ -24,7 +24,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.arms import ALL_ARMS, IN_PROCESS, NETWORK, Arm, ArmSpec, EngineArm, EngineWrapperArm, network_arm
+from bench.arms import (
+    ALL_ARMS,
+    IN_PROCESS,
+    NETWORK,
+    TIL_ARMS,
+    Arm,
+    ArmSpec,
+    EngineArm,
+    EngineTilArm,
+    EngineWrapperArm,
+    network_arm,
+)
 from bench.load import ClientProcesses, Ticker, closed_loop, default_client_processes
 from bench.metrics import RequestRecord, summarize
 from bench.prompts import PromptFactory, PromptPool, load_dataset
@@ -58,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens (exact) when no --dataset")
     p.add_argument("--output-len", type=int, default=256, help="output tokens (ignore_eos)")
     p.add_argument(
+        "--til-input-len",
+        type=int,
+        default=512,
+        help="TIL arms: diffs sized so that the edge's chat prompt has about this many tokens",
+    )
+    p.add_argument(
         "--dataset", type=Path, help='JSON Lines of {"prompt": ...} instead of fixed-length prompts'
     )
     p.add_argument("--rounds", type=int, default=2, help="measured requests per level = rounds x concurrency")
@@ -70,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("network arms")
     g.add_argument("--generator-addr", default="127.0.0.1:50052")
     g.add_argument("--edge-addr", default="127.0.0.1:50051")
+    g.add_argument("--cacher-addr", default="127.0.0.1:50054", help="edge-hit: the edge's cacher, to seed")
     g.add_argument("--openai-url", default="http://127.0.0.1:8000")
     g.add_argument("--openai-model", default="", help="served model name (default: --model-id)")
     g.add_argument(
@@ -164,6 +182,7 @@ class Driver:
                 "arms": args.arms,
                 "concurrency": args.concurrency,
                 "prompts": f"dataset {args.dataset}" if args.dataset else f"{args.input_len} tokens (exact)",
+                "til_prompts": f"diffs sized for a ~{args.til_input_len}-token chat prompt",
                 "output_len": args.output_len,
                 "rounds": args.rounds,
                 "min_requests": args.min_requests,
@@ -174,15 +193,29 @@ class Driver:
             "rows": [],
         }
 
-    async def setup(self) -> PromptPool:
+    async def setup(self) -> dict[str, PromptPool]:
+        """Starts the in-process engine and opens the network arms; returns a prompt pool per workload."""
         from transformers import AutoTokenizer
 
         args = self.args
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        pools: dict[str, PromptPool] = {}
         if args.dataset:
-            pool = PromptPool(None, 0, load_dataset(args.dataset, tokenizer))
+            pools["plain"] = PromptPool(None, 0, load_dataset(args.dataset, tokenizer))
         else:
-            pool = PromptPool(PromptFactory(tokenizer, args.seed), args.input_len, None)
+            pools["plain"] = PromptPool(PromptFactory(tokenizer, args.seed), args.input_len, None)
+        if any(a in TIL_ARMS for a in args.arms):
+            from bench.til_workload import words_for_prompt_tokens
+
+            words = words_for_prompt_tokens(
+                PromptFactory(tokenizer, args.seed + 1), tokenizer, args.til_input_len
+            )
+            self.results["params"]["til_diff_words"] = words
+            # One pool per TIL arm, all from the same seed: every TIL arm sends the same diffs in the
+            # same order (in any run), so their grammar-constrained outputs, and with them the cost
+            # of the grammar per token, are the same. The diffs differ within an arm.
+            for arm in (a for a in args.arms if a in TIL_ARMS):
+                pools[arm] = PromptPool(PromptFactory(tokenizer, args.seed + 2), words, None)
 
         if any(a in IN_PROCESS for a in args.arms):
             from services.generator.vllm_engine import VllmEngine
@@ -197,29 +230,42 @@ class Driver:
             self.results["engine_settings"]["in-process"] = self.engine.info.engine_settings
             self.local["engine"] = EngineArm(self.engine)
             self.local["engine-wrapper"] = EngineWrapperArm(self.engine)
+            self.local["engine-til"] = EngineTilArm(self.engine)
 
         targets = {
             "openai": args.openai_url,
+            "openai-til": args.openai_url,
             "generator": args.generator_addr,
+            "generator-til": args.generator_addr,
             "edge": args.edge_addr,
             "edge-hit": args.edge_addr,
         }
+        generator_model = ""
+        if any(a in ("generator", "generator-til", "edge-hit") for a in args.arms):
+            settings_seen = await generator_settings(args.generator_addr)
+            self.results["engine_settings"]["generator"] = settings_seen
+            generator_model = settings_seen["model"]
         for name in (a for a in args.arms if a in NETWORK):
-            self.specs[name] = ArmSpec(name=name, target=targets[name], model=args.openai_model)
+            model = generator_model if name == "edge-hit" else args.openai_model
+            self.specs[name] = ArmSpec(name=name, target=targets[name], model=model, cacher=args.cacher_addr)
         if self.specs and args.client_procs > 1:
             self.clients = ClientProcesses(args.client_procs)
         elif self.specs:
             for name, spec in self.specs.items():
                 self.local[name] = network_arm(spec)
                 await self.local[name].open()
-        if "generator" in self.specs:
-            self.results["engine_settings"]["generator"] = await generator_settings(args.generator_addr)
-        return pool
+        return pools
 
     async def batch(
-        self, arm: str, pool: PromptPool, count: int, concurrency: int, output_len: int, label: str
+        self,
+        arm: str,
+        pools: dict[str, PromptPool],
+        count: int,
+        concurrency: int,
+        output_len: int,
+        label: str,
     ) -> list[RequestRecord]:
-        prompts = pool.take(count)
+        prompts = pools[arm if arm in TIL_ARMS else "plain"].take(count)
         with Ticker(label, count, counting=arm in self.local) as ticker:
             if arm in self.local:
                 return await closed_loop(self.local[arm], prompts, concurrency, output_len, ticker.count)
@@ -228,22 +274,22 @@ class Driver:
 
     async def run(self) -> None:
         args = self.args
-        pool = await self.setup()
+        pools = await self.setup()
         out: Path = args.out
         try:
             for arm in args.arms:
                 print(f"[{arm}] first warm-up", flush=True)
-                await self.batch(arm, pool, 8, 4, 16, f"{arm} first warm-up")
+                await self.batch(arm, pools, 8, 4, 16, f"{arm} first warm-up")
             for level, concurrency in enumerate(args.concurrency):
                 # Rotate the order so that no arm always runs right after another's load.
                 order = args.arms[level % len(args.arms) :] + args.arms[: level % len(args.arms)]
                 for arm in order:
                     tag = f"[c={concurrency} {arm}]"
                     print(f"{tag} warm-up: {concurrency} requests", flush=True)
-                    await self.batch(arm, pool, concurrency, concurrency, args.warmup_output_len, tag)
+                    await self.batch(arm, pools, concurrency, concurrency, args.warmup_output_len, tag)
                     count = max(args.rounds * concurrency, args.min_requests)
                     print(f"{tag} measuring: {count} requests", flush=True)
-                    records = await self.batch(arm, pool, count, concurrency, args.output_len, tag)
+                    records = await self.batch(arm, pools, count, concurrency, args.output_len, tag)
                     row = {"arm": arm, "concurrency": concurrency, **summarize(records)}
                     self.results["rows"].append(row)
                     print(f"{tag} {row_line(row)}", flush=True)

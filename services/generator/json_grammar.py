@@ -1,7 +1,7 @@
 """JSON Schema -> GBNF grammar for llama.cpp, with output that is always valid JSON.
 
-llama-cpp-python's bundled converter (`llama_cpp.llama_grammar.json_schema_to_gbnf`) has three
-gaps that let a constrained model write invalid JSON or refuse a valid schema:
+llama.cpp's converter (vendored in `gbnf_schema`) has three gaps that let a constrained model write
+invalid JSON or refuse a valid schema:
 
 - its string characters allow raw control characters (a raw newline or tab inside a string);
 - `pattern` is matched against the raw JSON text, so `.` allows `"`, `\\` and control characters,
@@ -9,23 +9,27 @@ gaps that let a constrained model write invalid JSON or refuse a valid schema:
 - `pattern` must be anchored with both `^` and `$`, though JSON Schema patterns are unanchored
   (`^# 2026-11-24 TIL` means "starts with").
 
-This module keeps the bundled converter for everything else (objects, arrays with minItems and
-maxItems, strings with minLength and maxLength, enums, formats) but swaps in a JSON-safe string
-character and its own pattern translator. Patterns are ECMAScript regular expressions over the
-decoded string; the translator turns one into a grammar over the JSON text that encodes it.
-Within a pattern the grammar allows fewer encodings than JSON does (classes and `.` never write
-`\\/` or `\\u` escapes, nor control characters other than tab, newline and carriage return), which
-is all a generator needs. A pattern may come with minLength/maxLength when the two can be
-combined exactly: the pattern already implies them, or it is a fixed-length prefix or suffix.
+This module keeps that converter for everything else (objects, arrays with minItems and maxItems,
+strings with minLength and maxLength, enums, formats) but swaps in a JSON-safe string character and
+its own pattern translator. Patterns are ECMAScript regular expressions over the decoded string;
+the translator turns one into a grammar over the JSON text that encodes it. Within a pattern the
+grammar allows fewer encodings than JSON does (classes and `.` never write `\\/` or `\\u` escapes,
+nor control characters other than tab, newline and carriage return), which is all a generator
+needs. A pattern may come with minLength/maxLength when the two can be combined exactly: the
+pattern already implies them, or it is a fixed-length prefix or suffix.
+
+`fold_lengths_into_patterns` rewrites a schema for engines that read JSON Schema themselves (vLLM's
+llguidance): the same strings, with such bounds folded into the pattern.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from llama_cpp.llama_grammar import RESERVED_NAMES, BuiltinRule, SchemaConverter
+from services.generator.gbnf_schema import RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 # Bounds on minLength/maxLength (and pattern repetition counts) and on minItems/maxItems: llama.cpp
 # expands a bounded repetition into one rule per step, so a huge bound would eat the server's memory.
@@ -82,9 +86,43 @@ def json_schema_to_grammar(schema: dict[str, Any]) -> str:
     return converter.format_grammar()
 
 
+def fold_lengths_into_patterns(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` in which no string has both a pattern and minLength/maxLength.
+
+    Each such pair becomes one pattern for the same strings (`^# T[\\s\\S]{0,83}$` for `^# T` with
+    maxLength 87), or the bare pattern where it already implies the bounds. Engines that intersect a
+    pattern with a length bound per token (llguidance) are many times slower than with the one
+    pattern. Raises ValueError, as `json_schema_to_grammar` does, for bounds that cannot be folded.
+    """
+    _check_bounds(schema)
+    return _fold(schema)
+
+
+def _fold(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_fold(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    folded: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS:
+            folded[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            folded[key] = {name: _fold(sub) for name, sub in value.items()}
+        else:
+            folded[key] = _fold(value)
+    pattern = folded.get("pattern")
+    if isinstance(pattern, str) and ("minLength" in folded or "maxLength" in folded):
+        translator = _PatternTranslator(pattern, lambda name, rule: name, "char")
+        folded["pattern"] = translator.folded(
+            min_length=folded.pop("minLength", 0), max_length=folded.pop("maxLength", None)
+        )
+    return folded
+
+
 class _JsonSafeConverter(SchemaConverter):
     def __init__(self) -> None:
-        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        super().__init__(prop_order={})
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
         return super()._add_primitive(name, _JSON_CHAR if name == "char" else rule)
@@ -156,6 +194,17 @@ def _check_bounds(schema: Any) -> None:
                 _check_bounds(subschema)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """A pattern's anchors, its body as GBNF, and the free characters that minLength/maxLength leave
+    beside a fixed-length prefix or suffix (None: the bounds add nothing)."""
+
+    anchored_start: bool
+    anchored_end: bool
+    body: str
+    padding: tuple[int, int | None] | None
+
+
 class _PatternTranslator:
     """An ECMAScript regular expression over a string's value -> GBNF over the string's JSON text.
 
@@ -175,6 +224,26 @@ class _PatternTranslator:
 
     def translate(self, *, min_length: int = 0, max_length: int | None = None) -> str:
         """GBNF for the string's contents; the lengths (in characters) bound the whole string."""
+        shape = self._shape(min_length, max_length)
+        padding = f"{self._any_char}*"
+        if shape.padding is not None:
+            low, high = shape.padding
+            padding = _repeat(self._any_char, low, high)
+        parts = ["" if shape.anchored_start else padding, shape.body, "" if shape.anchored_end else padding]
+        return " ".join(part for part in parts if part)
+
+    def folded(self, *, min_length: int = 0, max_length: int | None = None) -> str:
+        """One pattern for the same strings as the pattern with these lengths (same checks as `translate`)."""
+        shape = self._shape(min_length, max_length)
+        if shape.padding is None:
+            return self._pattern
+        low, high = shape.padding
+        padding = f"[\\s\\S]{{{low},{'' if high is None else high}}}"
+        if shape.anchored_start:
+            return f"^(?:{self._src}){padding}$"
+        return f"^{padding}(?:{self._src})$"
+
+    def _shape(self, min_length: int, max_length: int | None) -> _Shape:
         pattern = self._pattern
         anchored_start = pattern.startswith("^")
         anchored_end = pattern.endswith("$") and not _is_escaped(pattern, len(pattern) - 1)
@@ -183,21 +252,17 @@ class _PatternTranslator:
         body, low, high = self._alternation()
         if self._pos < len(self._src):
             self._fail("unbalanced ')'")
-        bounded = (min_length, max_length) != (0, None)
-        padding = f"{self._any_char}*"
+        padding: tuple[int, int | None] | None = None
         if anchored_start and anchored_end:
             if low < min_length or (max_length is not None and (high is None or high > max_length)):
                 self._fail_lengths("the pattern allows strings outside minLength/maxLength")
-        elif bounded:
+        elif (min_length, max_length) != (0, None):
             if not (anchored_start or anchored_end) or low != high:
                 self._fail_lengths("minLength/maxLength only combine with a fixed-length prefix or suffix")
             if max_length is not None and max_length < low:
                 self._fail_lengths("maxLength is shorter than the pattern")
-            padding = _repeat(
-                self._any_char, max(min_length - low, 0), None if max_length is None else max_length - low
-            )
-        parts = ["" if anchored_start else padding, body, "" if anchored_end else padding]
-        return " ".join(part for part in parts if part)
+            padding = (max(min_length - low, 0), None if max_length is None else max_length - low)
+        return _Shape(anchored_start, anchored_end, body, padding)
 
     def _fail_lengths(self, problem: str) -> NoReturn:
         raise ValueError(

@@ -255,7 +255,10 @@ def test_content_budget_keeps_the_document_within_the_token_budget() -> None:
             assert budget >= previous  # more tokens never means less room
             previous = budget
             assert budget <= CONTENT_MAX_CHARS
-            if budget < CONTENT_MAX_CHARS and max_tokens * chars_per_token > TITLE_AND_KEYWORDS_MAX_CHARS + 20:
+            if (
+                budget < CONTENT_MAX_CHARS
+                and max_tokens * chars_per_token > TITLE_AND_KEYWORDS_MAX_CHARS + 20
+            ):
                 # title, keywords and content at `chars_per_token` fit in max_tokens
                 assert (TITLE_AND_KEYWORDS_MAX_CHARS + budget) / chars_per_token <= max_tokens + 1
     assert til_schema("2026-11-24", 500)["properties"]["content"]["maxLength"] == 500

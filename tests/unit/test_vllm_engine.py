@@ -92,6 +92,11 @@ def test_engine_args_carry_every_setting() -> None:
         "load_format": "dummy",
         "trust_remote_code": False,
         "enable_log_requests": False,
+        "structured_outputs_config": {
+            "backend": "guidance",
+            "disable_any_whitespace": True,
+            "disable_additional_properties": True,
+        },
         "max_model_len": 8192,
         "quantization": "awq",
         "max_num_seqs": 128,

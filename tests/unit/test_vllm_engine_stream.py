@@ -224,3 +224,16 @@ async def test_prompt_too_long_comes_before_any_event_or_engine_request() -> Non
 async def test_an_empty_prompt_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="empty"):
         await events_of(engine_with(ScriptedLLM([])), request(prompt=""))
+
+
+async def test_the_schema_reaches_vllm_folded_and_a_refused_one_never_does() -> None:
+    llm = ScriptedLLM([output("{}", 1, finish="stop")])
+    schema = {"type": "string", "pattern": "^# T\\n", "maxLength": 40}
+    await events_of(engine_with(llm), request(json_schema=schema))
+    assert llm.requests[0][1].structured_outputs.json == {
+        "type": "string",
+        "pattern": "^(?:# T\\n)[\\s\\S]{0,36}$",
+    }
+    with pytest.raises(InvalidArgument, match="lookarounds"):
+        await events_of(engine_with(llm), request(json_schema={"type": "string", "pattern": "(?!x)"}))
+    assert len(llm.requests) == 1

@@ -1,0 +1,124 @@
+"""JSON schemas on the vLLM backend: checked as the llama.cpp backend checks them, and with each
+string's pattern and length bounds folded into one pattern that accepts exactly the same strings."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common.errors import InvalidArgument
+from services.generator.json_grammar import fold_lengths_into_patterns
+from services.generator.vllm_engine import prepared_schema
+
+
+def ecma_search(pattern: str, text: str) -> bool:
+    """`pattern` searched as ECMAScript does: a final `$` matches only at the very end."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, text) is not None
+
+
+# (pattern, minLength, maxLength): fixed-length prefixes and suffixes, and fully anchored patterns
+# whose own lengths lie within the bounds.
+FOLDABLE = [
+    ("^# T\\n", 0, 12),
+    ("^ab", 3, None),
+    ("^(?:a|b)c", 2, 6),
+    ("x$", 2, 5),
+    ("^(?:ab|cd)", 1, 4),
+    ("^[ab]{2}$", 1, 3),
+]
+
+
+def matches(pattern: str, min_length: int, max_length: int | None, text: str) -> bool:
+    long_enough = len(text) >= min_length and (max_length is None or len(text) <= max_length)
+    return long_enough and ecma_search(pattern, text)
+
+
+@pytest.mark.parametrize(("pattern", "min_length", "max_length"), FOLDABLE)
+@given(text=st.text(alphabet='abcdx#T \n"\\', max_size=14))
+def test_a_folded_pattern_accepts_exactly_the_strings_the_pair_accepts(
+    pattern: str, min_length: int, max_length: int | None, text: str
+) -> None:
+    schema: dict[str, Any] = {"type": "string", "pattern": pattern, "minLength": min_length}
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    folded = fold_lengths_into_patterns(schema)
+    assert set(folded) == {"type", "pattern"}
+    assert ecma_search(folded["pattern"], text) == matches(pattern, min_length, max_length, text)
+
+
+def test_folding_reaches_nested_schemas_and_leaves_data_and_names_alone() -> None:
+    item = {"type": "string", "pattern": "^k", "maxLength": 4}
+    schema = {
+        "type": "object",
+        "properties": {
+            "minLength": {"type": "string", "pattern": "^p", "maxLength": 3},
+            "list": {"type": "array", "items": item},
+            "choice": {"anyOf": [item, {"type": "integer"}]},
+        },
+        "$defs": {"d": item},
+        "examples": [{"pattern": "^k", "maxLength": 4}],
+    }
+    folded = fold_lengths_into_patterns(schema)
+    assert folded["properties"]["minLength"] == {"type": "string", "pattern": "^(?:p)[\\s\\S]{0,2}$"}
+    assert folded["properties"]["list"]["items"] == {"type": "string", "pattern": "^(?:k)[\\s\\S]{0,3}$"}
+    assert folded["properties"]["choice"]["anyOf"][0] == folded["$defs"]["d"]
+    assert folded["examples"] == schema["examples"]
+    assert schema["properties"]["list"]["items"] == item  # the caller's schema is not changed
+
+
+def test_strings_without_both_a_pattern_and_a_bound_are_left_alone() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "maxLength": 5},
+            "b": {"type": "string", "pattern": "^x"},
+            "c": {"type": "string", "pattern": "^x", "minLength": 0},
+        },
+    }
+    folded = fold_lengths_into_patterns(schema)
+    assert folded["properties"]["a"] == schema["properties"]["a"]
+    assert folded["properties"]["b"] == schema["properties"]["b"]
+    assert folded["properties"]["c"] == {"type": "string", "pattern": "^x"}
+
+
+def test_the_til_schema_keeps_its_heading_rule_and_length_in_one_pattern() -> None:
+    from services.edge.til_format import CONTENT_MAX_CHARS, content_heading, til_schema
+
+    content = prepared_schema(til_schema("2026-11-24"))["properties"]["content"]
+    heading = content_heading("2026-11-24") + "\n"
+    assert content == {
+        "type": "string",
+        "pattern": f"^(?:# 2026-11-24 TIL\\n)[\\s\\S]{{0,{CONTENT_MAX_CHARS - len(heading)}}}$",
+    }
+    assert ecma_search(content["pattern"], heading + '- `x = 1`.\n"q"')
+    assert not ecma_search(content["pattern"], "# 2026-11-24 TIL no newline")
+    assert not ecma_search(content["pattern"], heading + "가" * (CONTENT_MAX_CHARS - len(heading) + 1))
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "string", "pattern": "a+", "maxLength": 5}, "only combine with a fixed-length prefix"),
+        ({"type": "string", "pattern": "^(?=a)"}, "lookarounds"),
+        ({"type": "string", "maxLength": 10**9}, "maxLength must be an integer"),
+    ],
+)
+def test_schemas_the_llama_cpp_backend_refuses_are_refused_with_its_message(
+    schema: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(says)) as refused:
+        prepared_schema(schema)
+    assert str(refused.value).startswith("output.json_schema: ")
+
+
+def test_each_call_gets_its_own_copy() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    first = prepared_schema(schema)
+    first["additionalProperties"] = False  # what vLLM's guidance backend does to the schema it gets
+    assert "additionalProperties" not in prepared_schema(schema)
