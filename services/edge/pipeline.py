@@ -9,7 +9,6 @@ results. The cache and the retriever are optional: when either fails the TIL is 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import json
@@ -25,7 +24,7 @@ from services.common.errors import InvalidArgument
 from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
 from services.edge.diffs import changed_files, changed_identifiers, fit_diff, guess_language, looks_like_diff
-from services.edge.flights import JOINED_NOTICE, Plan, SingleFlight
+from services.edge.flights import Plan, SingleFlight
 from services.edge.prompt import (
     REVISE_PROMPT_VERSION,
     TIL_PROMPT_VERSION,
@@ -47,13 +46,12 @@ from services.edge.stages import (
     check_policy,
     closing_delta,
     envelope,
-    look_up,
+    open_generation,
     parse_json_output,
     redact_text,
     redaction_notice,
     resolve_max_tokens,
     sampling_fields,
-    settle,
     stream_generation,
 )
 from services.edge.til_format import check_til, content_budget, til_schema, to_til
@@ -255,74 +253,43 @@ class TilPipeline:
         if redaction := redaction_notice(redacted):
             notices.append(redaction)
 
-        # Identical calls that miss the cache together share one generation (see flights.py).
-        shared = s.share_identical and job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED
-        listener = self._flights.join(key, ctx.deadline) if shared else None
-        joined = listener is not None
-        # A call that joins before its own look-up reports what the first call's look-up found.
-        cache_status = listener.flight.cache_status if listener is not None else edge_pb2.CACHE_STATUS_MISS
-        plan: Plan | None = None
-        if listener is None:
-            # Search for related TILs while the cache is read: a miss then waits for neither in turn.
-            searching = asyncio.ensure_future(self._related_tils(job, ctx, exclude=til_id))
-            owns_search = True
-            try:
-                lookup = await look_up(
-                    self._cache, TIL_NAMESPACE, key, job.policy, ctx.bounded(s.cache_timeout_s)
-                )
-                cache_status = lookup.status
-                if lookup.notice:
-                    notices.append(lookup.notice)
-                if lookup.value is not None:
-                    searching.cancel()
-                    async for event in self._replay(lookup.value, job.date, ctx, notices):
-                        yield event
-                    return
-                # Another call may have started the same generation while this one looked.
-                listener = self._flights.join(key, ctx.deadline) if shared else None
-                joined = listener is not None
-                if listener is None:
-
-                    async def prepare() -> Plan:
-                        return self._plan(job, info, max_tokens, ctx, await searching)
-
-                    if shared:
-                        listener = self._flights.start(
-                            key,
-                            ctx.deadline,
-                            prepare,
-                            lambda request: self._generator.generate(request, timeout=ctx.remaining()),
-                            cache_status=cache_status,
-                            cleanup=lambda: settle(searching),
-                        )
-                        owns_search = False
-                    else:
-                        plan = await prepare()
-            finally:
-                if owns_search:
-                    settle(searching)
-        if listener is not None:
-            stream: AsyncIterator[generator_pb2.GenerateResponse] = listener
-        else:
-            assert plan is not None
-            stream = self._generator.generate(plan.request, timeout=ctx.remaining())
+        opened = await open_generation(
+            flights=self._flights,
+            generator=self._generator,
+            cache=self._cache,
+            namespace=TIL_NAMESPACE,
+            key=key,
+            policy=job.policy,
+            shared=s.share_identical and job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED,
+            ctx=ctx,
+            cache_timeout_s=s.cache_timeout_s,
+            notices=notices,
+            search=lambda: self._related_tils(job, ctx, exclude=til_id),
+            plan=lambda context: self._plan(job, info, max_tokens, ctx, context),
+        )
+        if opened.cached is not None:
+            async for event in self._replay(opened.cached, job.date, ctx, notices):
+                yield event
+            return
+        assert opened.stream is not None
+        listener = opened.listener
 
         def started(gen: generator_pb2.GenerateStarted) -> edge_pb2.StreamStarted:
-            used = listener.flight.plan if listener is not None else plan
+            used = opened.used_plan()
             assert used is not None  # a flight has its plan before its first response
             return edge_pb2.StreamStarted(
                 request_id=ctx.request_id,
                 model=gen.model,
-                cache_status=cache_status,
+                cache_status=opened.cache_status,
                 retrieval_status=used.retrieval_status,
                 sources=used.sources,
                 prompt_version=TIL_PROMPT_VERSION,
                 prompt_tokens=gen.prompt_tokens,
-                notices=[*notices, *used.notices, *([JOINED_NOTICE] if joined else [])],
+                notices=[*notices, *opened.notices()],
             )
 
         outcome = Outcome()
-        async for event in stream_generation(stream, ctx, started, outcome):
+        async for event in stream_generation(opened.stream, ctx, started, outcome):
             yield event
         closing, finished, complete = self._finish(outcome, job.date, ctx)
         if closing is not None:

@@ -20,8 +20,9 @@ from til.v1 import common_pb2, edge_pb2, generator_pb2
 from services.common.auth import caller_identity
 from services.common.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
 from services.common.redaction import redact
-from services.edge.clients import DependencyUnavailable, ResultCache
+from services.edge.clients import DependencyUnavailable, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
+from services.edge.flights import JOINED_NOTICE, Listener, Plan, SingleFlight
 from services.edge.json_closer import NotAJsonPrefix, close_json
 from services.edge.til_format import Violation
 
@@ -235,6 +236,89 @@ def settle(task: asyncio.Future[Any]) -> None:
         task.cancel()
     elif not task.cancelled():
         task.exception()
+
+
+@dataclass
+class Opened:
+    """Where a pipeline's output comes from: the cached value on a hit, else a generator stream that is a
+    shared flight's (`listener`) or this call's own (`plan`)."""
+
+    cache_status: int
+    cached: Any = None
+    stream: AsyncIterator[generator_pb2.GenerateResponse] | None = None
+    listener: Listener | None = None
+    plan: Plan | None = None
+    joined: bool = False
+
+    def used_plan(self) -> Plan | None:
+        """The plan the stream was started with (a flight has its plan before its first response)."""
+        return self.listener.flight.plan if self.listener is not None else self.plan
+
+    def notices(self) -> list[str]:
+        used = self.used_plan()
+        return [*(used.notices if used is not None else ()), *([JOINED_NOTICE] if self.joined else [])]
+
+
+async def open_generation(
+    *,
+    flights: SingleFlight,
+    generator: TilGenerator,
+    cache: ResultCache,
+    namespace: str,
+    key: str,
+    policy: int,
+    shared: bool,
+    ctx: CallContext,
+    cache_timeout_s: float,
+    notices: list[str],
+    search: Callable[[], Coroutine[Any, Any, Any]],
+    plan: Callable[[Any], Plan],
+) -> Opened:
+    """Looks the key up while `search` runs; on a miss, joins an identical call's generation or starts one.
+
+    Identical calls that miss the cache together share one generation (see flights.py). A call that joins
+    before its own look-up reports what the first call's look-up found. Cache notices go to `notices`.
+    """
+
+    def generate(request: generator_pb2.GenerateRequest) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        return generator.generate(request, timeout=ctx.remaining())
+
+    listener = flights.join(key, ctx.deadline) if shared else None
+    if listener is not None:
+        return Opened(listener.flight.cache_status, stream=listener, listener=listener, joined=True)
+    # Search while the cache is read: a miss then waits for neither in turn.
+    searching = asyncio.ensure_future(search())
+    owns_search = True
+    try:
+        lookup = await look_up(cache, namespace, key, policy, ctx.bounded(cache_timeout_s))
+        if lookup.notice:
+            notices.append(lookup.notice)
+        if lookup.value is not None:
+            return Opened(lookup.status, cached=lookup.value)
+        # Another call may have started the same generation while this one looked.
+        listener = flights.join(key, ctx.deadline) if shared else None
+        if listener is not None:
+            return Opened(lookup.status, stream=listener, listener=listener, joined=True)
+
+        async def prepare() -> Plan:
+            return plan(await searching)
+
+        if shared:
+            listener = flights.start(
+                key,
+                ctx.deadline,
+                prepare,
+                generate,
+                cache_status=lookup.status,
+                cleanup=lambda: settle(searching),
+            )
+            owns_search = False
+            return Opened(lookup.status, stream=listener, listener=listener)
+        own = await prepare()
+        return Opened(lookup.status, stream=generate(own.request), plan=own)
+    finally:
+        if owns_search:
+            settle(searching)
 
 
 class Background:
