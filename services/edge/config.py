@@ -69,6 +69,11 @@ class EdgeSettings(ServerSettings):
         description="Characters a model writes per token at worst, for Korean Markdown; bounds the TIL's content "
         "so the JSON closes within max_tokens (raise it for tokenizers that pack Korean densely).",
     )
+    allow_ignore_eos: bool = Field(
+        False,
+        description="Let GenerateTil callers set generation.ignore_eos (benchmarks: every request then yields "
+        "max_tokens tokens; such results are never complete, cached or indexed).",
+    )
     prompt_chars_per_token: float = Field(
         3.0, gt=0, description="Estimate used to trim a diff that cannot fit the model's context."
     )

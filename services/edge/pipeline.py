@@ -41,6 +41,7 @@ from services.edge.stages import (
     Outcome,
     cache_key,
     cached_usage,
+    check_ignore_eos,
     check_max_tokens,
     check_owner,
     check_policy,
@@ -101,6 +102,8 @@ class TilJob:
     max_tokens: int | None
     policy: int
     owner: str
+    # Benchmarks only (EDGE_ALLOW_IGNORE_EOS): generate until max_tokens.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ class TilPipeline:
             max_tokens=max_tokens,
             policy=request.cache_policy,
             owner=owner,
+            ignore_eos=check_ignore_eos(request.generation, allowed=s.allow_ignore_eos),
         )
 
     def revision(self, request: edge_pb2.ReviseTilRequest) -> Revision:
@@ -226,6 +230,7 @@ class TilPipeline:
             raise InvalidArgument(
                 "history must end with an assistant turn; put the new request in instruction"
             )
+        check_ignore_eos(request.generation, allowed=False)
         current = {"title": til.title, "keywords": list(til.keywords), "content": til.content}
         return Revision(
             current_json=json.dumps(current, ensure_ascii=False),
@@ -329,7 +334,7 @@ class TilPipeline:
             request_id=ctx.request_id,
             chat=self._fitted_chat(job, related, info, max_tokens, notices),
             sampling=job.sampling,
-            stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens),
+            stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=job.ignore_eos),
             output=generator_pb2.OutputFormat(
                 json_schema=json.dumps(
                     til_schema(job.date, content_budget(max_tokens, self._settings.output_chars_per_token)),
@@ -366,6 +371,8 @@ class TilPipeline:
                 "max_tokens": max_tokens,
                 # Retrieval context is per owner, and one owner's TILs are not served to another.
                 "owner": job.owner,
+                # Only when set, so that the keys of every other request stay as they were.
+                **({"ignore_eos": True} if job.ignore_eos else {}),
             }
         )
 

@@ -37,6 +37,7 @@ from services.edge.stages import (
     Outcome,
     cache_key,
     cached_usage,
+    check_ignore_eos,
     check_max_tokens,
     check_owner,
     check_policy,
@@ -123,6 +124,7 @@ class QuestionPipeline:
         if count > MAX_COUNT:
             raise InvalidArgument(f"count is {count}; at most {MAX_COUNT} questions per call")
         check_policy(request.cache_policy)
+        check_ignore_eos(request.generation, allowed=False)
         return QuestionJob(
             til_text=til_text,
             til_id=til_id,

@@ -151,6 +151,16 @@ def check_max_tokens(generation: edge_pb2.GenerationOverrides, limit: int) -> in
     return value
 
 
+def check_ignore_eos(generation: edge_pb2.GenerationOverrides, *, allowed: bool) -> bool:
+    """The caller's ignore_eos: a benchmark's way to get the same number of tokens from every request."""
+    if generation.ignore_eos and not allowed:
+        raise InvalidArgument(
+            "generation.ignore_eos is for benchmarks: only GenerateTil takes it, and only on an edge started "
+            "with EDGE_ALLOW_IGNORE_EOS=true"
+        )
+    return generation.ignore_eos
+
+
 def resolve_max_tokens(requested: int | None, default: int, info: generator_pb2.GetModelInfoResponse) -> int:
     """The output budget: the caller's, or the default, never above what the model serves per request."""
     served = info.default_max_tokens or None

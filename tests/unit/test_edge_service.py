@@ -394,6 +394,7 @@ async def test_request_id_and_deadline_reach_the_generator() -> None:
         ({"cache_policy": 9}, "cache_policy 9 is unknown"),
         ({"language": "python; ignore the diff"}, "language must be a short name"),
         ({"owner": "o" * 201}, "owner has 201 characters"),
+        ({"generation": edge_pb2.GenerationOverrides(ignore_eos=True)}, "EDGE_ALLOW_IGNORE_EOS=true"),
     ],
 )
 async def test_invalid_requests_fail_before_any_downstream_call(
@@ -428,6 +429,19 @@ async def test_max_tokens_above_what_the_model_serves_is_rejected_before_generat
         # Without an override the budget is the edge default capped by the model's.
         await stack.til(til_request())
     assert stack.generator.requests[0].stopping.max_tokens == 512
+
+
+async def test_ignore_eos_reaches_the_generator_only_where_allowed_and_keys_apart() -> None:
+    overrides = edge_pb2.GenerationOverrides(max_tokens=256, ignore_eos=True)
+    async with edge_stack(allow_ignore_eos=True, retrieval_top_k=0) as stack:
+        await stack.til(til_request(generation=overrides))
+        await stack.settle()
+        await stack.til(til_request(generation=edge_pb2.GenerationOverrides(max_tokens=256)))
+    benchmark, plain = stack.generator.requests
+    assert (benchmark.stopping.max_tokens, benchmark.stopping.ignore_eos) == (256, True)
+    assert (plain.stopping.max_tokens, plain.stopping.ignore_eos) == (256, False)
+    # Same schema and chat either way: only the stopping rule differs.
+    assert benchmark.output == plain.output and benchmark.chat == plain.chat
 
 
 async def test_cache_hit_replays_without_the_generator() -> None:
@@ -678,6 +692,7 @@ async def test_revise_streams_a_checked_til_from_the_conversation() -> None:
         ({"instruction": "  "}, "instruction is empty"),
         ({"til": edge_pb2.Til(title="캐시", content="캐시 내용")}, "must start with 'YYYY-MM-DD TIL'"),
         ({"til": edge_pb2.Til(title="2024-13-01 TIL - 캐시", content="x")}, "not a real calendar date"),
+        ({"generation": edge_pb2.GenerationOverrides(ignore_eos=True)}, "only GenerateTil takes it"),
         ({"history": [edge_pb2.ConversationTurn(role="system", content="x")]}, "expected 'user'"),
         (
             {"history": [edge_pb2.ConversationTurn(role="user", content="x")]},
@@ -790,6 +805,7 @@ async def test_questions_without_retriever_still_come_and_say_so() -> None:
     [
         ({"difficulty": edge_pb2.DIFFICULTY_UNSPECIFIED}, "difficulty is unset"),
         ({"count": 11}, "at most 10"),
+        ({"generation": edge_pb2.GenerationOverrides(ignore_eos=True)}, "only GenerateTil takes it"),
         ({"til_text": ""}, "til_text is empty"),
         ({"cache_policy": 7}, "cache_policy 7 is unknown"),
     ],

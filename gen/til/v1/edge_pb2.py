@@ -26,49 +26,49 @@ from til.v1 import common_pb2 as til_dot_v1_dot_common__pb2
 from til.v1 import retriever_pb2 as til_dot_v1_dot_retriever__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11til/v1/edge.proto\x12\x06til.v1\x1a\x13til/v1/common.proto\x1a\x16til/v1/retriever.proto\"g\n\x13GenerationOverrides\x12(\n\x08sampling\x18\x01 \x01(\x0b\x32\x16.til.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_max_tokens\"V\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.til.v1.DocumentKind\x12\r\n\x05title\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\xf1\x01\n\rStreamStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x13.til.v1.CacheStatus\x12\x31\n\x10retrieval_status\x18\x04 \x01(\x0e\x32\x17.til.v1.RetrievalStatus\x12\x1f\n\x07sources\x18\x05 \x03(\x0b\x32\x0e.til.v1.Source\x12\x16\n\x0eprompt_version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x0f\n\x07notices\x18\x08 \x03(\t\"7\n\x03Til\x12\r\n\x05title\x18\x01 \x01(\t\x12\x10\n\x08keywords\x18\x02 \x03(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"\xc6\x01\n\x12GenerateTilRequest\x12\x0c\n\x04\x64iff\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommit_messages\x18\x02 \x03(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x04 \x01(\t\x12/\n\ngeneration\x18\x05 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12)\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x13.til.v1.CachePolicy\x12\r\n\x05owner\x18\x07 \x01(\t\"\xcf\x01\n\x0bTilFinished\x12\x18\n\x03til\x18\x01 \x01(\x0b\x32\x0b.til.v1.Til\x12\x10\n\x08til_json\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.til.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.til.v1.TokenUsage\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.til.v1.Timings\x12\x12\n\nviolations\x18\x06 \x03(\t\x12\x0e\n\x06til_id\x18\x07 \x01(\t\"\x95\x01\n\x13GenerateTilResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.til.v1.TilFinishedH\x00\x42\x07\n\x05\x65vent\"f\n\x08Question\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12&\n\ndifficulty\x18\x03 \x01(\x0e\x32\x12.til.v1.Difficulty\x12\x10\n\x08keywords\x18\x04 \x03(\t\"\xe9\x01\n\x18GenerateQuestionsRequest\x12\x12\n\x08til_text\x18\x01 \x01(\tH\x00\x12\x10\n\x06til_id\x18\x02 \x01(\tH\x00\x12&\n\ndifficulty\x18\x03 \x01(\x0e\x32\x12.til.v1.Difficulty\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12/\n\ngeneration\x18\x05 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12)\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x13.til.v1.CachePolicy\x12\r\n\x05owner\x18\x07 \x01(\tB\x05\n\x03til\"\xd6\x01\n\x11QuestionsFinished\x12#\n\tquestions\x18\x01 \x03(\x0b\x32\x10.til.v1.Question\x12\x16\n\x0equestions_json\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.til.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.til.v1.TokenUsage\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.til.v1.Timings\x12\x12\n\nviolations\x18\x06 \x03(\t\"\xa1\x01\n\x19GenerateQuestionsResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.til.v1.QuestionsFinishedH\x00\x42\x07\n\x05\x65vent\"1\n\x10\x43onversationTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x10ReviseTilRequest\x12\x18\n\x03til\x18\x01 \x01(\x0b\x32\x0b.til.v1.Til\x12)\n\x07history\x18\x02 \x03(\x0b\x32\x18.til.v1.ConversationTurn\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12/\n\ngeneration\x18\x04 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12\r\n\x05owner\x18\x05 \x01(\t\"\x93\x01\n\x11ReviseTilResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.til.v1.TilFinishedH\x00\x42\x07\n\x05\x65vent*^\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x01\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x02*\x91\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x12\x19\n\x15\x43\x41\x43HE_STATUS_BYPASSED\x10\x03\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNAVAILABLE\x10\x04*\x8c\x01\n\x0fRetrievalStatus\x12 \n\x1cRETRIEVAL_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_STATUS_OK\x10\x01\x12 \n\x1cRETRIEVAL_STATUS_UNAVAILABLE\x10\x02\x12\x1c\n\x18RETRIEVAL_STATUS_SKIPPED\x10\x03*i\n\nDifficulty\x12\x1a\n\x16\x44IFFICULTY_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IFFICULTY_EASY\x10\x01\x12\x15\n\x11\x44IFFICULTY_MEDIUM\x10\x02\x12\x13\n\x0f\x44IFFICULTY_HARD\x10\x03\x32\xf7\x01\n\x0b\x45\x64geService\x12H\n\x0bGenerateTil\x12\x1a.til.v1.GenerateTilRequest\x1a\x1b.til.v1.GenerateTilResponse0\x01\x12Z\n\x11GenerateQuestions\x12 .til.v1.GenerateQuestionsRequest\x1a!.til.v1.GenerateQuestionsResponse0\x01\x12\x42\n\tReviseTil\x12\x18.til.v1.ReviseTilRequest\x1a\x19.til.v1.ReviseTilResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11til/v1/edge.proto\x12\x06til.v1\x1a\x13til/v1/common.proto\x1a\x16til/v1/retriever.proto\"{\n\x13GenerationOverrides\x12(\n\x08sampling\x18\x01 \x01(\x0b\x32\x16.til.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\r\n\x0b_max_tokens\"V\n\x06Source\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.til.v1.DocumentKind\x12\r\n\x05title\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\xf1\x01\n\rStreamStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x13.til.v1.CacheStatus\x12\x31\n\x10retrieval_status\x18\x04 \x01(\x0e\x32\x17.til.v1.RetrievalStatus\x12\x1f\n\x07sources\x18\x05 \x03(\x0b\x32\x0e.til.v1.Source\x12\x16\n\x0eprompt_version\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x0f\n\x07notices\x18\x08 \x03(\t\"7\n\x03Til\x12\r\n\x05title\x18\x01 \x01(\t\x12\x10\n\x08keywords\x18\x02 \x03(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"\xc6\x01\n\x12GenerateTilRequest\x12\x0c\n\x04\x64iff\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommit_messages\x18\x02 \x03(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x04 \x01(\t\x12/\n\ngeneration\x18\x05 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12)\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x13.til.v1.CachePolicy\x12\r\n\x05owner\x18\x07 \x01(\t\"\xcf\x01\n\x0bTilFinished\x12\x18\n\x03til\x18\x01 \x01(\x0b\x32\x0b.til.v1.Til\x12\x10\n\x08til_json\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.til.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.til.v1.TokenUsage\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.til.v1.Timings\x12\x12\n\nviolations\x18\x06 \x03(\t\x12\x0e\n\x06til_id\x18\x07 \x01(\t\"\x95\x01\n\x13GenerateTilResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.til.v1.TilFinishedH\x00\x42\x07\n\x05\x65vent\"f\n\x08Question\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12&\n\ndifficulty\x18\x03 \x01(\x0e\x32\x12.til.v1.Difficulty\x12\x10\n\x08keywords\x18\x04 \x03(\t\"\xe9\x01\n\x18GenerateQuestionsRequest\x12\x12\n\x08til_text\x18\x01 \x01(\tH\x00\x12\x10\n\x06til_id\x18\x02 \x01(\tH\x00\x12&\n\ndifficulty\x18\x03 \x01(\x0e\x32\x12.til.v1.Difficulty\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12/\n\ngeneration\x18\x05 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12)\n\x0c\x63\x61\x63he_policy\x18\x06 \x01(\x0e\x32\x13.til.v1.CachePolicy\x12\r\n\x05owner\x18\x07 \x01(\tB\x05\n\x03til\"\xd6\x01\n\x11QuestionsFinished\x12#\n\tquestions\x18\x01 \x03(\x0b\x32\x10.til.v1.Question\x12\x16\n\x0equestions_json\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.til.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.til.v1.TokenUsage\x12 \n\x07timings\x18\x05 \x01(\x0b\x32\x0f.til.v1.Timings\x12\x12\n\nviolations\x18\x06 \x03(\t\"\xa1\x01\n\x19GenerateQuestionsResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.til.v1.QuestionsFinishedH\x00\x42\x07\n\x05\x65vent\"1\n\x10\x43onversationTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xac\x01\n\x10ReviseTilRequest\x12\x18\n\x03til\x18\x01 \x01(\x0b\x32\x0b.til.v1.Til\x12)\n\x07history\x18\x02 \x03(\x0b\x32\x18.til.v1.ConversationTurn\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12/\n\ngeneration\x18\x04 \x01(\x0b\x32\x1b.til.v1.GenerationOverrides\x12\r\n\x05owner\x18\x05 \x01(\t\"\x93\x01\n\x11ReviseTilResponse\x12(\n\x07started\x18\x01 \x01(\x0b\x32\x15.til.v1.StreamStartedH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.til.v1.TextDeltaH\x00\x12\'\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x13.til.v1.TilFinishedH\x00\x42\x07\n\x05\x65vent*^\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_POLICY_REFRESH\x10\x01\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x02*\x91\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x12\x19\n\x15\x43\x41\x43HE_STATUS_BYPASSED\x10\x03\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNAVAILABLE\x10\x04*\x8c\x01\n\x0fRetrievalStatus\x12 \n\x1cRETRIEVAL_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_STATUS_OK\x10\x01\x12 \n\x1cRETRIEVAL_STATUS_UNAVAILABLE\x10\x02\x12\x1c\n\x18RETRIEVAL_STATUS_SKIPPED\x10\x03*i\n\nDifficulty\x12\x1a\n\x16\x44IFFICULTY_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IFFICULTY_EASY\x10\x01\x12\x15\n\x11\x44IFFICULTY_MEDIUM\x10\x02\x12\x13\n\x0f\x44IFFICULTY_HARD\x10\x03\x32\xf7\x01\n\x0b\x45\x64geService\x12H\n\x0bGenerateTil\x12\x1a.til.v1.GenerateTilRequest\x1a\x1b.til.v1.GenerateTilResponse0\x01\x12Z\n\x11GenerateQuestions\x12 .til.v1.GenerateQuestionsRequest\x1a!.til.v1.GenerateQuestionsResponse0\x01\x12\x42\n\tReviseTil\x12\x18.til.v1.ReviseTilRequest\x1a\x19.til.v1.ReviseTilResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'til.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHEPOLICY']._serialized_start=2228
-  _globals['_CACHEPOLICY']._serialized_end=2322
-  _globals['_CACHESTATUS']._serialized_start=2325
-  _globals['_CACHESTATUS']._serialized_end=2470
-  _globals['_RETRIEVALSTATUS']._serialized_start=2473
-  _globals['_RETRIEVALSTATUS']._serialized_end=2613
-  _globals['_DIFFICULTY']._serialized_start=2615
-  _globals['_DIFFICULTY']._serialized_end=2720
+  _globals['_CACHEPOLICY']._serialized_start=2248
+  _globals['_CACHEPOLICY']._serialized_end=2342
+  _globals['_CACHESTATUS']._serialized_start=2345
+  _globals['_CACHESTATUS']._serialized_end=2490
+  _globals['_RETRIEVALSTATUS']._serialized_start=2493
+  _globals['_RETRIEVALSTATUS']._serialized_end=2633
+  _globals['_DIFFICULTY']._serialized_start=2635
+  _globals['_DIFFICULTY']._serialized_end=2740
   _globals['_GENERATIONOVERRIDES']._serialized_start=74
-  _globals['_GENERATIONOVERRIDES']._serialized_end=177
-  _globals['_SOURCE']._serialized_start=179
-  _globals['_SOURCE']._serialized_end=265
-  _globals['_STREAMSTARTED']._serialized_start=268
-  _globals['_STREAMSTARTED']._serialized_end=509
-  _globals['_TIL']._serialized_start=511
-  _globals['_TIL']._serialized_end=566
-  _globals['_GENERATETILREQUEST']._serialized_start=569
-  _globals['_GENERATETILREQUEST']._serialized_end=767
-  _globals['_TILFINISHED']._serialized_start=770
-  _globals['_TILFINISHED']._serialized_end=977
-  _globals['_GENERATETILRESPONSE']._serialized_start=980
-  _globals['_GENERATETILRESPONSE']._serialized_end=1129
-  _globals['_QUESTION']._serialized_start=1131
-  _globals['_QUESTION']._serialized_end=1233
-  _globals['_GENERATEQUESTIONSREQUEST']._serialized_start=1236
-  _globals['_GENERATEQUESTIONSREQUEST']._serialized_end=1469
-  _globals['_QUESTIONSFINISHED']._serialized_start=1472
-  _globals['_QUESTIONSFINISHED']._serialized_end=1686
-  _globals['_GENERATEQUESTIONSRESPONSE']._serialized_start=1689
-  _globals['_GENERATEQUESTIONSRESPONSE']._serialized_end=1850
-  _globals['_CONVERSATIONTURN']._serialized_start=1852
-  _globals['_CONVERSATIONTURN']._serialized_end=1901
-  _globals['_REVISETILREQUEST']._serialized_start=1904
-  _globals['_REVISETILREQUEST']._serialized_end=2076
-  _globals['_REVISETILRESPONSE']._serialized_start=2079
-  _globals['_REVISETILRESPONSE']._serialized_end=2226
-  _globals['_EDGESERVICE']._serialized_start=2723
-  _globals['_EDGESERVICE']._serialized_end=2970
+  _globals['_GENERATIONOVERRIDES']._serialized_end=197
+  _globals['_SOURCE']._serialized_start=199
+  _globals['_SOURCE']._serialized_end=285
+  _globals['_STREAMSTARTED']._serialized_start=288
+  _globals['_STREAMSTARTED']._serialized_end=529
+  _globals['_TIL']._serialized_start=531
+  _globals['_TIL']._serialized_end=586
+  _globals['_GENERATETILREQUEST']._serialized_start=589
+  _globals['_GENERATETILREQUEST']._serialized_end=787
+  _globals['_TILFINISHED']._serialized_start=790
+  _globals['_TILFINISHED']._serialized_end=997
+  _globals['_GENERATETILRESPONSE']._serialized_start=1000
+  _globals['_GENERATETILRESPONSE']._serialized_end=1149
+  _globals['_QUESTION']._serialized_start=1151
+  _globals['_QUESTION']._serialized_end=1253
+  _globals['_GENERATEQUESTIONSREQUEST']._serialized_start=1256
+  _globals['_GENERATEQUESTIONSREQUEST']._serialized_end=1489
+  _globals['_QUESTIONSFINISHED']._serialized_start=1492
+  _globals['_QUESTIONSFINISHED']._serialized_end=1706
+  _globals['_GENERATEQUESTIONSRESPONSE']._serialized_start=1709
+  _globals['_GENERATEQUESTIONSRESPONSE']._serialized_end=1870
+  _globals['_CONVERSATIONTURN']._serialized_start=1872
+  _globals['_CONVERSATIONTURN']._serialized_end=1921
+  _globals['_REVISETILREQUEST']._serialized_start=1924
+  _globals['_REVISETILREQUEST']._serialized_end=2096
+  _globals['_REVISETILRESPONSE']._serialized_start=2099
+  _globals['_REVISETILRESPONSE']._serialized_end=2246
+  _globals['_EDGESERVICE']._serialized_start=2743
+  _globals['_EDGESERVICE']._serialized_end=2990
 # @@protoc_insertion_point(module_scope)

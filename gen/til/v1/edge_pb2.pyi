@@ -54,12 +54,14 @@ DIFFICULTY_MEDIUM: Difficulty
 DIFFICULTY_HARD: Difficulty
 
 class GenerationOverrides(_message.Message):
-    __slots__ = ("sampling", "max_tokens")
+    __slots__ = ("sampling", "max_tokens", "ignore_eos")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     sampling: _common_pb2.SamplingParams
     max_tokens: int
-    def __init__(self, sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Source(_message.Message):
     __slots__ = ("id", "kind", "title", "score")
