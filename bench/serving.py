@@ -60,6 +60,10 @@ class EngineSettings:
     seed: int | None
     load_format: str
     trust_remote_code: bool
+    # GENERATOR_STRUCTURED_OUTPUT_PARALLEL_*: None keeps vLLM's own choice.
+    structured_output_parallel_threshold: int | None = None
+    structured_output_parallel_workers: int | None = None
+    structured_output_parallel_batch_size: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -86,7 +86,7 @@ async def wait_idle(engine: VllmEngine, limit_s: float) -> float:
 async def engine_side_running(engine: VllmEngine) -> int:
     """Requests the scheduler itself reports running, read from a fresh engine step."""
     await collect(engine, chat("probe", "Hi", max_tokens=2))
-    return engine._snapshot.running  # the scheduler's count as of the probe's last step
+    return engine.scheduler_counts.running  # the scheduler's count as of the probe's last step
 
 
 async def run_checks(engine: VllmEngine) -> dict[str, Any]:
@@ -248,6 +248,14 @@ async def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--bitmask-parallel-threshold",
+        type=int,
+        help="GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD: start fails unless the plugin applies it",
+    )
+    parser.add_argument(
+        "--bitmask-parallel-workers", type=int, help="GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS"
+    )
     args = parser.parse_args()
     settings = EngineSettings(
         model=args.model,
@@ -264,6 +272,8 @@ async def main() -> int:
         seed=0,
         load_format="auto",
         trust_remote_code=False,
+        structured_output_parallel_threshold=args.bitmask_parallel_threshold,
+        structured_output_parallel_workers=args.bitmask_parallel_workers,
     )
     engine = VllmEngine(settings)
     t0 = time.monotonic()

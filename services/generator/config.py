@@ -80,6 +80,19 @@ class GeneratorSettings(ServerSettings):
     seed: int | None = Field(0, ge=0)
     load_format: str = Field("auto")
     trust_remote_code: bool = Field(False)
+    # Structured-output bitmasks filled on several threads (services/generator/vllm_plugin.py).
+    # Unset: vLLM's own choice (parallel only above 128 structured requests in a step).
+    structured_output_parallel_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="vllm: fill grammar masks in parallel above this many structured requests (0: always).",
+    )
+    structured_output_parallel_workers: int | None = Field(
+        None, ge=1, description="vllm: threads that fill grammar masks. Unset: half the CPUs, at most 8."
+    )
+    structured_output_parallel_batch_size: int | None = Field(
+        None, ge=1, description="vllm: structured requests per mask-filling task. Unset: 16."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,7 +1,9 @@
 """`GenerationEngine` on vLLM's V1 `AsyncLLM` (GPU).
 
-The only module that imports vLLM, and only inside `VllmEngine.start()` and `generate()`, so the
-service, its tests and CI run without it. Verified with vLLM 0.25.1 on an H100.
+vLLM itself is reached only through `vllm_compat` (every vLLM import and version detail is there),
+so this module, the service, its tests and CI run without it. Verified with vLLM 0.25.1 on an H100.
+With `GENERATOR_STRUCTURED_OUTPUT_PARALLEL_*` set, `start()` hands them to our vLLM plugin
+(`vllm_plugin`) in the engine core process and refuses to start unless they are in force there.
 
 How a request flows: the chat template and tokenizer run in a worker thread (a long diff must not
 stall the event loop), the token ids go to `AsyncLLM.generate()` with `RequestOutputKind.DELTA`,
@@ -26,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from services.common.errors import InvalidArgument, Unavailable
+from services.generator import vllm_compat
 from services.generator.engine import (
     EngineDelta,
     EngineEvent,
@@ -44,6 +48,8 @@ from services.generator.engine import (
     PromptTooLong,
 )
 from services.generator.json_grammar import fold_lengths_into_patterns, json_schema_to_grammar
+from services.generator.vllm_compat import SchedulerCounts
+from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -102,6 +108,12 @@ class VllmSettings(Protocol):
     def load_format(self) -> str: ...
     @property
     def trust_remote_code(self) -> bool: ...
+    @property
+    def structured_output_parallel_threshold(self) -> int | None: ...
+    @property
+    def structured_output_parallel_workers(self) -> int | None: ...
+    @property
+    def structured_output_parallel_batch_size(self) -> int | None: ...
 
 
 def engine_args(settings: VllmSettings) -> dict[str, Any]:
@@ -129,6 +141,23 @@ def engine_args(settings: VllmSettings) -> dict[str, Any]:
     # "" counts as unset too: an empty environment variable means "vLLM decides".
     args.update({k: v for k, v in optional.items() if v is not None and v != ""})
     return args
+
+
+def bitmask_parallelism(settings: VllmSettings) -> BitmaskParallelism:
+    """How the engine core should fill structured-output bitmasks (our vLLM plugin applies it)."""
+    return BitmaskParallelism(
+        threshold=settings.structured_output_parallel_threshold,
+        workers=settings.structured_output_parallel_workers,
+        batch_size=settings.structured_output_parallel_batch_size,
+    )
+
+
+def asked_settings(settings: VllmSettings) -> dict[str, str]:
+    """engine_settings before start: the engine arguments and the bitmask parallelism asked for."""
+    asked = {k: str(v) for k, v in engine_args(settings).items()}
+    wanted = bitmask_parallelism(settings)
+    asked.update({f"bitmask_parallel_{k}": str(v) for k, v in wanted.__dict__.items() if v is not None})
+    return asked
 
 
 # Generation-config keys vLLM reports as the model's defaults that map onto `Sampling` fields.
@@ -194,42 +223,6 @@ def finish_reason_of(vllm_reason: str | None) -> Literal["stop", "length"] | Non
     return None  # "abort", "error"
 
 
-class SchedulerSnapshot:
-    """The latest scheduler counts, kept by a vLLM stat logger (duck-typed to `StatLoggerBase`).
-
-    vLLM sends scheduler stats with each engine step's outputs, so the counts go stale when the
-    engine falls idle; `VllmEngine.load()` bounds them by the live request count.
-    """
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.waiting = 0
-
-    def factory(self, vllm_config: Any, engine_index: int = 0) -> SchedulerSnapshot:
-        """vLLM's `PerEngineStatLoggerFactory`: one engine core here, so one shared snapshot."""
-        return self
-
-    def record(
-        self,
-        scheduler_stats: Any,
-        iteration_stats: Any,
-        mm_cache_stats: Any = None,
-        engine_idx: int = 0,
-    ) -> None:
-        if scheduler_stats is not None:
-            self.running = scheduler_stats.num_running_reqs
-            self.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-
-    def log(self) -> None:
-        pass
-
-    def log_engine_initialized(self) -> None:
-        pass
-
-    def record_sleep_state(self, is_awake: int, level: int) -> None:
-        pass
-
-
 def split_load(unfinished: int, scheduler_waiting: int) -> EngineLoad:
     """Running and waiting out of the requests vLLM still holds.
 
@@ -255,7 +248,7 @@ class VllmEngine:
 
     def __init__(self, settings: VllmSettings) -> None:
         self._settings = settings
-        self._snapshot = SchedulerSnapshot()
+        self._counts = SchedulerCounts()
         self._loaded: _Loaded | None = None
         self._stats_task: asyncio.Task[None] | None = None
         # Deadline aborts run as tasks; held here so they are not collected mid-flight.
@@ -272,7 +265,7 @@ class VllmEngine:
             model_path=settings.model,
             max_model_len=settings.max_model_len or 0,
             default_max_tokens=settings.default_max_tokens,
-            engine_settings={k: str(v) for k, v in engine_args(settings).items()},
+            engine_settings=asked_settings(settings),
         )
 
     @property
@@ -280,65 +273,45 @@ class VllmEngine:
         """The running vLLM engine, for benchmarks that drive it directly."""
         return self._require_loaded().llm
 
-    async def start(self) -> None:
-        import vllm
-        from vllm import AsyncEngineArgs
-        from vllm.config import StructuredOutputsConfig
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
+    @property
+    def scheduler_counts(self) -> SchedulerCounts:
+        """The scheduler's counts as of the engine's last step."""
+        return self._counts
 
+    async def start(self) -> None:
+        """Builds the engine, checks the bitmask parallelism asked for is in force, warms up.
+
+        BitmaskParallelismNotApplied when it was asked for and the engine core does not run with it.
+        """
         started = time.monotonic()
-        kwargs = engine_args(self._settings)
-        kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
-        args = AsyncEngineArgs(**kwargs)
+        wanted = bitmask_parallelism(self._settings)
+        # The engine core is another process: our vLLM plugin reads these there.
+        for name, value in wanted.environment().items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         # Built on the event loop, as `vllm serve` builds it: the constructor blocks until the
         # engine core process has loaded the model, and its queues bind to this loop.
-        # OPENAI_API_SERVER picks the same batch defaults as `vllm serve` on this GPU.
-        llm = AsyncLLM.from_engine_args(
-            args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[self._snapshot.factory]
+        llm = vllm_compat.build_async_llm(
+            engine_args(self._settings), vllm_compat.scheduler_stat_logger(self._counts)
         )
-        config = llm.vllm_config
         self._loaded = _Loaded(
             llm=llm,
             tokenizer=llm.get_tokenizer(),
-            # vLLM may shrink the context to what the KV cache holds; this is the real limit.
-            max_model_len=config.model_config.max_model_len,
-            model_defaults=config.model_config.get_diff_sampling_param(),
+            max_model_len=vllm_compat.max_model_len(llm),
+            model_defaults=vllm_compat.model_sampling_defaults(llm),
         )
+        report = await vllm_compat.bitmask_parallelism_report(llm) if wanted.requested else None
+        in_force = check_in_force(wanted, report)
         self.info = replace(
             self.info,
-            max_model_len=config.model_config.max_model_len,
-            engine_settings=self._engine_settings(vllm.__version__),
+            max_model_len=self._loaded.max_model_len,
+            engine_settings={**vllm_compat.resolved_settings(llm), **in_force},
         )
-        log.info(
-            "vLLM %s engine up in %.1fs: %s",
-            vllm.__version__,
-            time.monotonic() - started,
-            self.info.engine_settings,
-        )
+        log.info("vLLM engine up in %.1fs: %s", time.monotonic() - started, self.info.engine_settings)
         await self._warm_up()
         self._stats_task = asyncio.create_task(self._log_stats())
-
-    def _engine_settings(self, version: str) -> dict[str, str]:
-        config = self._require_loaded().llm.vllm_config
-        model, cache, sched = config.model_config, config.cache_config, config.scheduler_config
-        resolved: dict[str, Any] = {
-            "vllm_version": version,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "quantization": model.quantization or "none",
-            "max_model_len": model.max_model_len,
-            "gpu_memory_utilization": cache.gpu_memory_utilization,
-            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
-            "max_num_seqs": sched.max_num_seqs,
-            "max_num_batched_tokens": sched.max_num_batched_tokens,
-            "enable_prefix_caching": cache.enable_prefix_caching,
-            "kv_cache_blocks": cache.num_gpu_blocks,
-            "kv_block_size": cache.block_size,
-            "seed": model.seed,
-            "load_format": config.load_config.load_format,
-            "structured_outputs_backend": config.structured_outputs_config.backend,
-        }
-        return {k: str(v) for k, v in resolved.items()}
 
     async def _warm_up(self) -> None:
         """One plain and one schema-constrained request, so the first real ones pay no set-up."""
@@ -362,8 +335,7 @@ class VllmEngine:
     def load(self) -> EngineLoad:
         if self._loaded is None:
             return EngineLoad(running=0, waiting=0)
-        unfinished = self._loaded.llm.output_processor.get_num_unfinished_requests()
-        return split_load(unfinished, self._snapshot.waiting)
+        return split_load(vllm_compat.unfinished_requests(self._loaded.llm), self._counts.waiting)
 
     async def close(self) -> None:
         if self._stats_task is not None:
@@ -378,8 +350,7 @@ class VllmEngine:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         loaded = self._require_loaded()
         llm = loaded.llm
-        from vllm import TokensPrompt
-        from vllm.v1.engine.exceptions import EngineDeadError
+        engine_dead = vllm_compat.engine_dead_error()
 
         prompt_ids, schema = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_thread, self._prepare, loaded.tokenizer, request
@@ -388,13 +359,13 @@ class VllmEngine:
             raise InvalidArgument("the prompt is empty")
         check_fits(len(prompt_ids), request.max_tokens, loaded.max_model_len)
         try:
-            params = self._sampling_params(request, schema)
+            params = vllm_compat.sampling_params(sampling_kwargs(request, loaded.model_defaults), schema)
         except ValueError as exc:
             raise InvalidArgument(f"invalid generation parameters: {exc}") from exc
         engine_request_id = f"{request.request_id}-{next(self._sequence)}"
         arrival = time.monotonic()
         expiry = self._arm_deadline(llm, engine_request_id, request.deadline, arrival)
-        outputs = llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, engine_request_id)
+        outputs = llm.generate(vllm_compat.tokens_prompt(prompt_ids), params, engine_request_id)
         prompt_tokens = len(prompt_ids)
         completion_tokens = 0
         # Tokens whose text the detokenizer holds back (part of a multi-byte character) are
@@ -408,7 +379,9 @@ class VllmEngine:
                     completion = out.outputs[0]
                     if not started:
                         started = True
-                        yield EngineStarted(prompt_tokens=prompt_tokens, queue_s=_queue_s(out, arrival))
+                        yield EngineStarted(
+                            prompt_tokens=prompt_tokens, queue_s=vllm_compat.queue_s(out, arrival)
+                        )
                     n = len(completion.token_ids)
                     completion_tokens += n
                     pending_tokens += n
@@ -425,7 +398,7 @@ class VllmEngine:
                             completion_tokens=completion_tokens,
                             cached_prompt_tokens=out.num_cached_tokens or 0,
                         )
-        except EngineDeadError as exc:
+        except engine_dead as exc:
             raise Unavailable("the vLLM engine has died; the generator must restart") from exc
         except ValueError as exc:
             if started:
@@ -453,19 +426,6 @@ class VllmEngine:
             raise InvalidArgument(f"the chat cannot be rendered with the model's template: {exc}") from exc
         # The template writes the special tokens (BOS) itself.
         return list(tokenizer.encode(text, add_special_tokens=False))
-
-    def _sampling_params(self, request: EngineRequest, schema: dict[str, Any] | None) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        structured = None
-        if schema is not None:
-            structured = StructuredOutputsParams(json=schema)
-        return SamplingParams(
-            **sampling_kwargs(request, self._require_loaded().model_defaults),
-            output_kind=RequestOutputKind.DELTA,
-            structured_outputs=structured,
-        )
 
     def _arm_deadline(
         self, llm: AsyncLLM, engine_request_id: str, deadline: float | None, now: float
@@ -497,16 +457,3 @@ class VllmEngine:
         if self._loaded is None:
             raise Unavailable("the vLLM engine is not started")
         return self._loaded
-
-
-def _queue_s(out: Any, arrival: float) -> float:
-    """Seconds from our hand-off to vLLM until its scheduler first ran the request.
-
-    vLLM stamps `scheduled_ts` with the engine core's `time.monotonic()`, the same clock as ours
-    on one host.
-    """
-    metrics = out.metrics
-    scheduled = getattr(metrics, "scheduled_ts", 0.0) if metrics is not None else 0.0
-    if not scheduled:
-        return 0.0
-    return min(max(scheduled - arrival, 0.0), time.monotonic() - arrival)

@@ -22,8 +22,8 @@ from services.generator.engine import (
     PromptTooLong,
     Sampling,
 )
+from services.generator.vllm_compat import SchedulerCounts
 from services.generator.vllm_engine import (
-    SchedulerSnapshot,
     VllmEngine,
     check_fits,
     engine_args,
@@ -49,6 +49,9 @@ class Settings:
     seed: int | None = 7
     load_format: str = "dummy"
     trust_remote_code: bool = False
+    structured_output_parallel_threshold: int | None = None
+    structured_output_parallel_workers: int | None = None
+    structured_output_parallel_batch_size: int | None = None
 
 
 def request(**overrides: Any) -> EngineRequest:
@@ -184,13 +187,14 @@ def test_finish_reasons() -> None:
     assert finish_reason_of("error") is None
 
 
-def test_scheduler_snapshot_keeps_the_last_counts() -> None:
-    snapshot = SchedulerSnapshot()
-    assert snapshot.factory(vllm_config=None, engine_index=0) is snapshot
-    stats = SimpleNamespace(num_running_reqs=12, num_waiting_reqs=5, num_skipped_waiting_reqs=2)
-    snapshot.record(stats, iteration_stats=None)
-    snapshot.record(None, iteration_stats=None)  # steps without scheduler stats change nothing
-    assert (snapshot.running, snapshot.waiting) == (12, 7)
+def test_scheduler_counts_keep_the_last_stats() -> None:
+    counts = SchedulerCounts()
+    counts.update(
+        SimpleNamespace(
+            num_running_reqs=12, num_waiting_reqs=5, num_skipped_waiting_reqs=2, kv_cache_usage=0.25
+        )
+    )
+    assert (counts.running, counts.waiting, counts.kv_cache_usage) == (12, 7, 0.25)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,183 @@
+"""Everything that depends on which vLLM is installed (verified with 0.25.1), in one place.
+
+Every vLLM import of the generator is here, inside the function that needs it, so importing this
+module (and the service, its tests, CI) needs no vLLM. Where the generator reads something vLLM
+does not promise to keep (fields of `SchedulerStats`, the output processor's request count, a
+request's `scheduled_ts`), the reason is written beside it; a vLLM upgrade starts by reading this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from services.generator.vllm_plugin import REPORT_METHOD
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+
+def version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def build_async_llm(engine_kwargs: dict[str, Any], stat_logger: Callable[..., Any]) -> AsyncLLM:
+    """vLLM's `AsyncLLM` for `AsyncEngineArgs(**engine_kwargs)`; blocks until the engine core is up.
+
+    `engine_kwargs["structured_outputs_config"]` is a plain dict here (the tests have no vLLM).
+    """
+    from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = dict(engine_kwargs)
+    kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
+    # OPENAI_API_SERVER picks the same batch defaults as `vllm serve` on this GPU.
+    return AsyncLLM.from_engine_args(
+        AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger]
+    )
+
+
+def resolved_settings(llm: AsyncLLM) -> dict[str, str]:
+    """The engine's settings as vLLM resolved them (the KV cache size is known only after start-up)."""
+    config = llm.vllm_config
+    model, cache, sched = config.model_config, config.cache_config, config.scheduler_config
+    resolved: dict[str, Any] = {
+        "vllm_version": version(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "quantization": model.quantization or "none",
+        "max_model_len": model.max_model_len,
+        "gpu_memory_utilization": cache.gpu_memory_utilization,
+        "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "enable_prefix_caching": cache.enable_prefix_caching,
+        "kv_cache_blocks": cache.num_gpu_blocks,
+        "kv_block_size": cache.block_size,
+        "seed": model.seed,
+        "load_format": config.load_config.load_format,
+        "structured_outputs_backend": config.structured_outputs_config.backend,
+    }
+    return {k: str(v) for k, v in resolved.items()}
+
+
+def max_model_len(llm: AsyncLLM) -> int:
+    """The real context: vLLM may shrink the configured one to what the KV cache holds."""
+    return int(llm.vllm_config.model_config.max_model_len)
+
+
+def model_sampling_defaults(llm: AsyncLLM) -> dict[str, Any]:
+    """The model's generation-config sampling defaults, as `vllm serve` applies them."""
+    return dict(llm.vllm_config.model_config.get_diff_sampling_param())
+
+
+def sampling_params(kwargs: dict[str, Any], json_schema: dict[str, Any] | None) -> Any:
+    """`SamplingParams` streaming deltas, constrained by `json_schema` if given; ValueError if invalid."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+    return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, structured_outputs=structured)
+
+
+def tokens_prompt(token_ids: list[int]) -> Any:
+    from vllm import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=token_ids)
+
+
+def engine_dead_error() -> type[BaseException]:
+    """The exception `AsyncLLM.generate` raises once the engine core process has died."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return EngineDeadError
+
+
+def unfinished_requests(llm: AsyncLLM) -> int:
+    """Requests vLLM still holds, exact at every moment (it drops as soon as one is aborted).
+
+    No public API counts them; the output processor's count is what AsyncLLM's own
+    `get_num_unfinished_requests` used to return.
+    """
+    return int(llm.output_processor.get_num_unfinished_requests())
+
+
+def queue_s(out: Any, arrival: float) -> float:
+    """Seconds from our hand-off to vLLM until its scheduler first ran the request.
+
+    vLLM stamps `RequestOutput.metrics.scheduled_ts` (not a promised field, hence the getattr) with
+    the engine core's `time.monotonic()`, the same clock as ours on one host.
+    """
+    metrics = out.metrics
+    scheduled = getattr(metrics, "scheduled_ts", 0.0) if metrics is not None else 0.0
+    if not scheduled:
+        return 0.0
+    return float(min(max(scheduled - arrival, 0.0), time.monotonic() - arrival))
+
+
+@dataclass
+class SchedulerCounts:
+    """The scheduler's counts as of the engine's last step (vLLM sends them with each step's outputs)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+    def update(self, scheduler_stats: Any) -> None:
+        # `SchedulerStats` "is not considered a stable interface" (vllm/v1/metrics/loggers.py): these
+        # three fields are the ones read, as vLLM's own Prometheus logger reads them.
+        self.running = scheduler_stats.num_running_reqs
+        self.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+        self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+
+def scheduler_stat_logger(counts: SchedulerCounts) -> Callable[..., Any]:
+    """A `PerEngineStatLoggerFactory` for `AsyncLLM(stat_loggers=[...])` that keeps `counts` current.
+
+    Custom stat loggers subclassing `StatLoggerBase` are vLLM's supported way to observe the
+    scheduler from the API process.
+    """
+
+    def factory(vllm_config: Any, engine_index: int = 0) -> Any:
+        return _stat_logger_class()(counts)
+
+    return factory
+
+
+@functools.cache
+def _stat_logger_class() -> type:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerCountsLogger(StatLoggerBase):
+        def __init__(self, counts: SchedulerCounts) -> None:
+            self.counts = counts
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                self.counts.update(scheduler_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerCountsLogger
+
+
+async def bitmask_parallelism_report(llm: AsyncLLM) -> dict[str, Any]:
+    """What the engine core runs with, asked through the utility method our vLLM plugin adds there."""
+    try:
+        report = await llm.engine_core.call_utility_async(REPORT_METHOD)
+    except Exception as exc:  # the method is missing when the plugin did not load in the engine core
+        return {"applied": False, "reason": f"the engine core did not answer {REPORT_METHOD}: {exc}"}
+    return dict(report) if isinstance(report, dict) else {"applied": False, "reason": f"report {report!r}"}

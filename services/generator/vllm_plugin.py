@@ -1,0 +1,246 @@
+"""A vLLM general plugin that fills structured-output token masks on several threads.
+
+vLLM 0.25's `StructuredOutputManager` (engine core) fills each step's grammar bitmask on one thread
+unless the batch holds more than `fill_bitmask_parallel_threshold` structured requests, a number
+fixed at 128 in its constructor; at 100 TIL streams that one thread halves output throughput.
+There is no engine argument for it, so this plugin sets the threshold, the size of the thread
+pool (`executor_for_fillmask`) and the requests per pool task on every manager vLLM builds, and
+gives the engine core one read-only utility method, `REPORT_METHOD`, through which the generator
+reads back the values in force there.
+
+vLLM calls `register()` (entry point group `vllm.general_plugins`, see pyproject.toml) in every
+process it starts: the API process, the engine core, the GPU workers. It acts only when the
+environment asks (the `ENV_*` names below; `VllmEngine` sets them from the generator's settings
+before the engine core starts, and any `vllm serve` may set them by hand), and where vLLM's
+internals are not the shape it knows, it logs why and reports "not applied" instead of failing.
+Nothing here imports vLLM at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_THRESHOLD = "TILSERVE_VLLM_BITMASK_PARALLEL_THRESHOLD"
+ENV_WORKERS = "TILSERVE_VLLM_BITMASK_WORKERS"
+ENV_BATCH_SIZE = "TILSERVE_VLLM_BITMASK_BATCH_SIZE"
+
+# The engine core's utility method (AsyncLLM.engine_core.call_utility_async) that reports what is in force.
+REPORT_METHOD = "tilserve_bitmask_parallelism"
+
+# vLLM 0.25's own choices where a setting is left unset (vllm/v1/structured_output/__init__.py).
+VLLM_BATCH_SIZE = 16
+
+# Set on each manager the plugin configured: the settings it applied, or why it could not.
+_APPLIED = "_tilserve_bitmask_parallelism"
+_FAILED = "_tilserve_bitmask_parallelism_failed"
+
+
+@dataclass(frozen=True)
+class BitmaskParallelism:
+    """How vLLM fills structured-output bitmasks; None leaves vLLM's own choice."""
+
+    # Fill in parallel when a step holds more than this many structured requests (0: always).
+    threshold: int | None = None
+    # Threads that fill them.
+    workers: int | None = None
+    # Requests per task handed to a thread.
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("threshold", 0), ("workers", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ValueError(f"{name} must be an integer >= {least}, not {value!r}")
+
+    @property
+    def requested(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def environment(self) -> dict[str, str | None]:
+        """The plugin's variables for these settings; None means the variable must be unset."""
+        return {
+            ENV_THRESHOLD: _str_or_none(self.threshold),
+            ENV_WORKERS: _str_or_none(self.workers),
+            ENV_BATCH_SIZE: _str_or_none(self.batch_size),
+        }
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str]) -> BitmaskParallelism:
+        """ValueError naming the variable when one is not a valid number."""
+        values: dict[str, int | None] = {}
+        for name, var in (
+            ("threshold", ENV_THRESHOLD),
+            ("workers", ENV_WORKERS),
+            ("batch_size", ENV_BATCH_SIZE),
+        ):
+            text = env.get(var, "").strip()
+            try:
+                values[name] = int(text) if text else None
+            except ValueError:
+                raise ValueError(f"{var}={text!r} is not an integer") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"TILSERVE_VLLM_BITMASK_*: {exc}") from None
+
+
+def _str_or_none(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def vllm_default_workers() -> int:
+    """vLLM 0.25's pool size: half the CPUs, at least 1, at most 8."""
+    return max(1, min((os.cpu_count() or 1) // 2, 8))
+
+
+def register() -> None:
+    """The entry point vLLM calls in each of its processes; never raises."""
+    try:
+        wanted = BitmaskParallelism.from_environment(os.environ)
+    except ValueError as exc:
+        log.error("tilserve vLLM plugin: not applied: %s", exc)
+        return
+    if not wanted.requested:
+        return  # nothing asked: leave vLLM exactly as it is
+    try:
+        from vllm.v1.engine.core import EngineCore
+        from vllm.v1.structured_output import StructuredOutputManager
+    except Exception as exc:  # a vLLM without these modules, or one that fails to import them
+        log.warning("tilserve vLLM plugin: not applied: vLLM's structured-output manager not found: %s", exc)
+        return
+    problem = install(StructuredOutputManager, EngineCore, wanted)
+    if problem is not None:
+        log.warning("tilserve vLLM plugin: not applied: %s", problem)
+    else:
+        log.info("tilserve vLLM plugin: structured-output bitmasks will be filled with %s", wanted)
+
+
+def install(manager_cls: type, core_cls: type, wanted: BitmaskParallelism) -> str | None:
+    """Configures every manager built from now on and adds the report method; why not, if it cannot.
+
+    Safe to call more than once (vLLM may load plugins again): the original constructor is wrapped once.
+    """
+    missing = [
+        name for name in ("__init__", "grammar_bitmask", "_async_submit_fill_bitmask")
+        if not callable(getattr(manager_cls, name, None))
+    ]  # fmt: skip
+    if missing:
+        return f"{manager_cls.__name__} has no {', '.join(missing)} (a vLLM this plugin does not know)"
+    init = vars(manager_cls).get("__init__", manager_cls.__init__)  # type: ignore[misc]
+    original = getattr(init, "__wrapped__", init)
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        configure(self, wanted)
+
+    manager_cls.__init__ = __init__  # type: ignore[misc]
+    setattr(core_cls, REPORT_METHOD, _report)
+    return None
+
+
+def configure(manager: Any, wanted: BitmaskParallelism) -> None:
+    """Applies `wanted` to one built manager; on a shape it does not know, records why and leaves it."""
+    try:
+        if not isinstance(getattr(manager, "fill_bitmask_parallel_threshold", None), int):
+            raise LookupError("the manager has no integer fill_bitmask_parallel_threshold")
+        if wanted.threshold is not None:
+            manager.fill_bitmask_parallel_threshold = wanted.threshold
+        if wanted.batch_size is not None or not hasattr(manager, "fill_bitmask_parallel_batch_size"):
+            manager.fill_bitmask_parallel_batch_size = wanted.batch_size or VLLM_BATCH_SIZE
+        # vLLM builds the pool only when its own threshold is below max_num_seqs.
+        previous = getattr(manager, "executor_for_fillmask", None)
+        if wanted.workers is not None or previous is None:
+            manager.executor_for_fillmask = ThreadPoolExecutor(
+                max_workers=wanted.workers or vllm_default_workers(), thread_name_prefix="fill-bitmask"
+            )
+            if previous is not None:
+                previous.shutdown(wait=False)
+        setattr(manager, _APPLIED, wanted)
+    except Exception as exc:
+        setattr(manager, _FAILED, str(exc))
+        log.warning("tilserve vLLM plugin: not applied to the structured-output manager: %s", exc)
+
+
+def in_force(manager: Any) -> dict[str, Any]:
+    """What one manager runs with now, read from its attributes (what vLLM itself reads)."""
+    executor = getattr(manager, "executor_for_fillmask", None)
+    failed = getattr(manager, _FAILED, None)
+    return {
+        "applied": failed is None and hasattr(manager, _APPLIED),
+        "reason": failed
+        or ("" if hasattr(manager, _APPLIED) else "the manager was built without the plugin"),
+        "threshold": getattr(manager, "fill_bitmask_parallel_threshold", None),
+        # ThreadPoolExecutor keeps its size in `_max_workers` (CPython 3.8 onwards).
+        "workers": getattr(executor, "_max_workers", None),
+        "batch_size": getattr(manager, "fill_bitmask_parallel_batch_size", None),
+    }
+
+
+def _report(core: Any) -> dict[str, Any]:
+    """`REPORT_METHOD` on vLLM's EngineCore: the values in force in the engine core process."""
+    manager = getattr(core, "structured_output_manager", None)
+    if manager is None:
+        return {"applied": False, "reason": "the engine core has no structured_output_manager"}
+    return in_force(manager)
+
+
+class BitmaskParallelismNotApplied(RuntimeError):
+    """Settings were asked for and the engine core does not run with them."""
+
+
+def check_in_force(wanted: BitmaskParallelism, report: Mapping[str, Any] | None) -> dict[str, str]:
+    """engine_settings entries for what is in force; BitmaskParallelismNotApplied if asked and not in force.
+
+    `report` is the engine core's answer to `REPORT_METHOD`, or None when nothing was asked.
+    """
+    if not wanted.requested:
+        return {"bitmask_parallelism": "vllm default"}
+    report = report or {"applied": False, "reason": "no report from the engine core"}
+    entries = {"bitmask_parallelism": "applied" if report.get("applied") else "not applied"}
+    for name in ("threshold", "workers", "batch_size"):
+        if report.get(name) is not None:
+            entries[f"bitmask_parallel_{name}"] = str(report[name])
+    differ = [
+        f"{name} is {report.get(name)!r}, not {getattr(wanted, name)!r}"
+        for name in ("threshold", "workers", "batch_size")
+        if getattr(wanted, name) is not None and report.get(name) != getattr(wanted, name)
+    ]
+    if not report.get("applied") or differ:
+        why = "; ".join([str(report.get("reason") or ""), *differ]).strip("; ")
+        raise BitmaskParallelismNotApplied(
+            f"structured-output bitmask parallelism was asked for ({wanted}) but the engine core does "
+            f"not run with it: {why}. Check that tilserve is installed where vLLM runs (its "
+            "vllm.general_plugins entry point) and that VLLM_PLUGINS, if set, names 'tilserve'."
+        )
+    return entries
+
+
+def main() -> int:
+    """`python -m services.generator.vllm_plugin`: can vLLM find the plugin here, and what will it apply?"""
+    from importlib.metadata import entry_points
+
+    found = [f"{e.name} = {e.value}" for e in entry_points(group="vllm.general_plugins")]
+    ours = "tilserve = services.generator.vllm_plugin:register" in found
+    print("vllm.general_plugins:", ", ".join(found) or "none")
+    try:
+        print("asked in this environment:", BitmaskParallelism.from_environment(os.environ))
+    except ValueError as exc:
+        print("asked in this environment: invalid:", exc)
+        return 1
+    if not ours:
+        print("the tilserve plugin is not registered here: install the package (pip install .), or write its")
+        print("metadata onto PYTHONPATH (docs/gpu.md, 'Grammar masks in parallel')")
+    return 0 if ours else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

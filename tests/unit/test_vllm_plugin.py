@@ -1,0 +1,256 @@
+"""The vLLM general plugin that fills structured-output bitmasks in parallel, without vLLM or a GPU.
+
+`FillMaskManager` has the attribute shape of vLLM 0.25.1's `StructuredOutputManager` where the
+plugin touches it (vllm/v1/structured_output/__init__.py); `bench/vllm_smoke.py
+--bitmask-parallel-threshold 0` checks the real one on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.generator import vllm_plugin
+from services.generator.vllm_plugin import (
+    ENV_BATCH_SIZE,
+    ENV_THRESHOLD,
+    ENV_WORKERS,
+    REPORT_METHOD,
+    BitmaskParallelism,
+    BitmaskParallelismNotApplied,
+    check_in_force,
+    install,
+    register,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP = "vllm.general_plugins"
+
+# The parts of vLLM 0.25.1's StructuredOutputManager.__init__ the plugin depends on.
+MANAGER_SOURCE = """
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+
+class StructuredOutputManager:
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        max_batch_size = vllm_config.scheduler_config.max_num_seqs
+        self.fill_bitmask_parallel_threshold = 128
+        if self.fill_bitmask_parallel_threshold < max_batch_size:
+            self.fill_bitmask_parallel_batch_size = 16
+            max_workers = max(1, min(multiprocessing.cpu_count() // 2, 8))
+            self.executor_for_fillmask = ThreadPoolExecutor(max_workers=max_workers)
+
+    def _async_submit_fill_bitmask(self, batch):
+        return self.executor_for_fillmask.submit(len, batch)
+
+    def grammar_bitmask(self, requests, structured_output_request_ids, scheduled_spec_decode_tokens):
+        return None
+"""
+
+CORE_SOURCE = """
+from vllm.v1.structured_output import StructuredOutputManager
+
+
+class EngineCore:
+    def __init__(self, vllm_config):
+        self.structured_output_manager = StructuredOutputManager(vllm_config)
+"""
+
+
+def config(max_num_seqs: int) -> Any:
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
+
+
+@pytest.fixture
+def vllm_classes() -> tuple[type, type]:
+    """Fresh stand-ins for StructuredOutputManager and EngineCore (the plugin edits classes)."""
+    namespace: dict[str, Any] = {}
+    exec(MANAGER_SOURCE, namespace)
+    manager_cls = namespace["StructuredOutputManager"]
+
+    class EngineCore:
+        def __init__(self, vllm_config: Any) -> None:
+            self.structured_output_manager = manager_cls(vllm_config)
+
+    return manager_cls, EngineCore
+
+
+def test_the_package_registers_the_plugin_with_vllm(tmp_path: Path) -> None:
+    """The distribution's metadata, as importlib.metadata (and so vLLM) reads it, names `register`."""
+    # Metadata built from this checkout's pyproject.toml, as an install writes it.
+    subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info", "--egg-base", tmp_path],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    (dist,) = [d for d in importlib.metadata.distributions(path=[str(tmp_path)]) if d.name == "tilserve"]
+    (entry,) = dist.entry_points.select(group=GROUP)
+    assert (entry.name, entry.value) == ("tilserve", "services.generator.vllm_plugin:register")
+    assert entry.load() is register
+
+
+def test_an_installed_tilserve_registers_it_too() -> None:
+    try:
+        dist = importlib.metadata.distribution("tilserve")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("tilserve is not installed")
+    entries = dist.entry_points.select(group=GROUP)
+    if not entries:
+        pytest.skip("the installed metadata predates the plugin: reinstall (make setup)")
+    assert [e.value for e in entries] == ["services.generator.vllm_plugin:register"]
+
+
+def test_settings_travel_through_the_environment() -> None:
+    wanted = BitmaskParallelism(threshold=0, workers=12, batch_size=4)
+    env = {k: v for k, v in wanted.environment().items() if v is not None}
+    assert env == {ENV_THRESHOLD: "0", ENV_WORKERS: "12", ENV_BATCH_SIZE: "4"}
+    assert BitmaskParallelism.from_environment(env) == wanted
+    partial = BitmaskParallelism(threshold=0)
+    assert partial.environment() == {ENV_THRESHOLD: "0", ENV_WORKERS: None, ENV_BATCH_SIZE: None}
+    assert BitmaskParallelism.from_environment({ENV_THRESHOLD: "0", ENV_WORKERS: " "}) == partial
+    assert not BitmaskParallelism.from_environment({}).requested
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({ENV_THRESHOLD: "zero"}, f"{ENV_THRESHOLD}='zero' is not an integer"),
+        ({ENV_WORKERS: "0"}, "workers must be"),
+    ],
+)
+def test_bad_environment_values_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BitmaskParallelism.from_environment(env)
+
+
+def test_the_plugin_applies_threshold_workers_and_batch_size(vllm_classes: tuple[type, type]) -> None:
+    manager_cls, core_cls = vllm_classes
+    assert install(manager_cls, core_cls, BitmaskParallelism(threshold=0, workers=3, batch_size=4)) is None
+    core = core_cls(config(max_num_seqs=256))
+    manager = core.structured_output_manager
+    assert manager.fill_bitmask_parallel_threshold == 0
+    assert manager.fill_bitmask_parallel_batch_size == 4
+    assert manager.executor_for_fillmask._max_workers == 3
+    # The pool works: what vLLM's parallel path submits to it runs there.
+    assert manager._async_submit_fill_bitmask([1, 2]).result(timeout=5) == 2
+    assert getattr(core, REPORT_METHOD)() == {
+        "applied": True, "reason": "", "threshold": 0, "workers": 3, "batch_size": 4,
+    }  # fmt: skip
+
+
+def test_a_threshold_alone_gets_a_pool_where_vllm_built_none(vllm_classes: tuple[type, type]) -> None:
+    """vLLM builds the pool only when 128 < max_num_seqs; with 64 the plugin must build it."""
+    manager_cls, core_cls = vllm_classes
+    install(manager_cls, core_cls, BitmaskParallelism(threshold=0))
+    report = getattr(core_cls(config(max_num_seqs=64)), REPORT_METHOD)()
+    assert report == {
+        "applied": True, "reason": "", "threshold": 0,
+        "workers": vllm_plugin.vllm_default_workers(), "batch_size": vllm_plugin.VLLM_BATCH_SIZE,
+    }  # fmt: skip
+    assert isinstance(manager_cls(config(64)).executor_for_fillmask, ThreadPoolExecutor)
+
+
+def test_installing_twice_wraps_the_constructor_once(vllm_classes: tuple[type, type]) -> None:
+    manager_cls, core_cls = vllm_classes
+    install(manager_cls, core_cls, BitmaskParallelism(threshold=8))
+    install(manager_cls, core_cls, BitmaskParallelism(threshold=2))
+    assert manager_cls.__init__.__wrapped__.__qualname__ == "StructuredOutputManager.__init__"
+    assert manager_cls(config(256)).fill_bitmask_parallel_threshold == 2
+
+
+def test_a_vllm_of_another_shape_is_reported_not_applied(vllm_classes: tuple[type, type]) -> None:
+    core_cls = vllm_classes[1]
+
+    class Renamed:
+        def __init__(self, vllm_config: Any) -> None:
+            self.parallel_threshold = 128
+
+        def grammar_bitmask(self) -> None: ...
+
+    assert "has no _async_submit_fill_bitmask" in (install(Renamed, core_cls, BitmaskParallelism(0)) or "")
+    assert not hasattr(core_cls, REPORT_METHOD)
+
+    class NoThreshold(Renamed):
+        def _async_submit_fill_bitmask(self) -> None: ...
+
+    class Core:
+        structured_output_manager: Any = None
+
+    assert install(NoThreshold, Core, BitmaskParallelism(0)) is None
+    core = Core()
+    core.structured_output_manager = NoThreshold(config(256))  # built without a crash
+    report = getattr(core, REPORT_METHOD)()
+    assert report["applied"] is False and "fill_bitmask_parallel_threshold" in report["reason"]
+
+
+def test_check_in_force_reports_and_refuses() -> None:
+    assert check_in_force(BitmaskParallelism(), None) == {"bitmask_parallelism": "vllm default"}
+    wanted = BitmaskParallelism(threshold=0, workers=8)
+    report = {"applied": True, "reason": "", "threshold": 0, "workers": 8, "batch_size": 16}
+    assert check_in_force(wanted, report) == {
+        "bitmask_parallelism": "applied",
+        "bitmask_parallel_threshold": "0",
+        "bitmask_parallel_workers": "8",
+        "bitmask_parallel_batch_size": "16",
+    }
+    with pytest.raises(BitmaskParallelismNotApplied, match="did not answer"):
+        check_in_force(wanted, {"applied": False, "reason": "the engine core did not answer"})
+    with pytest.raises(BitmaskParallelismNotApplied, match="workers is 4, not 8"):
+        check_in_force(wanted, {**report, "workers": 4})
+    with pytest.raises(BitmaskParallelismNotApplied, match="VLLM_PLUGINS"):
+        check_in_force(wanted, None)
+
+
+def test_register_without_vllm_or_without_a_request_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (ENV_THRESHOLD, ENV_WORKERS, ENV_BATCH_SIZE):
+        monkeypatch.delenv(name, raising=False)
+    register()  # nothing asked: returns before any import
+    monkeypatch.setenv(ENV_THRESHOLD, "0")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm.* raises ImportError
+    register()
+    monkeypatch.setenv(ENV_THRESHOLD, "-1")
+    register()  # a bad value is logged, not raised
+
+
+def test_vllm_loading_the_plugin_in_a_fresh_process_applies_the_environment(tmp_path: Path) -> None:
+    """What vLLM's engine core does: find the entry point, call it, then build its manager."""
+    subprocess.run(
+        [sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info", "--egg-base", tmp_path],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    fake = tmp_path / "fake_vllm"
+    for package in ("vllm", "vllm/v1", "vllm/v1/engine", "vllm/v1/structured_output"):
+        (fake / package).mkdir(parents=True, exist_ok=True)
+        (fake / package / "__init__.py").write_text("")
+    (fake / "vllm/v1/structured_output/__init__.py").write_text(MANAGER_SOURCE)
+    (fake / "vllm/v1/engine/core.py").write_text(CORE_SOURCE)
+    script = textwrap.dedent(f"""
+        import json
+        from importlib.metadata import entry_points
+        from types import SimpleNamespace
+        for plugin in entry_points(group="{GROUP}"):
+            plugin.load()()
+        from vllm.v1.engine.core import EngineCore
+        cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
+        print(json.dumps(getattr(EngineCore(cfg), "{REPORT_METHOD}")()))
+    """)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(fake), str(ROOT), str(ROOT / "gen")]),
+        ENV_THRESHOLD: "0",
+        ENV_WORKERS: "5",
+    }
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == (
+        '{"applied": true, "reason": "", "threshold": 0, "workers": 5, "batch_size": 16}'
+    )
