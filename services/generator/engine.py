@@ -7,7 +7,7 @@ consuming task (the gRPC call ending) must stop the generation and free the engi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -25,6 +25,8 @@ class Sampling:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,18 @@ class EngineFinished:
 EngineEvent = EngineStarted | EngineDelta | EngineFinished
 
 
+# What `tokenize` counts: a plain text, or chat turns rendered as `generate` renders them.
+TokenizeInput = str | tuple[ChatTurn, ...]
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    count: int
+    # For each token, the end of its text in the input in code points (str indices); None unless
+    # offsets were asked for and the input is a text.
+    offsets: tuple[int, ...] | None = None
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     model: str
@@ -98,6 +112,17 @@ class GenerationEngine(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Streams events for one request. Raises PromptTooLong before any event if it cannot fit."""
+
+    async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
+        """Counts tokens with the model's own tokenizer, one result per input, in order.
+
+        A text is tokenized as plain text: no beginning-of-sequence token, and markers of special
+        tokens count as text. A chat is rendered exactly as `generate` renders it (the chat format,
+        generation prompt included) and counted with the special tokens the template writes.
+        With `offsets`, each text's result carries the end offset of every token in code points
+        (Python str indices; a token that ends inside a character counts up to that character's
+        start). Never waits for a generation slot; CPU work runs off the event loop.
+        """
 
     def load(self) -> EngineLoad:
         """Requests running and waiting inside the engine."""

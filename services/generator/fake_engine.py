@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
+    ChatTurn,
     EngineDelta,
     EngineEvent,
     EngineFinished,
@@ -26,6 +27,8 @@ from services.generator.engine import (
     EngineStarted,
     ModelInfo,
     PromptTooLong,
+    TokenCount,
+    TokenizeInput,
 )
 
 CHARS_PER_TOKEN = 4
@@ -65,13 +68,20 @@ class FakeEngine:
     async def close(self) -> None:
         return None
 
+    async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
+        counts = []
+        for item in inputs:
+            if isinstance(item, str):
+                n = -(-len(item) // CHARS_PER_TOKEN)
+                ends = tuple(min((i + 1) * CHARS_PER_TOKEN, len(item)) for i in range(n))
+                counts.append(TokenCount(n, ends if offsets else None))
+            else:
+                counts.append(TokenCount(_prompt_tokens(_chat_text(item))))
+        return counts
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        prompt = (
-            request.prompt
-            if request.prompt is not None
-            else "\n".join(t.content for t in request.messages or ())
-        )
-        prompt_tokens = max(1, -(-len(prompt) // CHARS_PER_TOKEN))
+        prompt = request.prompt if request.prompt is not None else _chat_text(request.messages or ())
+        prompt_tokens = _prompt_tokens(prompt)
         if prompt_tokens + request.max_tokens > self.info.max_model_len:
             raise PromptTooLong(
                 f"the prompt has {prompt_tokens} tokens and {request.max_tokens} output tokens were asked "
@@ -96,6 +106,14 @@ class FakeEngine:
             yield EngineFinished("stop", prompt_tokens, sent)
         finally:
             self._running -= 1
+
+
+def _chat_text(turns: Sequence[ChatTurn]) -> str:
+    return "\n".join(t.content for t in turns)
+
+
+def _prompt_tokens(prompt: str) -> int:
+    return max(1, -(-len(prompt) // CHARS_PER_TOKEN))
 
 
 def fake_output(schema: dict[str, Any] | None, *, echo: str) -> str:

@@ -21,13 +21,14 @@ import concurrent.futures
 import contextlib
 import ctypes
 import functools
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from services.common.errors import InvalidArgument, Unavailable
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
+    ChatTurn,
     EngineDelta,
     EngineEvent,
     EngineFinished,
@@ -49,6 +51,8 @@ from services.generator.engine import (
     ModelInfo,
     PromptTooLong,
     Sampling,
+    TokenCount,
+    TokenizeInput,
 )
 from services.generator.json_grammar import json_schema_to_grammar
 from services.generator.models import packaged_gguf
@@ -132,7 +136,7 @@ class LlamaCppEngine:
         if not path.is_file():
             raise FileNotFoundError(f"GENERATOR_MODEL: no GGUF file at {path}")
         threads = settings.n_threads or _default_threads()
-        llama = Llama(
+        llama = load_llama(
             model_path=str(path),
             n_ctx=settings.max_model_len or DEFAULT_CONTEXT,
             n_batch=settings.n_batch,
@@ -169,6 +173,40 @@ class LlamaCppEngine:
                 "max_concurrent_generations": "1",
             },
         )
+
+    async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
+        self._require_loaded()
+        return await asyncio.to_thread(self._count, list(inputs), offsets)
+
+    def _count(self, inputs: list[TokenizeInput], offsets: bool) -> list[TokenCount]:
+        llama = self._require_loaded()
+        counts = []
+        for item in inputs:
+            if isinstance(item, str):
+                tokens = llama.tokenize(item.encode("utf-8"), add_bos=False, special=False) if item else []
+                ends = self._offsets(item, tokens) if offsets else None
+                counts.append(TokenCount(len(tokens), ends))
+            else:
+                counts.append(TokenCount(len(self._chat_tokens(item))))
+        return counts
+
+    def _offsets(self, text: str, tokens: list[int]) -> tuple[int, ...]:
+        """The end of each token in `text`, in code points (see `GenerationEngine.tokenize`)."""
+        data = text.encode("utf-8")
+        vocab = self._vocab(self._require_loaded())
+        ends = np.fromiter(
+            itertools.accumulate(len(self._piece(vocab, t)) for t in tokens),
+            dtype=np.int64,
+            count=len(tokens),
+        )
+        if ends.size and ends[-1] > len(data):  # SentencePiece vocabularies add a leading space
+            ends -= ends[-1] - len(data)
+        ends = np.clip(ends, 0, len(data))
+        starts = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80  # first bytes of characters
+        chars_before = np.concatenate(([0], np.cumsum(starts)))
+        # A token that ends inside a character counts up to that character's start.
+        inside = np.append(~starts, False)[ends]
+        return tuple(int(n) for n in chars_before[ends] - inside)
 
     def load(self) -> EngineLoad:
         running = 1 if self._running is not None else 0
@@ -240,19 +278,7 @@ class LlamaCppEngine:
     def _prepare(self, request: EngineRequest) -> tuple[list[int], LlamaGrammar | None]:
         llama = self._require_loaded()
         if request.messages is not None:
-            if self._chat is None:
-                raise InvalidArgument(
-                    "this model has no chat template; send a prompt instead of chat messages"
-                )
-            messages: Any = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-            try:
-                text = self._chat(messages=messages).prompt
-            except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
-                raise InvalidArgument(
-                    f"the chat cannot be rendered with the model's template: {exc}"
-                ) from exc
-            # The template writes the special tokens (BOS, turn markers) itself.
-            tokens = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            tokens = self._chat_tokens(request.messages)
         elif request.prompt:
             tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
         else:
@@ -261,6 +287,18 @@ class LlamaCppEngine:
             raise InvalidArgument("the prompt is empty")
         grammar = self._grammar(request.json_schema) if request.json_schema is not None else None
         return tokens, grammar
+
+    def _chat_tokens(self, turns: Sequence[ChatTurn]) -> list[int]:
+        llama = self._require_loaded()
+        if self._chat is None:
+            raise InvalidArgument("this model has no chat template; send a prompt instead of chat messages")
+        messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
+        try:
+            text = self._chat(messages=messages).prompt
+        except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
+            raise InvalidArgument(f"the chat cannot be rendered with the model's template: {exc}") from exc
+        # The template writes the special tokens (BOS, turn markers) itself.
+        return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
         key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
@@ -416,6 +454,34 @@ class LlamaCppEngine:
     @staticmethod
     def _vocab(llama: Llama) -> Any:
         return llama_cpp.llama_model_get_vocab(llama.model)
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def load_llama(**kwargs: Any) -> Llama:
+    """`Llama(**kwargs)` without llama.cpp's extra buffer types (weight repacking, AMX kernels).
+
+    On an AMX-capable Xeon in a VM, a build of llama-cpp-python 0.3.36 for the host CPU segfaults
+    on the first batch of more than one token when those buffers are in use; the plain CPU buffers
+    are as fast for small models. `Llama` has no argument for it, so its default model parameters
+    are adjusted while it loads.
+    """
+    import llama_cpp.llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        value = defaults()
+        value.use_extra_bufts = False
+        return value
+
+    with _PARAMS_LOCK:
+        llama_module.llama_cpp.llama_model_default_params = params
+        try:
+            return Llama(**kwargs)
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def _token_text(vocab: Any, token: int) -> str:

@@ -30,6 +30,7 @@ from services.generator.engine import (
     GenerationEngine,
     PromptTooLong,
     Sampling,
+    TokenizeInput,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ class GenerationLimits:
     max_tokens_limit: int | None = None
     max_stop_strings: int = 16
     max_request_id_chars: int = 128
+    # Tokenize: inputs per call, and code points over all of them (texts and chat contents).
+    max_tokenize_inputs: int = 64
+    max_tokenize_chars: int = 2_000_000
+    # Chat turns in one Generate or one Tokenize input.
+    max_chat_messages: int = 64
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
@@ -166,6 +172,56 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             engine_settings=settings,
         )
 
+    async def Tokenize(
+        self, request: generator_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.TokenizeResponse:
+        limits = self._limits
+        if not request.inputs:
+            raise InvalidArgument("inputs is empty: send at least one text or chat to count")
+        if len(request.inputs) > limits.max_tokenize_inputs:
+            raise InvalidArgument(
+                f"inputs has {len(request.inputs)} entries; at most {limits.max_tokenize_inputs} per call"
+            )
+        inputs: list[TokenizeInput] = []
+        total = 0
+        for i, item in enumerate(request.inputs):
+            source = item.WhichOneof("input")
+            if source == "text":
+                inputs.append(item.text)
+                total += len(item.text)
+            elif source == "chat":
+                turns = self._chat_turns(item.chat, f"inputs[{i}].chat")
+                inputs.append(turns)
+                total += sum(len(t.content) for t in turns)
+            else:
+                raise InvalidArgument(f"inputs[{i}] sets neither text nor chat")
+            if total > limits.max_tokenize_chars:
+                raise InvalidArgument(
+                    f"inputs hold more than {limits.max_tokenize_chars} characters in all; split the call"
+                )
+        counts = await self._engine.tokenize(inputs, offsets=request.return_offsets)
+        return generator_pb2.TokenizeResponse(
+            results=[
+                generator_pb2.TokenizeResult(token_count=c.count, offsets=c.offsets or ()) for c in counts
+            ],
+            max_model_len=self._engine.info.max_model_len,
+        )
+
+    def _chat_turns(self, chat: generator_pb2.ChatMessages, name: str) -> tuple[ChatTurn, ...]:
+        """The validated turns of a chat; InvalidArgument names the field (`name`) to fix."""
+        if not chat.messages:
+            raise InvalidArgument(f"{name} has no messages: send at least one user message")
+        if len(chat.messages) > self._limits.max_chat_messages:
+            raise InvalidArgument(
+                f"{name} has {len(chat.messages)} messages; at most {self._limits.max_chat_messages}"
+            )
+        for i, message in enumerate(chat.messages):
+            if message.role not in _ROLES:
+                raise InvalidArgument(
+                    f"{name}.messages[{i}].role is {message.role!r}: use one of {', '.join(_ROLES)}"
+                )
+        return tuple(ChatTurn(role=m.role, content=m.content) for m in chat.messages)
+
     def _engine_request(
         self, request: generator_pb2.GenerateRequest, deadline: float | None
     ) -> EngineRequest:
@@ -183,14 +239,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 raise InvalidArgument("prompt is empty: send the text to continue, or use chat")
             prompt = request.prompt
         elif source == "chat":
-            if not request.chat.messages:
-                raise InvalidArgument("chat has no messages: send at least one user message")
-            for i, message in enumerate(request.chat.messages):
-                if message.role not in _ROLES:
-                    raise InvalidArgument(
-                        f"chat.messages[{i}].role is {message.role!r}: use one of {', '.join(_ROLES)}"
-                    )
-            messages = tuple(ChatTurn(role=m.role, content=m.content) for m in request.chat.messages)
+            messages = self._chat_turns(request.chat, "chat")
         else:
             raise InvalidArgument("set either prompt or chat")
 
@@ -287,6 +336,7 @@ def _sampling(params: common_pb2.SamplingParams) -> Sampling:
 
     temperature, top_p, top_k = field("temperature"), field("top_p"), field("top_k")
     repetition_penalty, seed = field("repetition_penalty"), field("seed")
+    frequency_penalty, presence_penalty = field("frequency_penalty"), field("presence_penalty")
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise InvalidArgument(f"sampling.temperature is {temperature}: it must be >= 0 (0 is greedy)")
     if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
@@ -297,8 +347,17 @@ def _sampling(params: common_pb2.SamplingParams) -> Sampling:
         raise InvalidArgument(
             f"sampling.repetition_penalty is {repetition_penalty}: it must be > 0 (1 is off)"
         )
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if value is not None and not (math.isfinite(value) and -2 <= value <= 2):
+            raise InvalidArgument(f"sampling.{name} is {value}: it must be in [-2, 2] (0 is off)")
     return Sampling(
-        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
 
 

@@ -305,6 +305,17 @@ VALID: dict[str, Any] = {
         chat=generator_pb2.ChatMessages(messages=[generator_pb2.ChatMessage(role="user", content="hi")]),
         stopping=common_pb2.StoppingCriteria(max_tokens=8),
     ),
+    "Tokenize": generator_pb2.TokenizeRequest(
+        inputs=[
+            generator_pb2.TokenizeInput(text="def f():\n    return 1  # 캐시"),
+            generator_pb2.TokenizeInput(
+                chat=generator_pb2.ChatMessages(
+                    messages=[generator_pb2.ChatMessage(role="user", content="hi")]
+                )
+            ),
+        ],
+        return_offsets=True,
+    ),
     "UpsertDocuments": retriever_pb2.UpsertDocumentsRequest(
         documents=[retriever_pb2.Document(id="d1", kind=retriever_pb2.DOCUMENT_KIND_TIL, text="캐시 TTL")]
     ),

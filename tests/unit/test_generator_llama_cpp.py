@@ -32,7 +32,7 @@ from services.generator.servicer import GenerationLimits, GeneratorServicer
 from tests.conftest import in_process_server
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from services.generator.llama_cpp_engine import LlamaCppEngine  # noqa: E402
+from services.generator.llama_cpp_engine import LlamaCppEngine, load_llama  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -58,7 +58,7 @@ async def served() -> AsyncIterator[tuple[LlamaCppEngine, GeneratorServiceStub]]
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Any]:
     """A second, independent llama-cpp-python model: llama-cpp-python's own tokenizer and chat handler."""
-    llama = llama_cpp.Llama(model_path=str(packaged_gguf()), n_ctx=512, n_threads=1, verbose=False)
+    llama = load_llama(model_path=str(packaged_gguf()), n_ctx=512, n_threads=1, verbose=False)
     yield llama
     llama.close()
 
@@ -320,6 +320,73 @@ async def test_model_info_describes_the_loaded_model(
     assert info.engine_settings["n_ctx"] == str(CONTEXT)
     assert info.engine_settings["n_threads"] == "1"
     assert info.engine_settings["chat_template"] == "gguf"
+
+
+async def test_tokenize_counts_with_the_models_tokenizer_and_offsets_cut_whole_tokens(
+    served: tuple[LlamaCppEngine, GeneratorServiceStub], reference: Any
+) -> None:
+    _, stub = served
+    texts = [
+        "def cache(key):\n    return redis.get(key)  # TTL 적용",
+        "캐시 무효화를 정리했다. <|im_start|> is plain text here",
+        "",
+    ]
+    request = generator_pb2.TokenizeRequest(
+        inputs=[generator_pb2.TokenizeInput(text=t) for t in texts], return_offsets=True
+    )
+    started = time.monotonic()
+    response = await stub.Tokenize(request)
+    print(f"Tokenize of {sum(map(len, texts))} characters: {(time.monotonic() - started) * 1000:.1f} ms")
+
+    assert response.max_model_len == CONTEXT
+    for text, result in zip(texts, response.results, strict=True):
+        tokens = reference.tokenize(text.encode(), add_bos=False, special=False) if text else []
+        assert result.token_count == len(tokens)
+        offsets = list(result.offsets)
+        assert len(offsets) == len(tokens) and offsets == sorted(offsets)
+        assert offsets[-1:] == ([len(text)] if text else [])
+        # Every prefix cut at an offset is the detokenized prefix, up to a character split by a token.
+        for i, end in enumerate(offsets):
+            prefix = reference.detokenize(tokens[: i + 1]).decode("utf-8", "ignore")
+            assert prefix == text[:end], (i, prefix, text[:end])
+
+
+async def test_tokenize_counts_a_chat_as_generate_renders_it(
+    served: tuple[LlamaCppEngine, GeneratorServiceStub],
+) -> None:
+    _, stub = served
+    turns = [("system", "You write TILs."), ("user", "오늘 배운 것: Redis TTL")]
+    chat = generator_pb2.ChatMessages(
+        messages=[generator_pb2.ChatMessage(role=r, content=c) for r, c in turns]
+    )
+    response = await stub.Tokenize(
+        generator_pb2.TokenizeRequest(inputs=[generator_pb2.TokenizeInput(chat=chat)], return_offsets=True)
+    )
+    responses = await collect(stub, request(chat=turns, max_tokens=1))
+
+    (result,) = response.results
+    assert result.token_count == responses[0].started.prompt_tokens > 10
+    assert list(result.offsets) == []
+
+
+async def test_tokenize_does_not_wait_for_a_running_generation(
+    served: tuple[LlamaCppEngine, GeneratorServiceStub],
+) -> None:
+    engine, stub = served
+    long = stub.Generate(request(prompt="Once upon a time", max_tokens=1500, ignore_eos=True))
+    assert (await long.read()).WhichOneof("event") == "started"
+    assert engine.load().running == 1
+    text = "가나다 " * 5000
+    started = time.monotonic()
+    response = await stub.Tokenize(
+        generator_pb2.TokenizeRequest(inputs=[generator_pb2.TokenizeInput(text=text)]), timeout=5
+    )
+    elapsed = time.monotonic() - started
+    long.cancel()
+    print(f"Tokenize of {len(text)} Korean characters while generating: {elapsed * 1000:.1f} ms")
+    assert response.results[0].token_count > 5000
+    assert elapsed < 1.0
+    await until_load(engine, IDLE, within_s=2.0)
 
 
 async def test_python_m_services_generator_turns_serving_and_drains() -> None:

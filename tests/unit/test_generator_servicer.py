@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -26,6 +27,8 @@ from services.generator.engine import (
     ModelInfo,
     PromptTooLong,
     Sampling,
+    TokenCount,
+    TokenizeInput,
 )
 from services.generator.servicer import GenerationLimits, GeneratorServicer
 from tests.conftest import in_process_server
@@ -60,6 +63,7 @@ class ScriptedEngine:
         self.fail_before_start = fail_before_start
         self.fail_after_start = fail_after_start
         self.requests: list[EngineRequest] = []
+        self.tokenized: list[tuple[list[TokenizeInput], bool]] = []
         self.open_streams = 0
         self.holding = asyncio.Event()
         self.closed = asyncio.Event()
@@ -72,6 +76,18 @@ class ScriptedEngine:
 
     def load(self) -> EngineLoad:
         return EngineLoad(running=self.open_streams, waiting=0)
+
+    async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
+        """One token per word of a text, 10 per chat turn; offsets at the end of each word."""
+        self.tokenized.append((list(inputs), offsets))
+        counts = []
+        for item in inputs:
+            if isinstance(item, str):
+                ends = tuple(m.end() for m in re.finditer(r"\S+", item))
+                counts.append(TokenCount(len(ends), ends if offsets else None))
+            else:
+                counts.append(TokenCount(10 * len(item)))
+        return counts
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         self.requests.append(request)
@@ -256,6 +272,18 @@ INVALID = {
         "sampling.repetition_penalty",
     ),
     "long request_id": (_with(request_id="x" * 129), "request_id is longer than 128"),
+    "frequency_penalty above 2": (
+        _with(sampling=common_pb2.SamplingParams(frequency_penalty=2.5)),
+        "sampling.frequency_penalty",
+    ),
+    "NaN presence_penalty": (
+        _with(sampling=common_pb2.SamplingParams(presence_penalty=float("nan"))),
+        "sampling.presence_penalty",
+    ),
+    "too many chat turns": (
+        _with(chat=chat(*[("user", "a")] * (LIMITS.max_chat_messages + 1))),
+        f"at most {LIMITS.max_chat_messages}",
+    ),
 }
 
 
@@ -374,3 +402,75 @@ async def test_get_model_info_reports_engine_and_limits() -> None:
     assert info.max_model_len == 4096
     assert info.default_max_tokens == LIMITS.default_max_tokens
     assert dict(info.engine_settings) == {"n_threads": "3", "max_tokens_limit": "64"}
+
+
+async def test_penalties_reach_the_engine() -> None:
+    engine = ScriptedEngine()
+    sampling = common_pb2.SamplingParams(frequency_penalty=0.5, presence_penalty=-0.25)
+    async with generator(engine) as stub:
+        _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi", sampling=sampling))]
+    (seen,) = engine.requests
+    assert (seen.sampling.frequency_penalty, seen.sampling.presence_penalty) == (0.5, -0.25)
+    assert seen.sampling.repetition_penalty is None
+
+
+def tokenize_request(
+    *inputs: str | generator_pb2.ChatMessages, offsets: bool = False
+) -> generator_pb2.TokenizeRequest:
+    return generator_pb2.TokenizeRequest(
+        inputs=[
+            generator_pb2.TokenizeInput(text=i) if isinstance(i, str) else generator_pb2.TokenizeInput(chat=i)
+            for i in inputs
+        ],
+        return_offsets=offsets,
+    )
+
+
+async def test_tokenize_counts_each_input_in_order_with_the_context_size() -> None:
+    engine = ScriptedEngine()
+    conversation = chat(("system", "s"), ("user", "u"))
+    async with generator(engine) as stub:
+        response = await stub.Tokenize(tokenize_request("a bb ccc", conversation, "", offsets=True))
+
+    assert [r.token_count for r in response.results] == [3, 20, 0]
+    assert list(response.results[0].offsets) == [1, 4, 8]
+    assert list(response.results[1].offsets) == []  # offsets only for texts
+    assert response.max_model_len == 4096
+    ((inputs, offsets),) = engine.tokenized
+    assert offsets is True
+    assert inputs == ["a bb ccc", (ChatTurn("system", "s"), ChatTurn("user", "u")), ""]
+
+
+TOKENIZE_INVALID = {
+    "no inputs": (generator_pb2.TokenizeRequest(), "inputs is empty"),
+    "an input with neither": (
+        generator_pb2.TokenizeRequest(inputs=[generator_pb2.TokenizeInput()]),
+        "inputs[0] sets neither text nor chat",
+    ),
+    "too many inputs": (
+        tokenize_request(*["a"] * (LIMITS.max_tokenize_inputs + 1)),
+        f"at most {LIMITS.max_tokenize_inputs} per call",
+    ),
+    "too many characters": (
+        tokenize_request("a" * (LIMITS.max_tokenize_chars // 2), "b" * (LIMITS.max_tokenize_chars // 2 + 1)),
+        f"more than {LIMITS.max_tokenize_chars} characters",
+    ),
+    "empty chat": (tokenize_request("a", generator_pb2.ChatMessages()), "inputs[1].chat has no messages"),
+    "unknown role": (
+        tokenize_request(chat(("user", "a"), ("robot", "b"))),
+        "inputs[0].chat.messages[1].role is 'robot'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("request_", "says"), list(TOKENIZE_INVALID.values()), ids=list(TOKENIZE_INVALID))
+async def test_invalid_tokenize_requests_are_refused_before_the_engine(
+    request_: generator_pb2.TokenizeRequest, says: str
+) -> None:
+    engine = ScriptedEngine()
+    async with generator(engine) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Tokenize(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in (error.value.details() or "")
+    assert engine.tokenized == []

@@ -99,3 +99,35 @@ class GetModelInfoResponse(_message.Message):
     default_max_tokens: int
     engine_settings: _containers.ScalarMap[str, str]
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[str] = ..., model_path: _Optional[str] = ..., max_model_len: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., engine_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TokenizeInput(_message.Message):
+    __slots__ = ("text", "chat")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    chat: ChatMessages
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("inputs", "return_offsets")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenizeInput]
+    return_offsets: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[TokenizeInput, _Mapping]]] = ..., return_offsets: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResult(_message.Message):
+    __slots__ = ("token_count", "offsets")
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    token_count: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_count: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("results", "max_model_len")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TokenizeResult]
+    max_model_len: int
+    def __init__(self, results: _Optional[_Iterable[_Union[TokenizeResult, _Mapping]]] = ..., max_model_len: _Optional[int] = ...) -> None: ...

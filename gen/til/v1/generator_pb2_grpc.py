@@ -45,6 +45,11 @@ class GeneratorServiceStub:
                 request_serializer=til_dot_v1_dot_generator__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=til_dot_v1_dot_generator__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/til.v1.GeneratorService/Tokenize',
+                request_serializer=til_dot_v1_dot_generator__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=til_dot_v1_dot_generator__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServiceServicer:
@@ -65,6 +70,14 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Counts the tokens of texts or chats with the model's own tokenizer, so a
+        caller can fit its input into the context without guessing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=til_dot_v1_dot_generator__pb2.GetModelInfoRequest.FromString,
                     response_serializer=til_dot_v1_dot_generator__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=til_dot_v1_dot_generator__pb2.TokenizeRequest.FromString,
+                    response_serializer=til_dot_v1_dot_generator__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class GeneratorService:
             '/til.v1.GeneratorService/GetModelInfo',
             til_dot_v1_dot_generator__pb2.GetModelInfoRequest.SerializeToString,
             til_dot_v1_dot_generator__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/til.v1.GeneratorService/Tokenize',
+            til_dot_v1_dot_generator__pb2.TokenizeRequest.SerializeToString,
+            til_dot_v1_dot_generator__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
