@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIFF = REPO_ROOT / "examples" / "sample.diff"
 DEFAULT_EDGE = os.environ.get("TIL_EDGE_ADDR", "127.0.0.1:50051")
 DEFAULT_RETRIEVER = os.environ.get("TIL_RETRIEVER_ADDR", "127.0.0.1:50053")
+DEFAULT_TIMEOUT_S = 600.0  # the servers' connection-age grace must outlast it (docs/operating.md)
 DIFFICULTIES = {
     "easy": edge_pb2.DIFFICULTY_EASY,
     "medium": edge_pb2.DIFFICULTY_MEDIUM,
@@ -478,7 +479,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", action="store_true", help="print only the final JSON object")
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline in seconds")
 
 
 def _add_stack_options(p: argparse.ArgumentParser) -> None:
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     questions.add_argument("--max-tokens", type=int, default=0)
     questions.add_argument("--no-cache", action="store_true")
     questions.add_argument("--json", action="store_true", help="print only the final JSON")
-    questions.add_argument("--timeout", type=float, default=600.0)
+    questions.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     questions.add_argument("--addr", default=DEFAULT_EDGE)
 
     revise = sub.add_parser("revise", help="revise a TIL (JSON) following an instruction")
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     revise.add_argument("--owner")
     revise.add_argument("--max-tokens", type=int, default=0)
     revise.add_argument("--json", action="store_true")
-    revise.add_argument("--timeout", type=float, default=600.0)
+    revise.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     revise.add_argument("--addr", default=DEFAULT_EDGE)
 
     ingest = sub.add_parser("ingest", help="index Markdown / JSON files in the retriever")

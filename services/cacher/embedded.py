@@ -15,14 +15,20 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+
+from prometheus_client import Counter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from services.common.process import dying_with_parent
 
 log = logging.getLogger(__name__)
 
 _MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
+
+RESTARTS = Counter("tilserve_cacher_redis_restarts", "Times the embedded redis-server was restarted.")
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -73,6 +79,16 @@ class EmbeddedRedis:
         """Starts redis-server and returns once it answers PING; raises `EmbeddedRedisError` otherwise."""
         if self._process is not None:
             raise RuntimeError("EmbeddedRedis is already running")
+        if self._dir is None:
+            self._dir = self._prepare_dir()
+        try:
+            await self._launch()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _launch(self) -> None:
+        """Spawns redis-server in the prepared folder and waits for PING; leaves nothing running on failure."""
         binary = shutil.which(self._server_bin)
         if binary is None:
             raise EmbeddedRedisError(
@@ -80,14 +96,52 @@ class EmbeddedRedis:
                 "Install Redis (e.g. `apt-get install redis-server`), set CACHER_REDIS_SERVER_BIN to its "
                 "path, or set CACHER_REDIS_URL to use a Redis you run yourself."
             )
-        self._dir = self._prepare_dir()
+        self._process = self._spawn(binary)
         try:
-            self._process = self._spawn(binary)
             await self._wait_until_ready()
         except BaseException:
-            await self.close()
+            process, self._process = self._process, None
+            if process.poll() is None:
+                process.kill()
+                process.wait()
             raise
         log.info("embedded redis-server (pid %d) is ready on %s", self._process.pid, self.socket_path)
+
+    async def supervise(
+        self,
+        on_down: Callable[[], Awaitable[None]],
+        on_up: Callable[[], Awaitable[None]],
+        *,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        """Runs until cancelled: when redis-server exits, reaps it, logs why, calls `on_down`, starts it
+        again on the same socket (with growing pauses while that fails), then calls `on_up`."""
+        while True:
+            process = self._process
+            if process is None:
+                raise RuntimeError("EmbeddedRedis is not started")
+            code = await _exited(process)  # reaped: no zombie is left
+            if self._process is not process:  # close() stopped it on purpose
+                return
+            self._process = None
+            log.error(
+                "embedded redis-server (pid %d) exited with code %s; the cache is down until it is "
+                "restarted. Its log: %s",
+                process.pid,
+                code,
+                _tail(self._log_path, 500),
+            )
+            await on_down()
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(EmbeddedRedisError),
+                wait=wait_exponential(multiplier=0.1, max=max_backoff_s),
+                before_sleep=_log_restart_failure,
+            ):
+                with attempt:
+                    await self._launch()
+            RESTARTS.inc()
+            log.warning("embedded redis-server restarted (pid %d); the cache is empty", self.pid or 0)
+            await on_up()
 
     async def close(self) -> None:
         """Stops redis-server (SIGTERM, then SIGKILL after `stop_timeout_s`) and removes a temporary folder."""
@@ -169,6 +223,32 @@ class EmbeddedRedis:
                     f"{self._start_timeout_s:g}s: {_tail(self._log_path)}"
                 )
             await asyncio.sleep(0.01)
+
+
+def _log_restart_failure(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    sleep = state.next_action.sleep if state.next_action is not None else 0.0
+    log.error("restarting the embedded redis-server failed (try %d): %s; next try in %.1fs",
+              state.attempt_number, error, sleep)  # fmt: skip
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> int:
+    """Waits until `process` exits and reaps it; woken by a pidfd where Linux has one, else by a thread."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return await asyncio.to_thread(process.wait)
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(fd, exited.set)
+    try:
+        while (code := process.poll()) is None:
+            await exited.wait()
+            exited.clear()
+        return code
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def _answers_ping(socket_path: Path) -> bool:

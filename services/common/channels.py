@@ -9,6 +9,27 @@ import grpc
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
+# Keepalive, one rule on both ends: a client pings every KEEPALIVE_TIME_MS (also with no call open, so a
+# dead peer is found before a call needs it), and a server accepts pings that often. A server that
+# thought the pings too frequent would answer GOAWAY "too_many_pings" and cut every stream on the
+# connection, so the server's minimum interval stays below the client's ping time.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+KEEPALIVE_MIN_INTERVAL_MS = 10_000
+KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_INTERVAL_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for its pings
+]
+KEEPALIVE_CLIENT_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # long streams with sparse tokens keep pinging
+]
+
 
 @dataclass(frozen=True)
 class ClientTls:
@@ -36,14 +57,17 @@ class ClientTls:
 def open_channel(
     target: str, *, max_message_bytes: int = 4 * 1024 * 1024, tls: ClientTls | None = None
 ) -> grpc.aio.Channel:
-    """A channel to `target` (host:port, or dns:///name:port for every replica), TLS when `tls` is given."""
-    options = [
+    """A channel to `target` (host:port, or dns:///name:port for every replica), TLS when `tls` is given.
+
+    Nothing on the client's side ends a running call: no idle timeout applies while a call is open,
+    keepalive follows the servers' rule (above), and a server's GOAWAY at its connection age lets the
+    calls on the old connection finish (within the server's grace) while new calls open a new one.
+    """
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.service_config", _SERVICE_CONFIG),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *KEEPALIVE_CLIENT_OPTIONS,
         # Retries are decided by the caller (before the first token only), not by the channel.
         ("grpc.enable_retries", 0),
     ]

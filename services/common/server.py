@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.common.auth import BearerTokenAuth
+from services.common.channels import KEEPALIVE_SERVER_OPTIONS
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
-from services.common.settings import ServerSettings
+from services.common.settings import MAX_GRPC_MS, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,24 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
 
 
+def _ms(seconds: float) -> int:
+    return min(round(seconds * 1000), MAX_GRPC_MS)
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Let idle clients keep their connections, but find dead ones.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Connections end after a while so clients re-resolve and new replicas get traffic.
-        ("grpc.max_connection_age_ms", 5 * 60_000),
-        ("grpc.max_connection_age_grace_ms", 60_000),
+        *KEEPALIVE_SERVER_OPTIONS,
     ]
+    if settings.max_connection_age_s > 0:
+        # Connections end after a while so clients re-resolve and new replicas get traffic; the calls
+        # still running on one keep it for up to the grace, which outlasts any deadline we hand out.
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
+        ]
+    return options
 
 
 def _read(path: str) -> bytes:
@@ -88,6 +94,11 @@ class RunningServer:
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def set_not_serving(self) -> None:
+        """Readiness off (liveness stays on): for a service whose backend went away for a while."""
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace_s: float) -> None:
         """Turns NOT_SERVING, refuses new calls, and gives in-flight calls `grace_s` to finish."""
         await self.health.enter_graceful_shutdown()
@@ -118,14 +129,36 @@ async def start_server(settings: ServerSettings, services: Sequence[Service]) ->
     return RunningServer(server, health_servicer, port, names)
 
 
+async def _until_stopped(stop: asyncio.Event, monitor: Awaitable[None] | None) -> None:
+    """Waits for `stop`; a monitor runs meanwhile and is cancelled then (its error is logged, and stops us)."""
+    if monitor is None:
+        await stop.wait()
+        return
+    watching = asyncio.ensure_future(monitor)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not watching.done():
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    elif not watching.cancelled() and watching.exception() is not None:
+        log.error("monitor failed: %s; stopping", watching.exception(), exc_info=watching.exception())
+
+
 async def serve(
     settings: ServerSettings,
     services: Sequence[Service],
     *,
     warmup: Callable[[], Awaitable[None]] | None = None,
     shutdown: Callable[[], Awaitable[None]] | None = None,
+    monitor: Callable[[RunningServer], Awaitable[None]] | None = None,
 ) -> None:
-    """Runs a service process until SIGTERM or SIGINT, then drains and returns (exit code 0)."""
+    """Runs a service process until SIGTERM or SIGINT, then drains and returns (exit code 0).
+
+    `monitor`, when given, runs from SERVING until the drain begins; it may turn readiness off and on
+    (`set_not_serving`, `set_serving`) while a backend is away. Its failure stops the service.
+    """
     configure_logging(settings.log_level, json_lines=settings.log_json)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
@@ -161,7 +194,7 @@ async def serve(
         if not stop.is_set():
             await running.set_serving()
             log.info("SERVING %s on port %d", names, running.port)
-            await stop.wait()
+            await _until_stopped(stop, None if monitor is None else monitor(running))
         log.info("draining: NOT_SERVING, up to %.1fs for in-flight calls", settings.grace_period_s)
         await running.stop(settings.grace_period_s)
     finally:

@@ -7,6 +7,9 @@ from typing import TypeVar
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MAX_GRPC_MS = 2**31 - 1
+"""gRPC's channel arguments are C ints: the longest duration one can hold, in milliseconds."""
+
 
 class ServerSettings(BaseSettings):
     """How a service listens. Read from the environment with the service's prefix (e.g. EDGE_PORT)."""
@@ -21,6 +24,22 @@ class ServerSettings(BaseSettings):
     )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request or response message accepted."
+    )
+    # A connection is sent GOAWAY after max_connection_age_s (so clients re-resolve and new replicas get
+    # traffic); calls already on it then have max_connection_age_grace_s to finish before it is cut. The
+    # grace must be at least the longest deadline a call may carry, or long streams are lost.
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        le=MAX_GRPC_MS / 1000,
+        description="Age after which a connection takes no new calls (GOAWAY); 0: connections never age.",
+    )
+    max_connection_age_grace_s: float = Field(
+        86_400.0,
+        ge=0,
+        le=MAX_GRPC_MS / 1000,
+        description="How long calls on an aged connection may still run before it is closed; keep it at "
+        "least the longest deadline a caller sets (the CLI's is 600 s).",
     )
     log_level: str = Field("INFO")
     log_json: bool = Field(False, description="Log one JSON object per line (for log collectors).")

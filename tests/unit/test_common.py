@@ -192,3 +192,45 @@ def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
         load_settings(DemoSettings)
     monkeypatch.setenv("DEMO_PORT", "6000")
     assert load_settings(DemoSettings).port == 6000
+
+
+@pytest.mark.parametrize(("grace_s", "survives"), [(0.3, False), (30.0, True), (86_400.0, True)])
+async def test_a_call_on_an_aged_connection_runs_for_the_grace(grace_s: float, survives: bool) -> None:
+    """GOAWAY at the connection age: a 1.5 s call survives a 0.3 s age only when the grace covers it."""
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, max_connection_age_s=0.3, max_connection_age_grace_s=grace_s
+    )
+    async with in_process_server([cacher_service(ScriptedCacher())], settings) as (_, channel):
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        call = stub.DeleteEntry(cacher_pb2.DeleteEntryRequest(key="1.5"), timeout=10)
+        if survives:
+            assert (await call).deleted
+            # New calls after the GOAWAY go over a new connection.
+            assert (await stub.DeleteEntry(cacher_pb2.DeleteEntryRequest(key="0"), timeout=5)).deleted
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("DEMO_MAX_CONNECTION_AGE_S", "-1"), ("DEMO_MAX_CONNECTION_AGE_GRACE_S", "a week"),
+     ("DEMO_MAX_CONNECTION_AGE_GRACE_S", "1e10")],
+)  # fmt: skip
+def test_bad_connection_ages_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    class DemoSettings(ServerSettings):
+        model_config = SettingsConfigDict(env_prefix="DEMO_", extra="ignore", frozen=True)
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit, match=variable):
+        load_settings(DemoSettings)
+
+
+def test_default_connection_age_grace_outlasts_the_longest_deadline() -> None:
+    from services.cli import DEFAULT_TIMEOUT_S
+
+    settings = ServerSettings()
+    assert settings.max_connection_age_grace_s >= DEFAULT_TIMEOUT_S

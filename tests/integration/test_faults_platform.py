@@ -1,0 +1,232 @@
+"""Platform faults on real processes: connections that age under long streams, bad settings, and the
+cacher's Redis (private or given by URL) going away. Each test prints what it measured (`pytest -s`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from til.v1 import cacher_pb2, cacher_pb2_grpc, edge_pb2, edge_pb2_grpc
+
+from services.stack import LocalStack, free_port
+from tests.integration.test_faults import read_all, report, split, til_request, tokens
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CACHER = "til.v1.CacherService"
+
+
+# --- connection age ---------------------------------------------------------------------------------
+
+
+ENGINES = {
+    "llama_cpp": {},  # the packaged model
+    # No model: a TIL-shaped document at a fixed pace, long enough to outlive the age.
+    "fake": {"GENERATOR_BACKEND": "fake", "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.3"},
+}
+
+
+@pytest.fixture(scope="module", params=[pytest.param("llama_cpp", marks=pytest.mark.model), "fake"])
+async def aging_stack(stack_factory: Any, request: pytest.FixtureRequest) -> AsyncIterator[LocalStack]:
+    """The edge and the generator send GOAWAY after 5 s; the grace is the default."""
+    stack = stack_factory(
+        edge={"EDGE_MAX_CONNECTION_AGE_S": "5"},
+        generator={
+            "GENERATOR_MAX_CONNECTION_AGE_S": "5",
+            "GENERATOR_MAX_WAITING_REQUESTS": "16",
+            **ENGINES[request.param],
+        },
+    )
+    await stack.start(timeout_s=240)
+    yield stack
+    stack.stop()
+
+
+async def test_four_concurrent_tils_on_one_channel_outlive_a_five_second_connection_age(
+    aging_stack: LocalStack,
+) -> None:
+    async with grpc.aio.insecure_channel(aging_stack.address("edge")) as channel:
+        edge = edge_pb2_grpc.EdgeServiceStub(channel)
+        began = time.monotonic()
+
+        async def til(n: int) -> tuple[float, Any]:
+            request = til_request(
+                f"age-{n}", generation=tokens(384), cache_policy=edge_pb2.CACHE_POLICY_BYPASS
+            )
+            messages = await read_all(edge.GenerateTil(request, timeout=300))
+            return time.monotonic() - began, split(messages)[2]
+
+        results = await asyncio.gather(*(til(n) for n in range(4)))
+        # The channel was sent GOAWAY meanwhile; a new call opens a new connection and works too.
+        after = await read_all(edge.GenerateTil(til_request("age-after", generation=tokens(16)), timeout=300))
+    durations = sorted(round(seconds, 1) for seconds, _ in results)
+    report("4 TILs under a 5 s connection age", seconds=durations, after=split(after)[2].finish_reason)
+    assert all(finished.til_json for _, finished in results)
+    # The streams ran past the connection age (with gRPC's +-10% jitter) on both hops, so each
+    # connection was aged while calls were open on it.
+    assert durations[-1] > 5.5 * 2, "the TILs finished too fast to cross the connection age"
+
+
+@pytest.mark.parametrize(
+    ("service", "variable", "value"),
+    [
+        ("edge", "EDGE_MAX_CONNECTION_AGE_S", "-5"),
+        ("edge", "EDGE_MAX_CONNECTION_AGE_GRACE_S", "soon"),
+        ("generator", "GENERATOR_MAX_CONNECTION_AGE_S", "forever"),
+        ("generator", "GENERATOR_MAX_CONNECTION_AGE_GRACE_S", "1e12"),
+    ],
+)
+def test_a_bad_connection_age_stops_the_service_naming_the_variable(
+    service: str, variable: str, value: str
+) -> None:
+    env = {
+        **os.environ,
+        variable: value,
+        f"{service.upper()}_PORT": "0",
+        f"{service.upper()}_METRICS_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{service}"], env=env, capture_output=True, timeout=120, cwd=REPO
+    )
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode != 0
+    assert variable in stderr, stderr[-2000:]
+
+
+# --- the cacher's Redis -----------------------------------------------------------------------------
+
+
+def redis_children(pid: int) -> list[int]:
+    """The cacher's redis-server children, zombies included (a zombie's cmdline is empty: match its name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and name.startswith("redis-server"):
+            found.append(int(entry.name))
+    return found
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.fixture
+def cacher(tmp_path: Path) -> Iterator[Any]:
+    def start(**env: str) -> LocalStack:
+        stack = LocalStack(
+            data_dir=tmp_path,
+            ports={"cacher": free_port()},
+            metrics_ports={"cacher": free_port()},
+            env={"cacher": env},
+            services=("cacher",),
+        )
+        started.append(stack)
+        return stack
+
+    started: list[LocalStack] = []
+    yield start
+    for stack in started:
+        stack.stop()
+
+
+async def put_get_until_it_works(stub: Any, key: str, timeout_s: float) -> float:
+    """Puts then gets `key` until both work; returns how long that took."""
+    began = time.monotonic()
+    while True:
+        try:
+            await stub.PutEntry(
+                cacher_pb2.PutEntryRequest(namespace="til", key=key, value_json='{"n": 1}'), timeout=1
+            )
+            entry = await stub.GetEntry(cacher_pb2.GetEntryRequest(namespace="til", key=key), timeout=1)
+            assert entry.found and entry.value_json == '{"n": 1}'
+            return time.monotonic() - began
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE, exc
+            assert time.monotonic() - began < timeout_s, f"put and get still fail: {exc.details()}"
+            await asyncio.sleep(0.1)
+
+
+async def readiness(channel: grpc.aio.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=CACHER), timeout=1)).status
+
+
+async def test_the_private_redis_server_killed_is_reaped_restarted_and_serves_again(cacher: Any) -> None:
+    stack = cacher()
+    await stack.start(timeout_s=60)
+    pid = stack.processes["cacher"].process.pid  # type: ignore[union-attr]
+    async with grpc.aio.insecure_channel(stack.address("cacher")) as channel:
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        await put_get_until_it_works(stub, "before", 5)
+        [redis_pid] = redis_children(pid)
+        os.kill(redis_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        statuses = set()
+        while time.monotonic() - killed < 1.0 and health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
+            statuses.add(await readiness(channel))
+            await asyncio.sleep(0.01)
+        await put_get_until_it_works(stub, "after", 20)
+        recovered_s = time.monotonic() - killed
+        serving_again = await readiness(channel)
+        for _ in range(100):  # readiness turns back on just after redis-server answers PING
+            if serving_again == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.01)
+            serving_again = await readiness(channel)
+        [new_pid] = redis_children(pid)
+    log = stack.processes["cacher"].log_tail(40)
+    report(
+        "private redis-server SIGKILLed",
+        put_get_again_after_s=round(recovered_s, 2),
+        old=f"{redis_pid}:{state(redis_pid)}",
+        new=new_pid,
+    )
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses  # readiness dropped while it was down
+    assert serving_again == health_pb2.HealthCheckResponse.SERVING
+    assert new_pid != redis_pid and state(redis_pid) == "gone"  # reaped: no zombie left behind
+    assert recovered_s < 20
+    assert "exited with code -9" in log and "restarted" in log
+
+
+async def test_a_redis_given_by_url_that_goes_away_is_reconnected(cacher: Any, redis_server: Any) -> None:
+    stack = cacher(CACHER_REDIS_URL=redis_server.url)
+    await stack.start(timeout_s=60)
+    async with grpc.aio.insecure_channel(stack.address("cacher")) as channel:
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        await put_get_until_it_works(stub, "before", 5)
+        redis_server.kill()
+        went_down = time.monotonic()
+        while await readiness(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() - went_down < 5, "still SERVING with its Redis gone"
+            await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.GetEntry(cacher_pb2.GetEntryRequest(namespace="til", key="before"), timeout=2)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        redis_server.start()
+        restarted = time.monotonic()
+        await put_get_until_it_works(stub, "after", 20)
+        recovered_s = time.monotonic() - restarted
+        while await readiness(channel) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() - went_down < 30, "not SERVING again"
+            await asyncio.sleep(0.1)
+    report("redis by URL restarted", put_get_again_after_s=round(recovered_s, 2))
