@@ -1,8 +1,14 @@
 """The seam between the generator servicer and a model engine (llama.cpp on CPU, vLLM on GPU).
 
-An engine turns an `EngineRequest` into a stream of `EngineEvent`s: one `EngineStarted` (once the
-prompt is tokenized), `EngineDelta`s with new text, and one `EngineFinished`. Cancelling the
-consuming task (the gRPC call ending) must stop the generation and free the engine at once.
+A request goes through two steps. `prepare` does every check that needs the model (chat rendering,
+tokenization, the prompt's fit in the context, compiling the JSON schema) before the request takes
+or waits for a slot, so a bad request is refused at once even while the engine is busy. `generate`
+then turns the prepared `EngineRequest` into a stream of `EngineEvent`s: one `EngineStarted`,
+`EngineDelta`s with new text, and one `EngineFinished`. Cancelling the consuming task (the gRPC call
+ending) must stop the generation and free the engine at once.
+
+Engines know nothing of gRPC: they raise the `EngineError` subclasses below (and `TimeoutError` at
+a deadline), and the servicer maps them to statuses in one place (`servicer.status_error`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,18 @@ class EngineRequest:
     json_schema: dict[str, Any] | None = None
     # Monotonic time (time.monotonic()) after which the engine must stop; None for no deadline.
     deadline: float | None = None
+    # Set by the engine's own `prepare`, for its `generate`; None until then.
+    prepared: Prepared | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` computed, so that `generate` does not do it again."""
+
+    # The prompt's token ids, as the engine will evaluate them.
+    prompt_tokens: tuple[int, ...]
+    # The engine's compiled form of `json_schema` (a grammar, a matcher...), or None.
+    constraint: Any = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +117,29 @@ class EngineLoad:
     waiting: int
 
 
-class PromptTooLong(ValueError):
-    """The prompt plus the requested output does not fit in the model's context."""
+class EngineError(Exception):
+    """A request an engine refused or could not serve; the message is shown to the caller."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as sent: a chat the template refuses, a schema beyond the
+    limits, an empty prompt (INVALID_ARGUMENT)."""
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt plus the requested output does not fit in the model's context (INVALID_ARGUMENT)."""
+
+
+class EngineOverloaded(EngineError):
+    """No room for the request now; the caller may retry after `retry_after_s` (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not running: not started, shutting down, or dead (UNAVAILABLE)."""
 
 
 @runtime_checkable
@@ -110,8 +149,17 @@ class GenerationEngine(Protocol):
     async def start(self) -> None:
         """Loads the model and warms it up; the service turns SERVING after this returns."""
 
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
+        """Every check that needs the model, before the request waits for a slot.
+
+        Renders the chat, tokenizes the prompt, raises PromptTooLong when it does not fit with
+        `max_tokens`, and compiles `json_schema` (InvalidRequest naming the limit it breaks).
+        Runs its CPU work off the event loop, bounded in time, and never waits behind a running
+        generation. Returns the request with `prepared` set.
+        """
+
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Streams events for one request. Raises PromptTooLong before any event if it cannot fit."""
+        """Streams events for one request, prepared or not (then it prepares it first)."""
 
     async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
         """Counts tokens with the model's own tokenizer, one result per input, in order.

@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from services.generator.config import GeneratorSettings
@@ -26,6 +27,7 @@ from services.generator.engine import (
     EngineRequest,
     EngineStarted,
     ModelInfo,
+    Prepared,
     PromptTooLong,
     TokenCount,
     TokenizeInput,
@@ -79,7 +81,7 @@ class FakeEngine:
                 counts.append(TokenCount(_prompt_tokens(_chat_text(item))))
         return counts
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
         prompt = request.prompt if request.prompt is not None else _chat_text(request.messages or ())
         prompt_tokens = _prompt_tokens(prompt)
         if prompt_tokens + request.max_tokens > self.info.max_model_len:
@@ -87,6 +89,15 @@ class FakeEngine:
                 f"the prompt has {prompt_tokens} tokens and {request.max_tokens} output tokens were asked "
                 f"for, but the model's context holds {self.info.max_model_len} tokens"
             )
+        # The fake's "tokens" are 4-character chunks; only their number matters.
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(range(prompt_tokens))))
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        if request.prepared is None:
+            request = await self.prepare(request)
+        assert request.prepared is not None
+        prompt_tokens = len(request.prepared.prompt_tokens)
+        prompt = request.prompt if request.prompt is not None else _chat_text(request.messages or ())
         last = request.messages[-1].content if request.messages else prompt
         text = fake_output(request.json_schema, echo=last[-ECHO_CHARS:])
         self._running += 1

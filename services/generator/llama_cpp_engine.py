@@ -38,7 +38,6 @@ import numpy as np
 from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from services.common.errors import InvalidArgument, Unavailable
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
     ChatTurn,
@@ -48,7 +47,10 @@ from services.generator.engine import (
     EngineLoad,
     EngineRequest,
     EngineStarted,
+    EngineUnavailable,
+    InvalidRequest,
     ModelInfo,
+    Prepared,
     PromptTooLong,
     Sampling,
     TokenCount,
@@ -216,7 +218,7 @@ class LlamaCppEngine:
         self._closed = True
         running = self._running
         if running is not None:
-            running.emit(Unavailable("the generator is shutting down"))
+            running.emit(EngineUnavailable("the generator is shutting down"))
             running.stop.set()
         # Queued jobs are cancelled; `_job_done` tells their consumers.
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
@@ -224,9 +226,8 @@ class LlamaCppEngine:
             self._llama.close()
             self._llama = None
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
         self._require_loaded()
-        arrived = time.monotonic()
         tokens, grammar = await asyncio.to_thread(self._prepare, request)
         context = self.info.max_model_len
         if len(tokens) + request.max_tokens > context:
@@ -234,8 +235,22 @@ class LlamaCppEngine:
                 f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
                 f"for, but the model's context holds {context} tokens"
             )
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(tokens), constraint=grammar))
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        self._require_loaded()
+        arrived = time.monotonic()
+        if request.prepared is None:
+            request = await self.prepare(request)
+        assert request.prepared is not None
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, tokens=tokens, grammar=grammar, arrived=arrived, loop=loop)
+        job = _Job(
+            request=request,
+            tokens=list(request.prepared.prompt_tokens),
+            grammar=request.prepared.constraint,
+            arrived=arrived,
+            loop=loop,
+        )
         expiry = None
         if request.deadline is not None:
             remaining = request.deadline - time.monotonic()
@@ -271,7 +286,7 @@ class LlamaCppEngine:
         with self._pending_lock:
             self._pending -= 1
         if future.cancelled() and not job.stop.is_set():
-            job.emit(Unavailable("the generator shut down before this request started"))
+            job.emit(EngineUnavailable("the generator shut down before this request started"))
 
     # -- preparation (any thread) -------------------------------------------------------------
 
@@ -284,19 +299,19 @@ class LlamaCppEngine:
         else:
             tokens = []
         if not tokens:
-            raise InvalidArgument("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         grammar = self._grammar(request.json_schema) if request.json_schema is not None else None
         return tokens, grammar
 
     def _chat_tokens(self, turns: Sequence[ChatTurn]) -> list[int]:
         llama = self._require_loaded()
         if self._chat is None:
-            raise InvalidArgument("this model has no chat template; send a prompt instead of chat messages")
+            raise InvalidRequest("this model has no chat template; send a prompt instead of chat messages")
         messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
         try:
             text = self._chat(messages=messages).prompt
         except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
-            raise InvalidArgument(f"the chat cannot be rendered with the model's template: {exc}") from exc
+            raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
         # The template writes the special tokens (BOS, turn markers) itself.
         return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
@@ -310,13 +325,13 @@ class LlamaCppEngine:
         try:
             gbnf = json_schema_to_grammar(schema)
         except ValueError as exc:
-            raise InvalidArgument(f"output.json_schema: {exc}") from exc
+            raise InvalidRequest(f"output.json_schema: {exc}") from exc
         # llama.cpp's sampler would crash on a grammar its parser rejects, so parse it once here.
         sampler = llama_cpp.llama_sampler_init_grammar(
             self._vocab(self._require_loaded()), gbnf.encode(), b"root"
         )
         if not sampler:
-            raise InvalidArgument(
+            raise InvalidRequest(
                 "output.json_schema: llama.cpp cannot compile the grammar for this schema "
                 "(very large repetition counts or deeply nested bounds are the usual cause)"
             )
@@ -353,7 +368,7 @@ class LlamaCppEngine:
             log.exception("llama.cpp failed request %s", job.request.request_id)
             # The context may hold half a batch; start the next request from a clean state.
             self._model.reset()
-            job.emit(Unavailable(f"llama.cpp failed: {exc}"))
+            job.emit(EngineUnavailable(f"llama.cpp failed: {exc}"))
         finally:
             self._running = None
 
@@ -448,7 +463,7 @@ class LlamaCppEngine:
 
     def _require_loaded(self) -> Llama:
         if self._llama is None or self._closed:
-            raise Unavailable("the llama.cpp engine is not running")
+            raise EngineUnavailable("the llama.cpp engine is not running")
         return self._llama
 
     @staticmethod

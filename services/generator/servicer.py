@@ -18,16 +18,26 @@ from prometheus_client import Counter, Gauge, Histogram
 from til.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 from services.common.admission import Admission
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from services.common.server import Service
 from services.generator.engine import (
     ChatTurn,
     EngineDelta,
+    EngineError,
     EngineEvent,
     EngineFinished,
+    EngineOverloaded,
     EngineRequest,
     EngineStarted,
+    EngineUnavailable,
     GenerationEngine,
+    InvalidRequest,
     PromptTooLong,
     Sampling,
     TokenizeInput,
@@ -105,6 +115,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         deadline = times.arrived + remaining if remaining is not None else None
         engine_request = self._engine_request(request, deadline)
         request_id = engine_request.request_id
+        # Every check that needs the model runs before the request waits for a slot.
+        try:
+            engine_request = await self._engine.prepare(engine_request)
+        except EngineError as exc:
+            raise status_error(exc) from exc
 
         async with self._admission.slot():
             times.admitted = time.monotonic()
@@ -139,8 +154,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                             )  # fmt: skip
                             yield generator_pb2.GenerateResponse(finished=_finished(event, timings))
                             return
-            except PromptTooLong as exc:
-                raise InvalidArgument(f"{exc}; shorten the prompt or lower stopping.max_tokens") from exc
+            except EngineError as exc:
+                raise status_error(exc) from exc
             except TimeoutError as exc:
                 ABORTED.labels("deadline").inc()
                 log.info("request %s stopped at its deadline", request_id)
@@ -199,7 +214,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 raise InvalidArgument(
                     f"inputs hold more than {limits.max_tokenize_chars} characters in all; split the call"
                 )
-        counts = await self._engine.tokenize(inputs, offsets=request.return_offsets)
+        try:
+            counts = await self._engine.tokenize(inputs, offsets=request.return_offsets)
+        except EngineError as exc:
+            raise status_error(exc) from exc
         return generator_pb2.TokenizeResponse(
             results=[
                 generator_pb2.TokenizeResult(token_count=c.count, offsets=c.offsets or ()) for c in counts
@@ -273,6 +291,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             json_schema=_json_schema(request.output.json_schema),
             deadline=deadline,
         )
+
+
+def status_error(exc: EngineError) -> ServiceError:
+    """The one place an engine's error becomes a gRPC status."""
+    if isinstance(exc, PromptTooLong):
+        return InvalidArgument(f"{exc}; shorten the prompt or lower stopping.max_tokens")
+    if isinstance(exc, InvalidRequest):
+        return InvalidArgument(str(exc))
+    if isinstance(exc, EngineOverloaded):
+        return ResourceExhausted(str(exc), retry_after_s=exc.retry_after_s)
+    if isinstance(exc, EngineUnavailable):
+        return Unavailable(str(exc))
+    return Unavailable(f"the engine failed the request: {exc}")
 
 
 @dataclass

@@ -347,6 +347,10 @@ class VllmEngine:
             self._loaded = None
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
+        # Until the checks move here from generate() (the vLLM side's work), they run in generate().
+        return request
+
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         loaded = self._require_loaded()
         llm = loaded.llm

@@ -24,9 +24,8 @@ from til.v1 import common_pb2, generator_pb2
 from til.v1.generator_pb2_grpc import GeneratorServiceStub
 
 from services.common.admission import Admission
-from services.common.errors import Unavailable
 from services.generator.config import GeneratorSettings
-from services.generator.engine import EngineDelta, EngineLoad, EngineRequest
+from services.generator.engine import EngineDelta, EngineLoad, EngineRequest, EngineUnavailable
 from services.generator.models import packaged_gguf
 from services.generator.servicer import GenerationLimits, GeneratorServicer
 from tests.conftest import in_process_server
@@ -257,7 +256,7 @@ async def test_closing_the_engine_ends_running_and_queued_requests_as_unavailabl
             async for event in engine.generate(request):
                 if isinstance(event, EngineDelta):
                     first_text.set()
-        except Unavailable as exc:
+        except EngineUnavailable as exc:
             return exc
         return None
 
@@ -268,8 +267,8 @@ async def test_closing_the_engine_ends_running_and_queued_requests_as_unavailabl
 
     await asyncio.wait_for(engine.close(), 5)
     errors = await asyncio.wait_for(asyncio.gather(running, waiting), 5)
-    assert [type(e) for e in errors] == [Unavailable, Unavailable]
-    with pytest.raises(Unavailable):
+    assert [type(e) for e in errors] == [EngineUnavailable, EngineUnavailable]
+    with pytest.raises(EngineUnavailable):
         await anext(aiter(engine.generate(queued)))
 
 

@@ -8,6 +8,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -18,13 +19,18 @@ from services.common.admission import Admission
 from services.generator.engine import (
     ChatTurn,
     EngineDelta,
+    EngineError,
     EngineEvent,
     EngineFinished,
     EngineLoad,
+    EngineOverloaded,
     EngineRequest,
     EngineStarted,
+    EngineUnavailable,
     GenerationEngine,
+    InvalidRequest,
     ModelInfo,
+    Prepared,
     PromptTooLong,
     Sampling,
     TokenCount,
@@ -49,6 +55,7 @@ class ScriptedEngine:
         hold: bool = False,
         fail_before_start: Exception | None = None,
         fail_after_start: Exception | None = None,
+        fail_prepare: Exception | None = None,
     ) -> None:
         self.info = ModelInfo(
             model="scripted-1",
@@ -62,6 +69,8 @@ class ScriptedEngine:
         self.hold = hold
         self.fail_before_start = fail_before_start
         self.fail_after_start = fail_after_start
+        self.fail_prepare = fail_prepare
+        self.prepared: list[EngineRequest] = []
         self.requests: list[EngineRequest] = []
         self.tokenized: list[tuple[list[TokenizeInput], bool]] = []
         self.open_streams = 0
@@ -88,6 +97,12 @@ class ScriptedEngine:
             else:
                 counts.append(TokenCount(10 * len(item)))
         return counts
+
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
+        self.prepared.append(request)
+        if self.fail_prepare is not None:
+            raise self.fail_prepare
+        return replace(request, prepared=Prepared(prompt_tokens=(1, 2, 3)))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         self.requests.append(request)
@@ -474,3 +489,61 @@ async def test_invalid_tokenize_requests_are_refused_before_the_engine(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert says in (error.value.details() or "")
     assert engine.tokenized == []
+
+
+ENGINE_ERRORS = {
+    "invalid request": (InvalidRequest("the chat cannot be rendered"), grpc.StatusCode.INVALID_ARGUMENT),
+    "overloaded": (
+        EngineOverloaded("the KV cache is full", retry_after_s=2.0),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
+    "unavailable": (EngineUnavailable("the engine has died"), grpc.StatusCode.UNAVAILABLE),
+    "any other engine error": (EngineError("a new kind of failure"), grpc.StatusCode.UNAVAILABLE),
+}
+
+
+@pytest.mark.parametrize(("error", "code"), list(ENGINE_ERRORS.values()), ids=list(ENGINE_ERRORS))
+@pytest.mark.parametrize("where", ["prepare", "before start", "after start"])
+async def test_engine_errors_become_statuses_with_their_message(
+    error: EngineError, code: grpc.StatusCode, where: str
+) -> None:
+    engine = ScriptedEngine(
+        fail_prepare=error if where == "prepare" else None,
+        fail_before_start=error if where == "before start" else None,
+        fail_after_start=error if where == "after start" else None,
+    )
+    async with generator(engine) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))]
+    assert raised.value.code() == code
+    assert str(error) in (raised.value.details() or "")
+    if isinstance(error, EngineOverloaded):
+        assert ("retry-after-ms", "2000") in tuple(raised.value.trailing_metadata() or ())
+
+
+async def test_a_request_the_engine_refuses_is_refused_at_once_while_the_engine_is_busy() -> None:
+    engine = ScriptedEngine(hold=True)
+    admission = Admission("generator-busy", max_active=1, max_waiting=4)
+    async with generator(engine, admission=admission) as stub:
+        running = stub.Generate(generator_pb2.GenerateRequest(prompt="long"))
+        await running.read()
+        await asyncio.wait_for(engine.holding.wait(), 5)
+
+        engine.fail_prepare = PromptTooLong("the prompt has 9000 tokens")
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="x" * 100))]
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert time.monotonic() - started < 1.0
+        # Only the running request reached generate(); the refused one never waited for its slot.
+        assert [r.prompt for r in engine.requests] == ["long"]
+        assert [r.prompt for r in engine.prepared] == ["long", "x" * 100]
+        running.cancel()
+
+
+async def test_the_prepared_request_is_what_the_engine_generates() -> None:
+    engine = ScriptedEngine()
+    async with generator(engine) as stub:
+        _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))]
+    (seen,) = engine.requests
+    assert seen.prepared == Prepared(prompt_tokens=(1, 2, 3))
