@@ -6,12 +6,13 @@ A'. `engine-wrapper` our `VllmEngine.generate()` in this process: what the wrapp
 B. `openai`          `vllm serve` over HTTP/SSE (/v1/completions): vLLM's own front end.
 C. `generator`       our generator over gRPC (til.v1.GeneratorService/Generate).
 
-TIL workload (the edge's chat for a diff, its JSON Schema, at most `--output-len` tokens, no
-`ignore_eos`: the edge's contract has none; see bench/til_workload.py):
-A_til. `engine-til`     the same chat and schema straight into AsyncLLM: D's ceiling.
-B_til. `openai-til`     the same chat and schema through `vllm serve`'s /v1/chat/completions.
-C_til. `generator-til`  the same chat and schema through our generator.
-D. `edge`               edge -> generator (til.v1.EdgeService/GenerateTil, CACHE_POLICY_BYPASS).
+TIL workload (the request the edge's own pipeline makes for a diff: its chat, its JSON Schema with
+the content budget, `--output-len` tokens with `ignore_eos`; see bench/til_workload.py):
+A_til. `engine-til`     that chat and schema straight into AsyncLLM: D's ceiling.
+B_til. `openai-til`     that chat and schema through `vllm serve`'s /v1/chat/completions.
+C_til. `generator-til`  that GenerateRequest through our generator.
+D. `edge`               edge -> generator (til.v1.EdgeService/GenerateTil, CACHE_POLICY_BYPASS,
+                        generation.ignore_eos), which builds the same request itself.
 E. `edge-hit`           the edge answering from the cache (one seeded diff per client process).
 
 Every arm samples greedily. The network arms talk only the til.v1 contract (and vLLM's OpenAI
@@ -30,6 +31,7 @@ from bench.metrics import RequestRecord
 from bench.prompts import Prompt
 
 if TYPE_CHECKING:
+    from bench.til_workload import TilRequest
     from services.generator.vllm_engine import VllmEngine
 
 IN_PROCESS = ("engine", "engine-wrapper", "engine-til")
@@ -123,10 +125,10 @@ class EngineArm:
 
 
 class EngineTilArm:
-    """A_til: the edge's chat and JSON Schema for a diff, straight into AsyncLLM.
+    """A_til: the edge's request for a diff, straight into AsyncLLM.
 
-    The chat template runs before the clock starts (D's edge and generator do theirs inside it); the
-    schema goes through the backend's `prepared_schema`, as the generator sends it.
+    The chat template ran when the prompt was made (D's edge and generator do theirs inside the clock);
+    the schema goes through the backend's `prepared_schema`, as the generator sends it.
     """
 
     name = "engine-til"
@@ -134,43 +136,45 @@ class EngineTilArm:
     def __init__(self, engine: VllmEngine) -> None:
         self._engine = engine
         self._ids = itertools.count()
-        self._params: dict[int, Any] = {}
+        self._params: dict[tuple[str, int, bool], Any] = {}
 
     async def open(self) -> None:
         pass
 
-    def _sampling(self, output_len: int) -> Any:
-        if output_len not in self._params:
+    def _sampling(self, til: TilRequest, output_len: int) -> Any:
+        key = (til.request().output.json_schema, output_len, til.ignore_eos)
+        if key not in self._params:
             from vllm import SamplingParams
             from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-            from bench.til_workload import schema
             from services.generator.vllm_engine import prepared_schema
 
-            self._params[output_len] = SamplingParams(
+            self._params[key] = SamplingParams(
                 max_tokens=output_len,
+                ignore_eos=til.ignore_eos,
                 temperature=0.0,
                 output_kind=RequestOutputKind.DELTA,
-                structured_outputs=StructuredOutputsParams(json=prepared_schema(schema())),
+                structured_outputs=StructuredOutputsParams(json=prepared_schema(til.schema())),
             )
-        return self._params[output_len]
+        return self._params[key]
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         from vllm import TokensPrompt
 
-        from bench.til_workload import chat_tokens, diff_for
-
         llm = self._engine.async_llm
-        ids = chat_tokens(llm.get_tokenizer(), diff_for(prompt))
-        params = self._sampling(output_len)
-        record = RequestRecord(start=time.monotonic(), prompt_tokens=len(ids))
+        til = _til(prompt)
+        params = self._sampling(til, output_len)
+        eos = llm.get_tokenizer().eos_token_id
+        record = RequestRecord(start=time.monotonic(), prompt_tokens=len(prompt.token_ids))
         try:
-            tokens = TokensPrompt(prompt_token_ids=ids)
+            tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
             async for out in llm.generate(tokens, params, request_id=f"bench-at-{next(self._ids)}"):
-                n = len(out.outputs[0].token_ids)
-                if n:
+                ids = out.outputs[0].token_ids
+                if ids:
                     record.message_times.append(time.monotonic())
-                    record.tokens += n
+                    if record.constrained_tokens is None and eos in ids:
+                        record.constrained_tokens = record.tokens + list(ids).index(eos) + 1
+                    record.tokens += len(ids)
         except Exception as exc:
             record.error = _error_name(exc)
         record.end = time.monotonic()
@@ -178,6 +182,12 @@ class EngineTilArm:
 
     async def close(self) -> None:
         pass
+
+
+def _til(prompt: Prompt) -> TilRequest:
+    if prompt.til is None:
+        raise ValueError("a TIL arm was given a plain prompt; TIL arms take TilWorkload prompts")
+    return prompt.til
 
 
 class EngineWrapperArm:
@@ -249,17 +259,18 @@ class OpenAIArm:
         }
         if not self._til:
             return {**body, "prompt": prompt.text, "ignore_eos": True}
-        from bench.til_workload import chat_messages, diff_for, schema
         from services.generator.vllm_engine import prepared_schema
 
+        til = _til(prompt)
         # The schema as our generator hands it to vLLM (lengths folded into patterns), so that both
         # pay the same grammar cost.
         return {
             **body,
-            "messages": chat_messages(diff_for(prompt)),
+            "messages": til.messages(),
+            "ignore_eos": til.ignore_eos,
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": "til", "schema": prepared_schema(schema())},
+                "json_schema": {"name": "til", "schema": prepared_schema(til.schema())},
             },
         }
 
@@ -339,15 +350,11 @@ class GeneratorArm(_GrpcArm):
                 sampling=sampling,
                 stopping=common_pb2.StoppingCriteria(max_tokens=output_len, ignore_eos=True),
             )
-        from bench.til_workload import chat, diff_for, schema
-
-        return generator_pb2.GenerateRequest(
-            request_id=request_id,
-            chat=chat(diff_for(prompt)),
-            sampling=sampling,
-            stopping=common_pb2.StoppingCriteria(max_tokens=output_len),
-            output=generator_pb2.OutputFormat(json_schema=json.dumps(schema(), ensure_ascii=False)),
-        )
+        # The edge's own request for the diff, byte for byte but for its id and (in warm-ups) the budget.
+        request = _til(prompt).request()
+        request.request_id = request_id
+        request.stopping.max_tokens = output_len
+        return request
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         request = self._request(prompt, output_len)
@@ -411,15 +418,20 @@ class EdgeArm(_GrpcArm):
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         from til.v1 import common_pb2, edge_pb2
 
-        from bench.til_workload import diff_for, edge_request
+        from bench.til_workload import edge_request
 
+        sampling = common_pb2.SamplingParams(temperature=0.0)
         if self._hit:
             if output_len not in self._seeded:
                 self._seeded[output_len] = await self._seed(prompt, output_len)
-            diff, policy = self._seeded[output_len], edge_pb2.CACHE_POLICY_UNSPECIFIED
+            request = edge_request(
+                self._seeded[output_len], output_len, sampling, edge_pb2.CACHE_POLICY_UNSPECIFIED
+            )
         else:
-            diff, policy = diff_for(prompt), edge_pb2.CACHE_POLICY_BYPASS
-        request = edge_request(diff, output_len, common_pb2.SamplingParams(temperature=0.0), policy)
+            til = _til(prompt)
+            request = edge_request(
+                til.diff, output_len, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=til.ignore_eos
+            )
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:

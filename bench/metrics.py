@@ -30,6 +30,9 @@ class RequestRecord:
     # call's arrival at the server to its first text, and its queueing before the engine ran it.
     server_ttft_ms: float | None = None
     server_queue_ms: float | None = None
+    # In-process TIL arm: tokens up to and including the end-of-sequence token that closed the grammar
+    # (what follows under ignore_eos is unconstrained); None where it is not known.
+    constrained_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -95,6 +98,9 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         output_tokens_mean=round(tokens / len(ok), 1),
         tokens_per_message=round(tokens / messages, 3),
     )
+    constrained = [r.constrained_tokens for r in ok if r.constrained_tokens is not None]
+    if constrained:
+        row["constrained_tokens_mean"] = round(sum(constrained) / len(constrained), 1)
     server_ttft = [r.server_ttft_ms for r in ok if r.server_ttft_ms is not None]
     server_queue = [r.server_queue_ms for r in ok if r.server_queue_ms is not None]
     for name, values in (("server_ttft_ms", server_ttft), ("server_queue_ms", server_queue)):

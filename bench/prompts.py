@@ -12,7 +12,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.til_workload import TilRequest
 
 # Whole lower-case words with a leading space: text made of them re-tokenizes stably.
 _WORD = re.compile(r"^ [a-z]{3,12}$")
@@ -21,8 +24,11 @@ _WORD = re.compile(r"^ [a-z]{3,12}$")
 @dataclass(frozen=True)
 class Prompt:
     text: str
-    # `text` tokenized as a server tokenizes a raw prompt (with BOS where the model adds one).
+    # `text` tokenized as a server tokenizes a raw prompt (with BOS where the model adds one); for a TIL
+    # prompt, the edge's chat for the diff in `text` as the generator tokenizes it.
     token_ids: tuple[int, ...]
+    # TIL prompts: the request every TIL arm sends (bench/til_workload.py).
+    til: TilRequest | None = None
 
 
 class PromptFactory:

@@ -11,9 +11,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import compare
+
 _COLUMNS = [
     ("concurrency", "conc", "{}"),
     ("arm", "arm", "{}"),
+    ("generator_replicas", "repl", "{}"),
+    ("tensor_parallel_size", "TP", "{}"),
     ("requests", "req", "{}"),
     ("failures", "fail", "{}"),
     ("output_tok_s", "out tok/s", "{:,.0f}"),
@@ -30,6 +34,7 @@ _COLUMNS = [
     ("server_queue_ms_p50", "server queue p50", "{:.1f}"),
     ("prompt_tokens_mean", "prompt tok", "{:.0f}"),
     ("output_tokens_mean", "out tok", "{:.0f}"),
+    ("constrained_tokens_mean", "JSON tok", "{:.0f}"),
 ]
 
 
@@ -47,8 +52,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"- command: `{results['command']}`",
         f"- started: {results['started_at']}; device: {results['device']}",
-        f"- prompts: {params['prompts']}; output: {params['output_len']} tokens"
-        f" (ignore_eos where the arm allows); {params['rounds']} x concurrency requests per level"
+        f"- prompts: {params['prompts']}; TIL prompts: {params.get('til_prompts', '-')}; output:"
+        f" {params['output_len']} tokens for every arm but edge-hit (ignore_eos; TIL arms under the edge's"
+        f" schema); {params['rounds']} x concurrency requests per level"
         f" (at least {params['min_requests']}), after a warm-up at the same concurrency",
         "- times in ms; TTFT/ITL/E2E measured by the client; TPOT = (E2E - TTFT) / (tokens - 1);"
         " ITL is the gap between text messages (tok/msg tokens each)",
@@ -69,7 +75,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"- {row['arm']} @ {row['concurrency']}: errors {row.get('errors') or {}},"
                 f" notes {row.get('notes') or {}}"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + compare.markdown(results)
+
+
+def series_name(row: dict[str, Any]) -> str:
+    """The arm, with its replicas and tensor parallelism where they are not one."""
+    replicas, tp = row.get("generator_replicas") or 1, row.get("tensor_parallel_size") or 1
+    return row["arm"] + (f" x{replicas}" if replicas > 1 else "") + (f" TP={tp}" if tp > 1 else "")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -85,12 +97,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ("tpot_ms_p50", "TPOT p50 (ms)"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    arms = list(dict.fromkeys(row["arm"] for row in results["rows"]))
+    series = list(dict.fromkeys(series_name(row) for row in results["rows"]))
     levels = sorted({row["concurrency"] for row in results["rows"]})
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for arm in arms:
-            rows = [r for r in results["rows"] if r["arm"] == arm and r.get(key) is not None]
-            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=arm)
+        for name in series:
+            rows = [r for r in results["rows"] if series_name(r) == name and r.get(key) is not None]
+            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=name)
         ax.set_title(title)
         ax.set_xlabel("concurrent streams")
         ax.set_xscale("symlog", linthresh=16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import shlex
 import subprocess
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import compare
 from bench.arms import (
     ALL_ARMS,
     IN_PROCESS,
@@ -38,8 +40,9 @@ from bench.arms import (
 )
 from bench.load import ClientProcesses, Ticker, closed_loop, default_client_processes
 from bench.metrics import RequestRecord, summarize
-from bench.prompts import PromptFactory, PromptPool, load_dataset
+from bench.prompts import Prompt, PromptFactory, PromptPool, load_dataset
 from bench.report import write_all
+from bench.til_workload import TilPool
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", required=True, help=f"comma-separated, from: {', '.join(ALL_ARMS)}")
     p.add_argument("--concurrency", default="1,16,64,100,128", help="comma-separated levels")
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens (exact) when no --dataset")
-    p.add_argument("--output-len", type=int, default=256, help="output tokens (ignore_eos)")
+    p.add_argument("--output-len", type=int, default=256, help="output tokens of every arm (ignore_eos)")
     p.add_argument(
         "--til-input-len",
         type=int,
         default=512,
-        help="TIL arms: diffs sized so that the edge's chat prompt has about this many tokens",
+        help="TIL arms: diffs sized so that the edge's chat prompt has this many tokens",
     )
     p.add_argument(
         "--dataset", type=Path, help='JSON Lines of {"prompt": ...} instead of fixed-length prompts'
@@ -94,6 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cacher-addr", default="127.0.0.1:50054", help="edge-hit: the edge's cacher, to seed")
     g.add_argument("--openai-url", default="http://127.0.0.1:8000")
     g.add_argument("--openai-model", default="", help="served model name (default: --model-id)")
+    g.add_argument(
+        "--generator-replicas",
+        type=int,
+        default=1,
+        help="generator processes behind the edge (recorded in the edge arms' rows)",
+    )
+    g.add_argument(
+        "--hbm-tb-s",
+        type=float,
+        default=None,
+        help="memory bandwidth for the decode floor (default: by device)",
+    )
     g.add_argument(
         "--client-procs",
         type=int,
@@ -115,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--engine-seed", type=int, default=0)
     e.add_argument("--load-format", default="auto", help='"dummy": random weights, real speed')
     e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument(
+        "--bitmask-parallel-threshold",
+        type=int,
+        default=None,
+        help="GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD for the in-process engine (tilserve's vLLM plugin)",
+    )
+    e.add_argument("--bitmask-parallel-workers", type=int, default=None)
+    e.add_argument("--bitmask-parallel-batch-size", type=int, default=None)
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ALL_ARMS]
@@ -142,6 +165,9 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         seed=args.engine_seed,
         load_format=args.load_format,
         trust_remote_code=args.trust_remote_code,
+        structured_output_parallel_threshold=args.bitmask_parallel_threshold,
+        structured_output_parallel_workers=args.bitmask_parallel_workers,
+        structured_output_parallel_batch_size=args.bitmask_parallel_batch_size,
     )
 
 
@@ -177,6 +203,7 @@ class Driver:
         self.local: dict[str, Arm] = {}
         self.specs: dict[str, ArmSpec] = {}
         self.clients: ClientProcesses | None = None
+        self.generator_info: Any = None
         self.results: dict[str, Any] = {
             "label": args.label,
             "command": command_line(),
@@ -186,40 +213,29 @@ class Driver:
                 "arms": args.arms,
                 "concurrency": args.concurrency,
                 "prompts": f"dataset {args.dataset}" if args.dataset else f"{args.input_len} tokens (exact)",
-                "til_prompts": f"diffs sized for a ~{args.til_input_len}-token chat prompt",
+                "til_prompts": f"the edge's request for diffs sized to a {args.til_input_len}-token chat prompt",
                 "output_len": args.output_len,
                 "rounds": args.rounds,
                 "min_requests": args.min_requests,
                 "warmup_output_len": args.warmup_output_len,
                 "client_procs": args.client_procs,
+                "generator_replicas": args.generator_replicas,
             },
             "engine_settings": {},
             "rows": [],
         }
 
-    async def setup(self) -> dict[str, PromptPool]:
-        """Starts the in-process engine and opens the network arms; returns a prompt pool per workload."""
+    async def setup(self) -> dict[str, PromptPool | TilPool]:
+        """Starts the in-process engine, opens the network arms; returns a prompt pool per workload."""
         from transformers import AutoTokenizer
 
         args = self.args
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        pools: dict[str, PromptPool] = {}
+        pools: dict[str, PromptPool | TilPool] = {}
         if args.dataset:
             pools["plain"] = PromptPool(None, 0, load_dataset(args.dataset, tokenizer))
         else:
             pools["plain"] = PromptPool(PromptFactory(tokenizer, args.seed), args.input_len, None)
-        if any(a in TIL_ARMS for a in args.arms):
-            from bench.til_workload import words_for_prompt_tokens
-
-            words = words_for_prompt_tokens(
-                PromptFactory(tokenizer, args.seed + 1), tokenizer, args.til_input_len
-            )
-            self.results["params"]["til_diff_words"] = words
-            # One pool per TIL arm, all from the same seed: every TIL arm sends the same diffs in the
-            # same order (in any run), so their grammar-constrained outputs, and with them the cost
-            # of the grammar per token, are the same. The diffs differ within an arm.
-            for arm in (a for a in args.arms if a in TIL_ARMS):
-                pools[arm] = PromptPool(PromptFactory(tokenizer, args.seed + 2), words, None)
 
         if any(a in IN_PROCESS for a in args.arms):
             from services.generator.vllm_engine import VllmEngine
@@ -245,10 +261,30 @@ class Driver:
             "edge-hit": args.edge_addr,
         }
         generator_model = ""
-        if any(a in ("generator", "generator-til", "edge-hit") for a in args.arms):
-            settings_seen = await generator_settings(args.generator_addr)
+        if any(a in ("generator", "generator-til", "edge", "edge-hit") for a in args.arms):
+            self.generator_info = await generator_info(args.generator_addr)
+            settings_seen = info_settings(self.generator_info)
             self.results["engine_settings"]["generator"] = settings_seen
             generator_model = settings_seen["model"]
+
+        if any(a in TIL_ARMS for a in args.arms):
+            from bench.til_workload import TilWorkload, edge_settings
+
+            workload = TilWorkload(
+                tokenizer,
+                PromptFactory(tokenizer, args.seed + 2),
+                target_tokens=args.til_input_len,
+                output_len=args.output_len,
+                info=self.generator_info or model_info_of(args),
+                settings=edge_settings(),
+            )
+            first = await workload.item(0)
+            assert first.til is not None
+            self.results["params"]["til_schema"] = first.til.schema()
+            # One pool per TIL arm over one workload: every TIL arm sends the same diffs in the same order.
+            for arm in (a for a in args.arms if a in TIL_ARMS):
+                pools[arm] = TilPool(workload)
+
         for name in (a for a in args.arms if a in NETWORK):
             model = generator_model if name == "edge-hit" else args.openai_model
             self.specs[name] = ArmSpec(name=name, target=targets[name], model=model, cacher=args.cacher_addr)
@@ -260,16 +296,46 @@ class Driver:
                 await self.local[name].open()
         return pools
 
+    def row_facts(self, arm: str) -> dict[str, Any]:
+        """What each row carries besides its figures: the workload, the replicas and the parallelism."""
+        tp = self.args.tensor_parallel_size
+        if arm in ("generator", "generator-til", "edge", "edge-hit") and self.generator_info is not None:
+            tp = int(self.generator_info.engine_settings.get("tensor_parallel_size") or tp)
+        return {
+            "workload": "til" if arm in TIL_ARMS else "plain",
+            "generator_replicas": self.args.generator_replicas if arm in ("edge", "edge-hit") else 1,
+            "tensor_parallel_size": tp,
+        }
+
+    def conclude(self) -> None:
+        """Ratios between like rows, the issues' checks, the decode floor."""
+        rows = self.results["rows"]
+        self.results["ratios"] = compare.ratios(rows)
+        self.results["checks"] = compare.checks(rows)
+        config_path = Path(self.args.model) / "config.json"
+        if config_path.exists():
+            device = self.results["device"]
+            if self.args.hbm_tb_s:
+                compare.HBM_TB_S[device] = self.args.hbm_tb_s
+            self.results["limits"] = compare.limits(
+                json.loads(config_path.read_text()),
+                device,
+                self.args.concurrency,
+                self.args.input_len,
+                self.args.output_len,
+            )
+
     async def batch(
         self,
         arm: str,
-        pools: dict[str, PromptPool],
+        pools: dict[str, PromptPool | TilPool],
         count: int,
         concurrency: int,
         output_len: int,
         label: str,
     ) -> list[RequestRecord]:
-        prompts = pools[arm if arm in TIL_ARMS else "plain"].take(count)
+        pool = pools[arm if arm in TIL_ARMS else "plain"]
+        prompts: list[Prompt] = await pool.take(count) if isinstance(pool, TilPool) else pool.take(count)
         with Ticker(label, count, counting=arm in self.local) as ticker:
             if arm in self.local:
                 return await closed_loop(self.local[arm], prompts, concurrency, output_len, ticker.count)
@@ -294,9 +360,15 @@ class Driver:
                     count = max(args.rounds * concurrency, args.min_requests)
                     print(f"{tag} measuring: {count} requests", flush=True)
                     records = await self.batch(arm, pools, count, concurrency, args.output_len, tag)
-                    row = {"arm": arm, "concurrency": concurrency, **summarize(records)}
+                    row = {
+                        "arm": arm,
+                        "concurrency": concurrency,
+                        **self.row_facts(arm),
+                        **summarize(records),
+                    }
                     self.results["rows"].append(row)
                     print(f"{tag} {row_line(row)}", flush=True)
+                    self.conclude()
                     write_all(self.results, out, with_plot=False)
             write_all(self.results, out)
             print(f"results in {out}/results.md", flush=True)
@@ -312,23 +384,41 @@ class Driver:
             await self.engine.close()
 
 
-async def generator_settings(addr: str) -> dict[str, str]:
-    """The generator's engine settings as GetModelInfo reports them."""
+async def generator_info(addr: str) -> Any:
+    """The generator's GetModelInfoResponse."""
     import grpc
     from til.v1 import generator_pb2, generator_pb2_grpc
 
     async with grpc.aio.insecure_channel(addr) as channel:
-        info = await generator_pb2_grpc.GeneratorServiceStub(channel).GetModelInfo(
+        return await generator_pb2_grpc.GeneratorServiceStub(channel).GetModelInfo(
             generator_pb2.GetModelInfoRequest(), timeout=30
         )
+
+
+def info_settings(info: Any) -> dict[str, str]:
+    """The generator's engine settings as GetModelInfo reports them."""
     return {"model": info.model, "backend": info.backend, **dict(info.engine_settings)}
+
+
+def model_info_of(args: argparse.Namespace) -> Any:
+    """What a generator with the in-process engine's settings would report (no generator in this run)."""
+    from til.v1 import generator_pb2
+
+    return generator_pb2.GetModelInfoResponse(
+        model=args.model_id,
+        backend="vllm",
+        model_path=args.model,
+        max_model_len=args.max_model_len,
+        default_max_tokens=args.output_len,
+    )
 
 
 def row_line(row: dict[str, Any]) -> str:
     if "output_tok_s" not in row:
         return f"all {row['requests']} requests failed: {row['errors']}"
     return (
-        f"{row['output_tok_s']:,.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:.1f} p99 {row['ttft_ms_p99']:.1f} ms,"
+        f"{row['output_tok_s']:,.0f} tok/s, {row['output_tokens_mean']:.0f} out tok/req,"
+        f" {row['prompt_tokens_mean']:.0f} prompt tok/req, TTFT p50 {row['ttft_ms_p50']:.1f} p99 {row['ttft_ms_p99']:.1f} ms,"
         f" TPOT p50 {row['tpot_ms_p50']:.2f} ms, ITL p99 {row['itl_ms_p99']:.2f} ms,"
         f" {row['tokens_per_message']:.2f} tok/msg, {row['failures']} failed"
     )

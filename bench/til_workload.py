@@ -1,19 +1,30 @@
-"""The TIL workload: what the edge sends the generator for a diff, rebuilt so that arms A and C can
-send exactly the same request without the edge.
+"""The TIL workload: what the edge sends the generator for a diff, taken from the edge's own code path so
+that every TIL arm sends exactly the same request.
 
-The edge (arm D) turns a diff into a chat (`services.edge.prompt.til_chat`) and a JSON Schema
-(`services.edge.til_format.til_schema`). `engine-til` (A) and `generator-til` (C) build the same chat
-and schema from the same kind of diff, so D can be compared with A and C request for request. The
-diff is sized so that the whole chat prompt has about `--til-input-len` tokens.
+For each diff, `TilWorkload` runs the edge's `TilPipeline` (validation, redaction, diff fitting, the
+chat, the JSON Schema with its content budget, the stopping rule) against a generator stand-in that
+records the `GenerateRequest` the edge would send and goes no further. The arms then send that request:
+`generator-til` (C_til) as it is, `engine-til` (A_til) as the chat template's token ids plus the
+schema, `openai-til` (B_til) as chat messages plus the schema, and `edge` (D) sends the diff itself
+with the same overrides, so the real edge builds the same request again. Whatever the edge's code
+does to the request (a new budget rule, a new schema), every arm follows.
+
+Every request yields the same number of tokens by construction: the benchmark asks for
+`generation.ignore_eos` (edge: `EDGE_ALLOW_IGNORE_EOS=true`), so generation runs to max_tokens. Under
+a grammar, vLLM masks every token but end-of-sequence once the JSON is closed; with ignore_eos the
+end-of-sequence token does not stop the request, the grammar counts as terminated and the rest is
+unconstrained. Diffs are sized so that the chat prompt has exactly `target_tokens` tokens (within a
+few where the tokenizer will not allow it; rows show the mean).
 
 Arm E (`edge-hit`) needs a cached TIL. A model with random weights never closes the TIL's JSON within
-a few hundred tokens, so the edge would never store one; `seed_cache` stores a TIL under the key the
+a few hundred tokens, so the edge would never store one; `cache_seed` stores a TIL under the key the
 edge computes for the request, through the cacher's own API.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +33,7 @@ from bench.prompts import Prompt, PromptFactory
 DATE = "2025-01-01"
 LANGUAGE = "markdown"
 COMMIT_MESSAGES = ("Add benchmark notes",)
+WORDS_PER_LINE = 12
 # A TIL that meets every rule of the format (for the cache seed).
 SEED_TIL = {
     "title": f"{DATE} TIL - 벤치마크 메모 추가",
@@ -30,10 +42,9 @@ SEED_TIL = {
 }
 
 
-def diff_for(prompt: Prompt) -> str:
-    """A unified diff that adds the prompt's words as a Markdown file."""
-    words = prompt.text.split()
-    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+def diff_of_words(words: list[str]) -> str:
+    """A unified diff that adds `words` as a Markdown file."""
+    lines = [" ".join(words[i : i + WORDS_PER_LINE]) for i in range(0, len(words), WORDS_PER_LINE)]
     header = (
         "diff --git a/notes/bench.md b/notes/bench.md\n"
         "--- a/notes/bench.md\n+++ b/notes/bench.md\n"
@@ -42,42 +53,220 @@ def diff_for(prompt: Prompt) -> str:
     return header + "".join(f"+{line}\n" for line in lines)
 
 
-def chat(diff: str) -> Any:
-    """The chat (generator_pb2.ChatMessages) the edge sends for `diff`, with no related TILs: the
-    benchmark runs the edge without a retriever."""
-    from services.edge.prompt import til_chat
-
-    return til_chat(diff=diff, date=DATE, language=LANGUAGE, commit_messages=COMMIT_MESSAGES)
-
-
-def chat_messages(diff: str) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in chat(diff).messages]
+def diff_for(prompt: Prompt) -> str:
+    """The diff a prompt stands for: its own (TIL prompts), or one made of its words."""
+    if prompt.til is not None:
+        return prompt.til.diff
+    return diff_of_words(prompt.text.split())
 
 
-def schema() -> dict[str, Any]:
-    from services.edge.til_format import til_schema
+def edge_request(diff: str, output_len: int, sampling: Any, policy: int, *, ignore_eos: bool = False) -> Any:
+    """The GenerateTil request the benchmark sends the edge for `diff`."""
+    from til.v1 import edge_pb2
 
-    return til_schema(DATE)
+    return edge_pb2.GenerateTilRequest(
+        diff=diff,
+        commit_messages=list(COMMIT_MESSAGES),
+        language=LANGUAGE,
+        date=DATE,
+        generation=edge_pb2.GenerationOverrides(
+            sampling=sampling, max_tokens=output_len, ignore_eos=ignore_eos
+        ),
+        cache_policy=policy,
+        owner="bench",
+    )
 
 
-def chat_tokens(tokenizer: Any, diff: str) -> list[int]:
-    text = tokenizer.apply_chat_template(chat_messages(diff), tokenize=False, add_generation_prompt=True)
+def edge_settings(**overrides: Any) -> Any:
+    """The edge's settings as the benchmark's edge runs: its EDGE_* environment, with retrieval, indexing
+    and the cache out of the way (D is edge -> generator) and ignore_eos allowed."""
+    from services.edge.config import EdgeSettings
+
+    fixed: dict[str, Any] = {
+        "retrieval_top_k": 0,
+        "question_history_k": 0,
+        "index_tils": False,
+        "allow_ignore_eos": True,
+    }
+    return EdgeSettings(**{**fixed, **overrides})
+
+
+@dataclass(frozen=True)
+class TilRequest:
+    """One TIL request as every TIL arm sends it."""
+
+    diff: str
+    # generator_pb2.GenerateRequest, serialized (it travels to client processes): what the edge sends.
+    generate_request: bytes
+
+    def request(self) -> Any:
+        from til.v1 import generator_pb2
+
+        return generator_pb2.GenerateRequest.FromString(self.generate_request)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.request().chat.messages]
+
+    def schema(self) -> dict[str, Any]:
+        return dict(json.loads(self.request().output.json_schema))
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.request().stopping.max_tokens)
+
+    @property
+    def ignore_eos(self) -> bool:
+        return bool(self.request().stopping.ignore_eos)
+
+
+class _Captured(Exception):
+    def __init__(self, request: Any) -> None:
+        super().__init__("captured")
+        self.request = request
+
+
+class _RecordingGenerator:
+    """Stands in for the generator client: answers model_info, and records the first generate()."""
+
+    def __init__(self, info: Any) -> None:
+        self._info = info
+
+    async def model_info(self, *, timeout: float | None = None) -> Any:
+        return self._info
+
+    async def generate(self, request: Any, *, timeout: float | None) -> AsyncGenerator[Any, None]:
+        raise _Captured(request)
+        yield  # an async generator, as the real client's
+
+
+class _Nothing:
+    """Cache and document store that are never reached (the request bypasses the cache, retrieval is off)."""
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the benchmark's edge pipeline reached the cache or the retriever")
+
+    put = search = upsert = get
+
+
+async def edge_generate_request(diff: str, output_len: int, info: Any, settings: Any) -> Any:
+    """The GenerateRequest the edge sends the generator for `diff` (asking for ignore_eos), built by the
+    edge's own pipeline; `info` is the generator's GetModelInfoResponse."""
+    from til.v1 import common_pb2, edge_pb2
+
+    from services.edge.pipeline import TilPipeline
+    from services.edge.stages import CallContext
+
+    pipeline = TilPipeline(_RecordingGenerator(info), _Nothing(), _Nothing(), settings)  # type: ignore[arg-type]
+    request = edge_request(
+        diff,
+        output_len,
+        common_pb2.SamplingParams(temperature=0.0),
+        edge_pb2.CACHE_POLICY_BYPASS,
+        ignore_eos=True,
+    )
+    try:
+        async for _ in pipeline.generate(pipeline.job(request), CallContext(request_id="bench")):
+            pass
+    except _Captured as captured:
+        return captured.request
+    raise RuntimeError("the edge's pipeline finished without calling the generator")
+
+
+def chat_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids as the generator makes them (template, then encode without extra specials)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def words_for_prompt_tokens(factory: PromptFactory, tokenizer: Any, target: int) -> int:
-    """How many word tokens a diff needs for the chat prompt to have about `target` tokens."""
-    frame = len(chat_tokens(tokenizer, diff_for(factory.make(2))))
-    if frame >= target:
-        raise ValueError(f"the TIL prompt has {frame} tokens with an empty diff; ask for more than that")
-    low, high = 2, target
-    while low < high:  # the diff's tokens grow with its words; find the last size not above target
-        mid = (low + high + 1) // 2
-        if len(chat_tokens(tokenizer, diff_for(factory.make(mid)))) <= target:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+class TilWorkload:
+    """Makes TIL prompts: diffs of fresh random words whose edge chat has `target_tokens` tokens.
+
+    `item(i)` is the same diff for every arm that asks for index i, so every TIL arm sends the same
+    diffs in the same order; each is made once.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        factory: PromptFactory,
+        *,
+        target_tokens: int,
+        output_len: int,
+        info: Any,
+        settings: Any,
+    ) -> None:
+        self._tok = tokenizer
+        self._factory = factory
+        self.target_tokens = target_tokens
+        self.output_len = output_len
+        self._info = info
+        self._settings = settings
+        self._items: list[Prompt] = []
+        self._words: int | None = None
+
+    async def _measure(self, words: list[str]) -> tuple[Prompt, int]:
+        diff = diff_of_words(words)
+        request = await edge_generate_request(diff, self.output_len, self._info, self._settings)
+        til = TilRequest(diff=diff, generate_request=request.SerializeToString())
+        ids = chat_tokens(self._tok, til.messages())
+        return Prompt(text=diff, token_ids=tuple(ids), til=til), len(ids)
+
+    async def _start_words(self) -> int:
+        """How many words a diff needs for the chat to have about `target_tokens` (found once)."""
+        if self._words is None:
+            probe = self._factory.make(self.target_tokens).text.split()
+            _, frame = await self._measure(probe[:1])
+            if frame >= self.target_tokens:
+                raise ValueError(
+                    f"the TIL prompt has {frame} tokens with a one-word diff; ask for more than that"
+                )
+            low, high = 1, len(probe)
+            while low < high:  # the last size not above the target
+                mid = (low + high + 1) // 2
+                if (await self._measure(probe[:mid]))[1] <= self.target_tokens:
+                    low = mid
+                else:
+                    high = mid - 1
+            self._words = low
+        return self._words
+
+    async def _make(self) -> Prompt:
+        words = self._factory.make(await self._start_words() + 2).text.split()[: self._words]
+        prompt, count = await self._measure(words)
+        best = (prompt, count)
+        for _ in range(16):  # a word is about a token: add a fresh one or drop the last until exact
+            if count == self.target_tokens:
+                return prompt
+            if count < self.target_tokens:
+                words = [*words, self._factory.make(3).text.split()[0]]
+            else:
+                words = words[:-1]
+            prompt, count = await self._measure(words)
+            if self._distance(count) < self._distance(best[1]):
+                best = (prompt, count)
+        return best[0]
+
+    def _distance(self, count: int) -> tuple[int, bool]:
+        """How far a prompt is from the target; under it beats over it (over may not fit the context)."""
+        return abs(count - self.target_tokens), count > self.target_tokens
+
+    async def item(self, index: int) -> Prompt:
+        while len(self._items) <= index:
+            self._items.append(await self._make())
+        return self._items[index]
+
+
+class TilPool:
+    """One TIL arm's prompts: the workload's items in order, each taken once by this arm."""
+
+    def __init__(self, workload: TilWorkload) -> None:
+        self._workload = workload
+        self._next = 0
+
+    async def take(self, count: int) -> list[Prompt]:
+        out = [await self._workload.item(self._next + i) for i in range(count)]
+        self._next += count
+        return out
 
 
 @dataclass(frozen=True)
@@ -102,17 +291,3 @@ def cache_seed(diff: str, output_len: int, model: str, sampling: Any) -> CacheSe
     til_json = json.dumps(SEED_TIL, ensure_ascii=False)
     usage = common_pb2.TokenUsage(prompt_tokens=512, completion_tokens=output_len)
     return CacheSeed(TIL_NAMESPACE, key, envelope(json_text=til_json, model=model, usage=usage, til_id=""))
-
-
-def edge_request(diff: str, output_len: int, sampling: Any, policy: int) -> Any:
-    from til.v1 import edge_pb2
-
-    return edge_pb2.GenerateTilRequest(
-        diff=diff,
-        commit_messages=list(COMMIT_MESSAGES),
-        language=LANGUAGE,
-        date=DATE,
-        generation=edge_pb2.GenerationOverrides(sampling=sampling, max_tokens=output_len),
-        cache_policy=policy,
-        owner="bench",
-    )

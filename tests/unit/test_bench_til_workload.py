@@ -1,0 +1,132 @@
+"""The benchmark's TIL workload: the request every TIL arm sends is the one the real edge sends for the
+same diff, prompts have the exact length asked for, and every arm gets the same diffs in the same order.
+A word-level tokenizer stands in for the model's; the edge runs in process against fakes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from til.v1 import common_pb2, edge_pb2
+
+from bench.prompts import PromptFactory
+from bench.til_workload import TilPool, TilWorkload, edge_request, edge_settings
+from tests.unit.test_edge_service import edge_stack
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; a chat template that wraps each message."""
+
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        letters = "abcdefgh"
+        self.vocab = ["<eos>", *("".join(w) for w in itertools.product(letters, repeat=4))]
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(" " + self.vocab[i] for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        out = []
+        for word in text.split():
+            if word not in self.ids:
+                self.ids[word] = len(self.vocab)
+                self.vocab.append(word)
+            out.append(self.ids[word])
+        return out
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> str:
+        assert not tokenize and add_generation_prompt
+        return "".join(f"<{m['role']}> {m['content']} </{m['role']}> " for m in messages) + "<assistant>"
+
+
+SETTINGS: dict[str, Any] = {
+    "retrieval_top_k": 0,
+    "question_history_k": 0,
+    "index_tils": False,
+    "allow_ignore_eos": True,
+}
+
+
+async def test_every_arm_sends_what_the_real_edge_sends_for_the_same_diff() -> None:
+    tokenizer = WordTokenizer()
+    async with edge_stack(**SETTINGS) as stack:
+        info = await stack.generator.GetModelInfo(None, None)
+        workload = TilWorkload(
+            tokenizer,
+            PromptFactory(tokenizer, seed=3),
+            target_tokens=700,
+            output_len=256,
+            info=info,
+            settings=edge_settings(),
+        )
+        items = [await workload.item(i) for i in range(3)]
+        for item in items:
+            assert item.til is not None
+            sampling = common_pb2.SamplingParams(temperature=0.0)
+            await stack.til(
+                edge_request(item.til.diff, 256, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=True)
+            )
+    assert len(stack.generator.requests) == 3
+    for item, sent in zip(items, stack.generator.requests, strict=True):
+        assert item.til is not None
+        ours = item.til.request()
+        ours.request_id = sent.request_id = ""
+        assert ours == sent  # chat, schema with its content budget, sampling and stopping, byte for byte
+        assert (item.til.max_tokens, item.til.ignore_eos) == (256, True)
+        assert item.til.schema() == json.loads(sent.output.json_schema)
+        assert item.text == item.til.diff and "+++ b/notes/bench.md" in item.til.diff
+
+
+async def test_prompts_have_the_exact_length_and_every_arm_the_same_diffs_in_order() -> None:
+    tokenizer = WordTokenizer()
+    from til.v1 import generator_pb2
+
+    info = generator_pb2.GetModelInfoResponse(model="m", max_model_len=4096, default_max_tokens=1024)
+    workload = TilWorkload(
+        tokenizer,
+        PromptFactory(tokenizer, seed=5),
+        target_tokens=650,
+        output_len=128,
+        info=info,
+        settings=edge_settings(),
+    )
+    a, b = TilPool(workload), TilPool(workload)
+    first_a = await a.take(4)
+    first_b = await b.take(2) + await b.take(2)
+    assert [p.til.diff for p in first_a] == [p.til.diff for p in first_b]  # type: ignore[union-attr]
+    assert len({p.til.diff for p in first_a}) == 4  # type: ignore[union-attr]  # fresh diffs within an arm
+    for prompt in first_a:
+        assert len(prompt.token_ids) == 650
+        assert prompt.token_ids == tuple(
+            tokenizer.encode(
+                tokenizer.apply_chat_template(
+                    prompt.til.messages(), tokenize=False, add_generation_prompt=True
+                )  # type: ignore[union-attr]
+            )
+        )
+
+
+async def test_a_target_below_the_chat_frame_is_refused() -> None:
+    tokenizer = WordTokenizer()
+    from til.v1 import generator_pb2
+
+    info = generator_pb2.GetModelInfoResponse(model="m", max_model_len=4096)
+    workload = TilWorkload(
+        tokenizer,
+        PromptFactory(tokenizer, seed=1),
+        target_tokens=20,
+        output_len=64,
+        info=info,
+        settings=edge_settings(),
+    )
+    with pytest.raises(ValueError, match="ask for more than that"):
+        await workload.item(0)
