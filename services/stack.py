@@ -6,8 +6,6 @@ SERVING on the standard health service and stops them (SIGTERM, then SIGKILL) in
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from services.common.process import dying_with_parent
 
@@ -39,6 +38,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class _NotServing(Exception):
+    """A service that does not answer its readiness check with SERVING (yet)."""
+
+
+async def _check_serving(stub: health_pb2_grpc.HealthStub, request: health_pb2.HealthCheckRequest) -> None:
+    try:
+        reply = await stub.Check(request, timeout=1.0)
+    except grpc.aio.AioRpcError as exc:
+        raise _NotServing(exc.code().name) from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise _NotServing(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 @dataclass
@@ -111,26 +123,32 @@ class LocalStack:
 
     async def wait_serving(self, name: str, timeout_s: float) -> None:
         proc = self.processes[name]
-        deadline = time.monotonic() + timeout_s
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name])
+
+        def exited_early() -> None:
+            if proc.process is not None and proc.process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {proc.process.returncode} before it was ready; "
+                    f"last log lines ({proc.log_path}):\n{proc.log_tail()}"
+                )
+
         async with grpc.aio.insecure_channel(proc.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service=SERVICE_NAMES[name])
-            while True:
-                if proc.process is not None and proc.process.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with code {proc.process.returncode} before it was ready; "
-                        f"last log lines ({proc.log_path}):\n{proc.log_tail()}"
-                    )
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(request, timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{name} was not SERVING after {timeout_s:.0f}s; last log lines ({proc.log_path}):\n"
-                        f"{proc.log_tail()}"
-                    )
-                await asyncio.sleep(0.2)
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(_NotServing),
+                    stop=stop_after_delay(timeout_s),
+                    wait=wait_fixed(0.2),
+                    reraise=True,
+                ):
+                    with attempt:
+                        exited_early()
+                        await _check_serving(stub, request)
+            except _NotServing:
+                raise TimeoutError(
+                    f"{name} was not SERVING after {timeout_s:.0f}s; last log lines ({proc.log_path}):\n"
+                    f"{proc.log_tail()}"
+                ) from None
 
     async def start(
         self, *, timeout_s: float = 300.0, progress: Callable[[str], None] = lambda _: None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -100,6 +101,35 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         else:
             caller_identity.set(self._auth.identify(context.invocation_metadata() or ()))
 
+    @contextlib.asynccontextmanager
+    async def _handling(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[str, str]]:
+        """One RPC however its handler answers: identity, decoding errors, status mapping, metrics."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = (service, name)
+        started = time.perf_counter()
+        RPC_IN_FLIGHT.labels(*labels).inc()
+        code = grpc.StatusCode.OK
+        try:
+            self._identify(method, context)
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(request.message)
+            yield labels
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:
+            code = status_of(exc)[0]
+            await _abort_for(exc, context, method)
+        finally:
+            RPC_IN_FLIGHT.labels(*labels).dec()
+            RPC_HANDLED.labels(*labels, code.name).inc()
+            RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -109,74 +139,36 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method: str = handler_call_details.method
-        service, _, name = method.lstrip("/").rpartition("/")
-        labels = (service, name)
-        deserializer = _safe_deserializer(handler.request_deserializer)
+        options = {
+            "request_deserializer": _safe_deserializer(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if not handler.response_streaming:
+            inner_unary = handler.unary_unary
 
-        if handler.response_streaming:
-            inner_stream = handler.unary_stream
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with self._handling(method, request, context):
+                    return await inner_unary(request, context)
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                RPC_IN_FLIGHT.labels(*labels).inc()
-                code = grpc.StatusCode.OK
-                try:
-                    self._identify(method, context)
-                    if isinstance(request, MalformedRequest):
-                        raise InvalidArgument(request.message)
-                    # Closed on the way out however the call ends: a cancellation that lands while a
-                    # message is being sent must still reach the handler (and stop its work) at once.
-                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
-                        async for response in responses:
-                            STREAM_MESSAGES_SENT.labels(*labels).inc()
-                            yield response
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except Exception as exc:
-                    code = status_of(exc)[0]
-                    await _abort_for(exc, context, method)
-                finally:
-                    RPC_IN_FLIGHT.labels(*labels).dec()
-                    RPC_HANDLED.labels(*labels, code.name).inc()
-                    RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            return grpc.unary_unary_rpc_method_handler(unary, **options)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        inner_stream = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_stream):
+            # A handler that writes its messages itself (context.write), as the health service's Watch.
 
-        inner_unary = handler.unary_unary
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+                async with self._handling(method, request, context):
+                    await inner_stream(request, context)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            RPC_IN_FLIGHT.labels(*labels).inc()
-            code = grpc.StatusCode.OK
-            try:
-                self._identify(method, context)
-                if isinstance(request, MalformedRequest):
-                    raise InvalidArgument(request.message)
-                return await inner_unary(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception as exc:
-                code = status_of(exc)[0]
-                await _abort_for(exc, context, method)
-            finally:
-                RPC_IN_FLIGHT.labels(*labels).dec()
-                RPC_HANDLED.labels(*labels, code.name).inc()
-                RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            return grpc.unary_stream_rpc_method_handler(written, **options)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._handling(method, request, context) as labels:
+                # Closed on the way out however the call ends: a cancellation that lands while a
+                # message is being sent must still reach the handler (and stop its work) at once.
+                async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                    async for response in responses:
+                        STREAM_MESSAGES_SENT.labels(*labels).inc()
+                        yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, **options)

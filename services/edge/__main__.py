@@ -8,17 +8,31 @@ degraded, and says so in each stream's notices.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 
 import grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from services.common.admission import Admission
+from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
-from services.edge.breaker import CircuitBreaker, GuardedCache, GuardedStore
-from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient, RetryPolicy
+from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
+from services.edge.clients import (
+    CacherClient,
+    GeneratorClient,
+    GeneratorReplicas,
+    RetrieverClient,
+    RetryPolicy,
+)
 from services.edge.config import EdgeSettings
 from services.edge.pipeline import TilPipeline
 from services.edge.questions import QuestionPipeline
@@ -30,51 +44,56 @@ log = logging.getLogger("services.edge")
 
 async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings) -> None:
     """Retries GetModelInfo with backoff until it answers or EDGE_WARMUP_TIMEOUT_S passes."""
-    deadline = time.monotonic() + settings.warmup_timeout_s
-    delay = 0.5
-    while True:
-        try:
-            info = await generator.model_info(timeout=5.0)
-        except grpc.aio.AioRpcError as exc:
-            if time.monotonic() + delay > deadline:
-                raise SystemExit(
-                    f"the generator at {settings.generator_addr} did not answer within "
-                    f"{settings.warmup_timeout_s:.0f}s (last: {exc.code().name}: {exc.details()})"
-                ) from None
-            log.info("waiting for the generator at %s (%s)", settings.generator_addr, exc.code().name)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        else:
-            log.info(
-                "generator ready: model %s on %s, %d-token context",
-                info.model,
-                info.backend,
-                info.max_model_len,
-            )
-            return
+
+    def waiting(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else error
+        log.info("waiting for the generator at %s (%s)", settings.generator_addr, code)
+
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(grpc.aio.AioRpcError),
+            stop=stop_before_delay(settings.warmup_timeout_s),
+            wait=wait_exponential(multiplier=0.5, max=5.0),
+            before_sleep=waiting,
+            reraise=True,
+        ):
+            with attempt:
+                info = await generator.model_info(timeout=5.0)
+    except grpc.aio.AioRpcError as exc:
+        raise SystemExit(
+            f"the generator at {settings.generator_addr} did not answer within "
+            f"{settings.warmup_timeout_s:.0f}s (last: {exc.code().name}: {exc.details()})"
+        ) from None
+    log.info(
+        "generator ready: model %s on %s, %d-token context", info.model, info.backend, info.max_model_len
+    )
 
 
 async def main() -> None:
     settings = load_settings(EdgeSettings)
+
+    def connect(target: str) -> grpc.aio.Channel:
+        return open_channel(target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls)
+
     try:
-        channels = [
-            open_channel(target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls)
-            for target in (settings.generator_target, settings.retriever_target, settings.cacher_target)
-        ]
+        channels = [connect(target) for target in (settings.retriever_target, settings.cacher_target)]
+        replicas = GeneratorReplicas.from_addr(settings.generator_addr, connect)
     except OSError as exc:
         raise SystemExit(f"cannot read the EDGE_PEER_TLS_* files: {exc}") from None
+    following = asyncio.ensure_future(replicas.watch())
     generator = GeneratorClient(
-        channels[0],
+        replicas,
         retry=RetryPolicy(attempts=settings.generator_attempts, backoff_s=settings.generator_backoff_s),
     )
 
     def breaker(dependency: str) -> CircuitBreaker:
-        return CircuitBreaker(
+        return dependency_breaker(
             dependency, failures=settings.breaker_failures, cool_down_s=settings.breaker_cool_down_s
         )
 
-    store = GuardedStore(RetrieverClient(channels[1]), breaker("retriever"))
-    cache = GuardedCache(CacherClient(channels[2]), breaker("cacher"))
+    store = GuardedStore(RetrieverClient(channels[0]), breaker("retriever"))
+    cache = GuardedCache(CacherClient(channels[1]), breaker("cacher"))
     background = Background()
     servicer = EdgeServicer(
         TilPipeline(generator, store, cache, settings, background=background),
@@ -90,6 +109,10 @@ async def main() -> None:
 
     async def shutdown() -> None:
         await background.drain(settings.write_timeout_s)
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+        await replicas.close()
         for channel in channels:
             await channel.close()
 

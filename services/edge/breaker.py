@@ -1,104 +1,33 @@
-"""A circuit breaker for the edge's optional dependencies (the cache and the retriever).
+"""The edge's optional dependencies (the cache and the retriever) behind one kind of circuit breaker.
 
-Closed, calls pass. After `failures` consecutive failed calls it opens: calls are refused at once, without
-touching the network, for `cool_down_s`. Then one call goes through as a probe (half-open): its success
-closes the breaker, its failure opens it for another cool-down. A dead cache thus costs a stream nothing
-instead of one timeout per call, and the edge finds out by itself when the cache is back.
+A dead cache thus costs a stream nothing instead of one timeout per call, and the edge finds out by
+itself when it is back. Only the dependency's own failures (UNAVAILABLE, DEADLINE_EXCEEDED) count: a
+refusal of one request (an oversized document, bad data) never trips the breaker for everyone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
-from prometheus_client import Counter, Gauge
 from til.v1 import retriever_pb2
 
-from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache
-
-log = logging.getLogger(__name__)
-
-BREAKER_OPEN = Gauge(
-    "tilserve_edge_breaker_open", "1 while calls to the dependency are skipped.", ["dependency"]
-)
-BREAKER_SKIPPED = Counter(
-    "tilserve_edge_breaker_skipped_total", "Calls refused by an open breaker.", ["dependency"]
-)
+from services.common.breaker import CircuitBreaker
+from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache, is_dependency_failure
 
 
-class CircuitBreaker:
-    def __init__(
-        self,
-        dependency: str,
-        *,
-        failures: int,
-        cool_down_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failures < 1 or cool_down_s <= 0:
-            raise ValueError("failures must be >= 1 and cool_down_s > 0")
-        self.dependency = dependency
-        self.failures = failures
-        self.cool_down_s = cool_down_s
-        self._clock = clock
-        self._consecutive = 0
-        self._open_until: float | None = None
-        self._probing = False
-        BREAKER_OPEN.labels(dependency).set(0)
-
-    @property
-    def is_open(self) -> bool:
-        return self._open_until is not None
-
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        """Wraps one call: raises DependencyUnavailable at once while open; counts how the call ended.
-
-        The call counts as failed when it raises DependencyUnavailable; a cancelled call counts as
-        neither (its caller left, which says nothing about the dependency).
-        """
-        probe = False
-        if self._open_until is not None:
-            wait = self._open_until - self._clock()
-            if wait > 0 or self._probing:
-                BREAKER_SKIPPED.labels(self.dependency).inc()
-                raise DependencyUnavailable(
-                    f"{self.dependency}: skipped after {self.failures} consecutive failures; "
-                    f"next try in {max(wait, 0.0):.1f}s"
-                )
-            probe = self._probing = True
-        try:
-            yield
-        except DependencyUnavailable:
-            self._failed()
-            raise
-        else:
-            self._succeeded()
-        finally:
-            if probe:
-                self._probing = False
-
-    def _failed(self) -> None:
-        self._consecutive += 1
-        if self._consecutive >= self.failures:
-            if self._open_until is None:
-                log.warning(
-                    "%s failed %d times in a row; skipping it for %.1fs",
-                    self.dependency,
-                    self._consecutive,
-                    self.cool_down_s,
-                )
-            self._open_until = self._clock() + self.cool_down_s
-            BREAKER_OPEN.labels(self.dependency).set(1)
-
-    def _succeeded(self) -> None:
-        if self._open_until is not None:
-            log.info("%s answers again; calling it as usual", self.dependency)
-        self._consecutive = 0
-        self._open_until = None
-        BREAKER_OPEN.labels(self.dependency).set(0)
+def dependency_breaker(
+    dependency: str, *, failures: int, cool_down_s: float, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """A breaker that refuses with `DependencyUnavailable` and counts only the dependency's failures."""
+    return CircuitBreaker(
+        dependency,
+        failures=failures,
+        cool_down_s=cool_down_s,
+        refuse=DependencyUnavailable,
+        counts=is_dependency_failure,
+        clock=clock,
+    )
 
 
 class GuardedCache:

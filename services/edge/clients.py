@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import socket
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    wait_exponential,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
 from til.v1 import (
     cacher_pb2,
     cacher_pb2_grpc,
@@ -35,7 +46,23 @@ GENERATOR_RETRIES = Counter(
 
 
 class DependencyUnavailable(Exception):
-    """A cache or retriever call failed or ran past its deadline; the message says which and why."""
+    """A cache or retriever call failed or ran past its deadline; the message says which and why.
+
+    `code` is the call's status: UNAVAILABLE or DEADLINE_EXCEEDED say the dependency is away (a
+    breaker counts them); any other code is about this one request (`is_dependency_failure`).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_PEER_AWAY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def is_dependency_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the dependency itself is down or slow (not that one request was refused)."""
+    return isinstance(exc, DependencyUnavailable) and exc.code in _PEER_AWAY
 
 
 class TilGenerator(Protocol):
@@ -71,32 +98,213 @@ class ResultCache(Protocol):
 
 
 def _unavailable(service: str, exc: grpc.aio.AioRpcError) -> DependencyUnavailable:
-    return DependencyUnavailable(f"{service}: {exc.code().name}: {exc.details() or 'no details'}")
+    return DependencyUnavailable(f"{service}: {exc.code().name}: {exc.details() or 'no details'}", exc.code())
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Tries of one generation: only after UNAVAILABLE, only before any text, with doubling backoff."""
+    """Tries of one generation: only after UNAVAILABLE, only before any text, with doubling backoff
+    (full jitter), within the call's deadline."""
 
     attempts: int = 3
     backoff_s: float = 0.1
     max_backoff_s: float = 2.0
 
-    def delay(self, retry: int) -> float:
-        """Seconds before retry number `retry` (1, 2, ...): full jitter over a doubling cap."""
-        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1)))
+
+@dataclass(eq=False)
+class Replica:
+    """One generator replica: its channel and what the edge knows of its load and health."""
+
+    target: str
+    channel: grpc.aio.Channel
+    outstanding: int = 0
+    """Streams the edge has open on it now."""
+    serving: bool = True
+    """Its readiness, as its health service last said (NOT_SERVING while it drains)."""
+    failed_until: float = 0.0
+    """After an UNAVAILABLE, skipped until then (monotonic time)."""
+
+    def __post_init__(self) -> None:
+        self.stub = generator_pb2_grpc.GeneratorServiceStub(self.channel)
+
+    def usable(self, now: float) -> bool:
+        return self.serving and self.failed_until <= now
+
+
+def replica_targets(addr: str) -> tuple[list[str], tuple[str, int] | None]:
+    """The fixed targets in EDGE_GENERATOR_ADDR (host:port, or a comma list), or for `dns:///name:port`
+    no fixed target and the (name, port) to resolve."""
+    addr = addr.strip()
+    if addr.startswith("dns:"):
+        name, _, port = addr.removeprefix("dns:").lstrip("/").rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"{addr!r}: expected dns:///name:port")
+        return [], (name.strip("[]"), int(port))
+    return [part.strip() for part in addr.split(",") if part.strip()], None
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GeneratorReplicas:
+    """The generator replicas behind one edge; each stream goes to the one with the fewest streams open.
+
+    A replica whose health service says NOT_SERVING (draining, or not warmed up) or that just failed
+    with UNAVAILABLE is skipped while another can take the stream. `dns:///name:port` is resolved
+    again every `resolve_every_s`, so replicas that come and go are followed.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        connect: Callable[[str], grpc.aio.Channel],
+        *,
+        dns: tuple[str, int] | None = None,
+        failure_cool_down_s: float = 2.0,
+        resolve_every_s: float = 10.0,
+    ) -> None:
+        self._connect = connect
+        self._dns = dns
+        self._failure_cool_down_s = failure_cool_down_s
+        self._resolve_every_s = resolve_every_s
+        self.replicas: list[Replica] = [Replica(target, connect(target)) for target in targets]
+        self._retired: list[Replica] = []
+        self._watches: dict[Replica, asyncio.Task[None]] = {}
+        self._turn = 0
+
+    @classmethod
+    def from_addr(
+        cls, addr: str, connect: Callable[[str], grpc.aio.Channel], **options: float
+    ) -> GeneratorReplicas:
+        targets, dns = replica_targets(addr)
+        return cls(targets, connect, dns=dns, **options)  # type: ignore[arg-type]
+
+    @classmethod
+    def of_channel(cls, channel: grpc.aio.Channel) -> GeneratorReplicas:
+        """One channel as the only replica (its own load balancing spreads the calls)."""
+        return cls(["channel"], lambda _: channel)
+
+    def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
+        """The usable replica with the fewest open streams (ties in turn); an unusable one only if no other."""
+        if not self.replicas:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details=f"no generator replica resolved for {self._dns}",
+            )
+        now = time.monotonic()
+        fresh = [r for r in self.replicas if r not in exclude] or self.replicas
+        candidates = [r for r in fresh if r.usable(now)] or fresh
+        n = len(self.replicas)
+        self._turn += 1
+        order = {r: (i - self._turn) % n for i, r in enumerate(self.replicas)}
+        return min(candidates, key=lambda r: (r.outstanding, order[r]))
+
+    def failed(self, replica: Replica) -> None:
+        replica.failed_until = time.monotonic() + self._failure_cool_down_s
+
+    async def watch(self) -> None:
+        """Follows each replica's health (and the DNS name's addresses) until cancelled."""
+        try:
+            while True:
+                if self._dns is not None:
+                    await self._resolve()
+                for replica in self.replicas:
+                    if replica not in self._watches:
+                        self._watches[replica] = asyncio.ensure_future(_follow_health(replica))
+                if self._dns is None:
+                    await asyncio.Event().wait()  # fixed targets: nothing more to follow
+                await asyncio.sleep(self._resolve_every_s)
+        finally:
+            for task in self._watches.values():
+                task.cancel()
+            await asyncio.gather(*self._watches.values(), return_exceptions=True)
+            self._watches.clear()
+
+    async def _resolve(self) -> None:
+        assert self._dns is not None
+        name, port = self._dns
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning(
+                "cannot resolve the generator name %s: %s; keeping %d replicas", name, exc, len(self.replicas)
+            )
+            return
+        targets = sorted({_host_port(str(info[4][0]), port) for info in infos})
+        known = {r.target: r for r in self.replicas}
+        if set(targets) == set(known):
+            return
+        log.info("generator replicas for %s: %s", name, ", ".join(targets))
+        for target, replica in known.items():
+            if target not in targets:
+                self._retired.append(replica)  # closed at the end: streams may still run on it
+                task = self._watches.pop(replica, None)
+                if task is not None:
+                    task.cancel()
+        self.replicas = [known.get(t) or Replica(t, self._connect(t)) for t in targets]
+
+    async def close(self) -> None:
+        for replica in [*self.replicas, *self._retired]:
+            await replica.channel.close()
+
+
+_GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+
+
+async def _follow_health(replica: Replica) -> None:
+    """Keeps `replica.serving` in step with its readiness (a Watch stream, opened again when it ends)."""
+    stub = health_pb2_grpc.HealthStub(replica.channel)
+    request = health_pb2.HealthCheckRequest(service=_GENERATOR_SERVICE)
+    async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.2, max=5.0)):
+        with attempt:
+            try:
+                async for reply in stub.Watch(request):
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving != replica.serving:
+                        log.info(
+                            "generator %s is %s", replica.target, "SERVING" if serving else "NOT_SERVING"
+                        )
+                    replica.serving = serving
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    return  # no health service: judged by its calls alone
+                replica.serving = False
+                raise
+            raise ConnectionError("the health watch ended")
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE
+
+
+class _stop_at_deadline(stop_base):  # named like tenacity's own stops
+    """Stops before a retry whose wait would end past the deadline."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        wait = retry_state.upcoming_sleep or 0.0
+        return self.deadline is not None and time.monotonic() + wait >= self.deadline
 
 
 class GeneratorClient:
-    """`TilGenerator` over a channel to til.v1.GeneratorService.
+    """`TilGenerator` over the generator replicas (or one channel, which balances by itself).
 
     A generation that fails with UNAVAILABLE before it streamed any text (the replica went away, or
-    is draining) is tried again, on the next replica the channel's round robin picks, within the
-    call's deadline. Once text has been streamed, a failure ends the stream: a retry would repeat it.
+    is draining) is tried again on another replica, within the call's deadline. Once text has been
+    streamed, a failure ends the stream: a retry would repeat it.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, *, retry: RetryPolicy | None = None) -> None:
-        self._stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+    def __init__(
+        self, replicas: GeneratorReplicas | grpc.aio.Channel, *, retry: RetryPolicy | None = None
+    ) -> None:
+        self.replicas = (
+            GeneratorReplicas.of_channel(replicas) if isinstance(replicas, grpc.aio.Channel) else replicas
+        )
         self._info: generator_pb2.GetModelInfoResponse | None = None
         self._retry = retry or RetryPolicy()
 
@@ -104,52 +312,61 @@ class GeneratorClient:
         self, request: generator_pb2.GenerateRequest, *, timeout: float | None
     ) -> AsyncGenerator[generator_pb2.GenerateResponse, None]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        started_sent = False
-        attempt = 1
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            call = self._stub.Generate(request, timeout=remaining)
-            text_sent = False
-            try:
-                async for response in call:
-                    if response.HasField("started"):
-                        if self._info is not None and response.started.model != self._info.model:
-                            self._info = None  # the generator was redeployed with another model
-                        if started_sent:
-                            continue  # a retry: the caller already has its started event
-                        started_sent = True
-                    elif response.HasField("delta"):
-                        text_sent = True
-                    yield response
-                return
-            except grpc.aio.AioRpcError as exc:
-                delay = self._retry.delay(attempt)
-                if (
-                    exc.code() is not grpc.StatusCode.UNAVAILABLE
-                    or text_sent
-                    or attempt >= self._retry.attempts
-                    or (deadline is not None and time.monotonic() + delay >= deadline)
-                ):
+        started_sent = text_sent = False
+        tried: list[Replica] = []
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda exc: _retryable(exc) and not text_sent),
+            stop=stop_any(stop_after_attempt(self._retry.attempts), _stop_at_deadline(deadline)),
+            wait=wait_random_exponential(multiplier=self._retry.backoff_s, max=self._retry.max_backoff_s),
+            before_sleep=lambda state: _log_retry(request, state, self._retry.attempts),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                replica = self.replicas.pick(exclude=tried)
+                tried.append(replica)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                call = replica.stub.Generate(request, timeout=remaining)
+                replica.outstanding += 1
+                try:
+                    async for response in call:
+                        if response.HasField("started"):
+                            if self._info is not None and response.started.model != self._info.model:
+                                self._info = None  # the generator was redeployed with another model
+                            if started_sent:
+                                continue  # a retry: the caller already has its started event
+                            started_sent = True
+                        elif response.HasField("delta"):
+                            text_sent = True
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        self.replicas.failed(replica)
                     raise
-                GENERATOR_RETRIES.inc()
-                log.info(
-                    "generation %s: the generator is unavailable (%s); try %d of %d in %.0f ms",
-                    request.request_id,
-                    exc.details(),
-                    attempt + 1,
-                    self._retry.attempts,
-                    delay * 1000,
-                )
-            finally:
-                # Our caller left (client gone, error, or early close): stop the generation too.
-                call.cancel()
-            await asyncio.sleep(delay)
-            attempt += 1
+                finally:
+                    replica.outstanding -= 1
+                    # Our caller left (client gone, error, or early close): stop the generation too.
+                    call.cancel()
 
     async def model_info(self, *, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
         if self._info is None:
-            self._info = await self._stub.GetModelInfo(generator_pb2.GetModelInfoRequest(), timeout=timeout)
+            stub = self.replicas.pick().stub
+            self._info = await stub.GetModelInfo(generator_pb2.GetModelInfoRequest(), timeout=timeout)
         return self._info
+
+
+def _log_retry(request: generator_pb2.GenerateRequest, state: RetryCallState, attempts: int) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    GENERATOR_RETRIES.inc()
+    log.info(
+        "generation %s: the generator is unavailable (%s); try %d of %d in %.0f ms",
+        request.request_id,
+        error.details() if isinstance(error, grpc.aio.AioRpcError) else error,
+        state.attempt_number + 1,
+        attempts,
+        (state.upcoming_sleep or 0.0) * 1000,
+    )
 
 
 class RetrieverClient:

@@ -16,7 +16,7 @@ from til.v1 import edge_pb2, generator_pb2, generator_pb2_grpc
 from services.common.admission import Admission
 from services.common.channels import open_channel
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.edge.breaker import CircuitBreaker, GuardedCache, GuardedStore
+from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import DependencyUnavailable, GeneratorClient, RetryPolicy
 from services.edge.config import EdgeSettings
 from services.edge.flights import JOINED_NOTICE
@@ -241,7 +241,7 @@ class Clock:
 
 async def test_breaker_opens_after_consecutive_failures_then_probes() -> None:
     clock = Clock()
-    breaker = CircuitBreaker("cacher", failures=3, cool_down_s=5.0, clock=clock)
+    breaker = dependency_breaker("cacher", failures=3, cool_down_s=5.0, clock=clock)
     calls = 0
 
     async def call(ok: bool) -> None:
@@ -275,7 +275,7 @@ async def test_breaker_opens_after_consecutive_failures_then_probes() -> None:
 
 async def test_only_one_probe_at_a_time_and_a_cancelled_probe_counts_for_nothing() -> None:
     clock = Clock()
-    breaker = CircuitBreaker("retriever", failures=1, cool_down_s=1.0, clock=clock)
+    breaker = dependency_breaker("retriever", failures=1, cool_down_s=1.0, clock=clock)
     with pytest.raises(DependencyUnavailable), breaker.guard():
         raise DependencyUnavailable("down")
     clock.now += 1.0
@@ -303,8 +303,8 @@ async def test_a_dead_cache_is_skipped_after_the_breaker_opens() -> None:
         generator, store, cache = clients
         return (
             generator,
-            GuardedStore(store, CircuitBreaker("retriever", failures=2, cool_down_s=60)),
-            GuardedCache(cache, CircuitBreaker("cacher", failures=2, cool_down_s=60)),
+            GuardedStore(store, dependency_breaker("retriever", failures=2, cool_down_s=60)),
+            GuardedCache(cache, dependency_breaker("cacher", failures=2, cool_down_s=60)),
         )
 
     async with edge_stack(down=["cacher"], wrap=guarded) as stack:
