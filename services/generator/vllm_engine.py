@@ -143,19 +143,24 @@ def engine_args(settings: VllmSettings) -> dict[str, Any]:
     return args
 
 
-def bitmask_parallelism(settings: VllmSettings) -> BitmaskParallelism:
-    """How the engine core should fill structured-output bitmasks (our vLLM plugin applies it)."""
-    return BitmaskParallelism(
+def bitmask_parallelism(settings: VllmSettings, env: Mapping[str, str]) -> BitmaskParallelism:
+    """How the engine core should fill structured-output bitmasks (our vLLM plugin applies it).
+
+    The settings when they ask for anything; otherwise the plugin's own variables in `env`, so that
+    a process driving the engine directly (a benchmark) can turn it on as a `vllm serve` would.
+    """
+    asked = BitmaskParallelism(
         threshold=settings.structured_output_parallel_threshold,
         workers=settings.structured_output_parallel_workers,
         batch_size=settings.structured_output_parallel_batch_size,
     )
+    return asked if asked.requested else BitmaskParallelism.from_environment(env)
 
 
 def asked_settings(settings: VllmSettings) -> dict[str, str]:
     """engine_settings before start: the engine arguments and the bitmask parallelism asked for."""
     asked = {k: str(v) for k, v in engine_args(settings).items()}
-    wanted = bitmask_parallelism(settings)
+    wanted = bitmask_parallelism(settings, os.environ)
     asked.update({f"bitmask_parallel_{k}": str(v) for k, v in wanted.__dict__.items() if v is not None})
     return asked
 
@@ -284,7 +289,7 @@ class VllmEngine:
         BitmaskParallelismNotApplied when it was asked for and the engine core does not run with it.
         """
         started = time.monotonic()
-        wanted = bitmask_parallelism(self._settings)
+        wanted = bitmask_parallelism(self._settings, os.environ)
         # The engine core is another process: our vLLM plugin reads these there.
         for name, value in wanted.environment().items():
             if value is None:

@@ -210,9 +210,9 @@ def check_in_force(wanted: BitmaskParallelism, report: Mapping[str, Any] | None)
         if report.get(name) is not None:
             entries[f"bitmask_parallel_{name}"] = str(report[name])
     differ = [
-        f"{name} is {report.get(name)!r}, not {getattr(wanted, name)!r}"
+        f"{name} is {report[name]!r}, not {getattr(wanted, name)!r}"
         for name in ("threshold", "workers", "batch_size")
-        if getattr(wanted, name) is not None and report.get(name) != getattr(wanted, name)
+        if getattr(wanted, name) is not None and name in report and report[name] != getattr(wanted, name)
     ]
     if not report.get("applied") or differ:
         why = "; ".join([str(report.get("reason") or ""), *differ]).strip("; ")

@@ -131,14 +131,44 @@ async def test_asked_parallelism_the_engine_core_lacks_stops_the_start(built: di
     assert built["llm"].shut_down
 
 
-async def test_nothing_asked_leaves_vllm_alone_and_clears_stale_variables(built: dict[str, Any]) -> None:
-    os.environ[ENV_THRESHOLD] = "3"  # left over from an earlier engine in this process
+async def test_nothing_asked_leaves_vllm_alone(built: dict[str, Any]) -> None:
     engine = VllmEngine(Settings())
     await engine.start()
     try:
         assert built["llm"].environment == {}
         assert built["llm"].engine_core.calls == []
         assert engine.info.engine_settings["bitmask_parallelism"] == "vllm default"
+    finally:
+        await engine.close()
+
+
+async def test_the_plugins_variables_count_when_the_settings_ask_nothing(built: dict[str, Any]) -> None:
+    """A benchmark driving the engine in-process turns it on as for `vllm serve`, and is checked too."""
+    os.environ[ENV_THRESHOLD] = "0"
+    engine = VllmEngine(Settings())
+    await engine.start()
+    try:
+        assert built["llm"].environment == {ENV_THRESHOLD: "0"}
+        assert engine.info.engine_settings["bitmask_parallel_threshold"] == "0"
+        assert engine.info.engine_settings["bitmask_parallelism"] == "applied"
+    finally:
+        await engine.close()
+
+
+async def test_the_plugins_variables_are_checked_too(built: dict[str, Any]) -> None:
+    built["plugin"] = False
+    os.environ[ENV_THRESHOLD] = "0"
+    with pytest.raises(BitmaskParallelismNotApplied):
+        await VllmEngine(Settings()).start()
+
+
+async def test_settings_override_the_plugins_variables(built: dict[str, Any]) -> None:
+    os.environ[ENV_THRESHOLD] = "3"
+    os.environ[ENV_WORKERS] = "2"
+    engine = VllmEngine(Settings(structured_output_parallel_threshold=0))
+    await engine.start()
+    try:
+        assert built["llm"].environment == {ENV_THRESHOLD: "0"}
     finally:
         await engine.close()
 
