@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Issue 13's like-for-like run on one lent H200: every arm, one GPU, one run, arms interleaved.
+# Three device calls back to back (the machine keeps /tmp only while warm), from the checkout's root,
+# after `bash bench/gpu_prepare.sh` there:
+#
+#   1. carry [".vk",".vk1"]                         bash bench/gpu_til.sh stage1
+#   2. carry [".vk",".vk3",".dm",".whl",".rds"]     bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
+#   3. carry [".rds"]                               bash bench/gpu_til.sh measure
+#
+# `up` starts, as daemons that outlive the call, our stack (cacher + generator on vLLM with tilserve's
+# plugin filling grammar masks in parallel + edge) and then stock `vllm serve` (no plugin: VLLM_PLUGINS=
+# and no tilserve metadata on its path). `measure` starts the in-process engine (A, A_til; plugin on) and
+# drives every arm at each level, warmed at its own level, interleaved. The three engines share the GPU
+# (MEM each, started one after another so that each one's memory profile sees the others' final
+# footprint); only the arm being measured has requests in flight.
+#
+# Every engine: 8B-shaped dummy weights, bf16, max_model_len 4096, max_num_seqs 256, prefix caching OFF
+# (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
+# prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
+# (more EDGE_NAME=VALUE words for the edge and the benchmark alike).
+set -u
+step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
+out=${OUT:-/tmp/til-out}
+mkdir -p "$out"
+TREE=/tmp/til-tree  # the tree as `up` found it: the stack and the benchmark run the same code
+SITE=/tmp/site
+META=/tmp/tilserve-meta
+RUN=/tmp/til-run
+DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
+MODEL_ID=llama3-8b-shape-dummy
+MEM=${MEM:-0.28}
+CONC=${CONC:-1,100}
+ARMS=${ARMS:-engine,engine-til,openai,openai-til,generator,generator-til,edge,edge-hit}
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
+# The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
+# must read the same ones.
+EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
+  EDGE_MAX_ACTIVE=512 ${EDGE_EXTRA:-})
+GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
+  GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
+  GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
+  GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0)
+# Stock vLLM's server with the same engine settings and structured-output backend as our generator.
+SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$DUMMY" --served-model-name $MODEL_ID
+  --load-format dummy --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization "$MEM" --max-num-seqs 256
+  --no-enable-prefix-caching --seed 0 --host 127.0.0.1 --port 8000
+  --structured-outputs-config '{"backend":"guidance","disable_any_whitespace":true,"disable_additional_properties":true}')
+ENGINE=(--model "$DUMMY" --model-id $MODEL_ID --load-format dummy --dtype bfloat16 --max-model-len 4096
+  --gpu-memory-utilization "$MEM" --max-num-seqs 256 --no-enable-prefix-caching --engine-seed 0)
+
+wait_for() {  # $1 what, $2 seconds, $3 pid that must stay alive, $4... the check
+  local what=$1 limit=$2 pid=$3; shift 3
+  for _ in $(seq "$limit"); do
+    "$@" >/dev/null 2>&1 && { echo "$what up"; return 0; }
+    kill -0 "$pid" 2>/dev/null || { echo "$what exited before it was up"; return 1; }
+    sleep 1
+  done
+  echo "$what not up after ${limit}s"; return 1
+}
+
+logs_to_out() {  # the tails of every log of the run into $out/logs.txt
+  for f in "$RUN"/*.log "$RUN"/stack/logs/*.log "$RUN"/stack/*/logs/*.log; do
+    [ -f "$f" ] && { echo "== $f"; tail -n "${1:-40}" "$f"; }
+  done >"$out/logs.txt" 2>&1
+}
+
+case "$step" in
+stage1)
+  bash .vk/vkit_append.sh .vk1/kit.tar.xz.part00
+  ;;
+stage2)
+  set -e
+  bash .vk/vkit_append.sh .vk3/kit.tar.xz.part01
+  bash .vk/remote_install.sh >/tmp/vkit-install.log 2>&1 || { tail -30 /tmp/vkit-install.log; exit 1; }
+  grep -E '^(==|python|torch|  ERROR|WARNING|triton)' /tmp/vkit-install.log
+  mkdir -p /tmp/vkit_models && cp -a .dm/llama3-8b-shape-smollm2-tok-dummy /tmp/vkit_models/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl
+  # tilserve's metadata (entry points: the vLLM plugin) without installing the package over the tree.
+  rm -rf $TREE && mkdir -p $TREE && tar -c --exclude='./.*' . | tar -x -C $TREE
+  cp -a .rds $TREE/.rds
+  rm -rf $META && mkdir -p $META
+  (cd $TREE && python3 -c 'from setuptools import setup; setup()' -q egg_info --egg-base $META)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/box.txt"
+  PYTHONPATH=$OURS python3 -c 'import vllm, grpc, llguidance, torch; print("vllm", vllm.__version__, "grpc", grpc.__version__, "llguidance", llguidance.__version__, "torch", torch.__version__)' 2>&1 | tail -1 | tee -a "$out/box.txt"
+  PYTHONPATH=$OURS python3 -m services.generator.vllm_plugin 2>&1 | tail -2 | tee -a "$out/box.txt"
+  (cd $TREE && PYTHONPATH=$OURS timeout 90 python3 -m bench.missing_imports services.edge.__main__ \
+    services.cacher.__main__ services.generator.__main__ bench.serving 2>&1 | grep -E 'missing' | tee -a "$out/box.txt")
+  ;;
+up)
+  rm -rf $RUN && mkdir -p $RUN
+  cd $TREE || exit 1
+  stack_env=()
+  for kv in "${GENERATOR_ENV[@]}" "${EDGE_ENV[@]}" CACHER_REDIS_SERVER_BIN=$TREE/.rds/redis-server; do
+    stack_env+=(--env "$kv")
+  done
+  PYTHONPATH=$OURS setsid nohup python3 -m bench.gpu_stack --data $RUN/stack --hold "${stack_env[@]}" \
+    >$RUN/stack.log 2>&1 </dev/null &
+  echo $! >$RUN/stack.pid
+  wait_for "our stack" 420 $! test -f $RUN/stack/ready || { logs_to_out 60; exit 1; }
+  cd /tmp  # nothing of tilserve on its path, not even the working directory
+  PYTHONPATH=$SITE VLLM_PLUGINS= setsid nohup "${SERVE[@]}" >$RUN/vllm-serve.log 2>&1 </dev/null &
+  echo $! >$RUN/serve.pid
+  cd $TREE
+  wait_for "vllm serve" 420 $! python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:8000/v1/models", timeout=2)' \
+    || { logs_to_out 60; exit 1; }
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  logs_to_out 15
+  ;;
+measure)
+  cd $TREE || exit 1
+  for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
+  cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0
+    --concurrency "$CONC" --input-len 512 --til-input-len 512 --output-len 256
+    --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}"
+    --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
+    --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
+  printf '%q ' "${cmd[@]}" >"$out/command.txt"
+  { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]}"
+    echo "vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=): $(printf '%q ' "${SERVE[@]}")"; } >>"$out/command.txt"
+  PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
+  echo "bench.serving exit $?"
+  grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error|error' "$out/serving.log" | cut -c1-260
+  logs_to_out 30
+  ;;
+down)  # the daemons `up` started, by the process groups it recorded
+  for f in $RUN/serve.pid $RUN/stack.pid; do [ -f "$f" ] && kill -TERM -- "-$(cat "$f")"; done
+  sleep 20
+  ;;
+*) echo "unknown step $step"; exit 2 ;;
+esac

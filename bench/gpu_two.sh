@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 14 on two H200s of one host (device kind nvidia-h200-x2): generator replicas behind one edge, and
+# tensor parallelism. Device calls back to back from the checkout's root, after `bash bench/gpu_prepare.sh`:
+#
+#   1. kind nvidia-h200-x2, carry [".vk",".vk1"]                      bash bench/gpu_two.sh stage1
+#   2. carry [".vk",".vk3",".dm",".whl",".rds"]                        bash bench/gpu_two.sh stage2
+#   3. carry [".rds"]   bash bench/gpu_two.sh one    one generator on GPU 0 behind the edge      (~4 min)
+#   4. carry [".rds"]   bash bench/gpu_two.sh two    one generator per GPU behind one edge       (~4 min)
+#   5. carry [".rds"]   bash bench/gpu_two.sh tp2    one generator over both GPUs (TP=2)         (~5 min)
+#   6.                  bash bench/gpu_two.sh combine   one table: results.json/.md/.png
+#
+# Each of 3-5 starts the stack (bench/gpu_stack.py: cacher, generators, edge with EDGE_GENERATOR_ADDR
+# listing every replica), drives the TIL arms through it at c=1 and c=200 (edge, and generator-til
+# against the first replica) with every request the same length (ignore_eos, the edge's request), and
+# stops it; rows carry generator_replicas and tensor_parallel_size. Results also stay in /tmp/two-out
+# for `combine`. Same engine settings as bench/gpu_til.sh but each engine has its GPU(s) to itself
+# (MEM 0.85). NCCL_NVLS_ENABLE=0 for TP (bench/gpu_stack.py sets it): NVLink multicast is off on these
+# machines. Knobs: CONC, ROUNDS, MEM, EDGE_EXTRA.
+set -u
+step=${1:?usage: gpu_two.sh stage1|stage2|one|two|tp2|combine}
+out=${OUT:-/tmp/two-final}
+mkdir -p "$out"
+TREE=/tmp/til-tree
+SITE=/tmp/site
+META=/tmp/tilserve-meta
+KEEP=/tmp/two-out
+DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
+MODEL_ID=llama3-8b-shape-dummy
+MEM=${MEM:-0.85}
+CONC=${CONC:-1,200}
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$SITE:$META:$TREE:$TREE/gen
+EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
+  EDGE_MAX_ACTIVE=512 ${EDGE_EXTRA:-})
+GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
+  GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
+  GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
+  GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0)
+
+phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
+  local name=$1 replicas=$2 gpus=$3 arms=$4
+  cd $TREE || exit 1
+  rm -rf "$KEEP/$name" "/tmp/two-run/$name" && mkdir -p "$KEEP/$name" "$out/$name"
+  for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
+  local stack_env=()
+  for kv in "${GENERATOR_ENV[@]}" "${EDGE_ENV[@]}" CACHER_REDIS_SERVER_BIN=$TREE/.rds/redis-server; do
+    stack_env+=(--env "$kv")
+  done
+  local serving="python3 -m bench.serving --arms $arms --model $DUMMY --model-id $MODEL_ID --concurrency $CONC \
+--input-len 512 --til-input-len 512 --output-len 256 --rounds ${ROUNDS:-2} --generator-replicas $replicas \
+--generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 \
+--label 'Issue 14: $name ($replicas x generator, $gpus GPU each)' --out $KEEP/$name"
+  echo "python3 -m bench.gpu_stack --replicas $replicas --gpus-per-replica $gpus ${stack_env[*]} --run \"$serving\"" \
+    >"$KEEP/$name/command.txt"
+  timeout 560 python3 -m bench.gpu_stack --data "/tmp/two-run/$name" --replicas "$replicas" \
+    --gpus-per-replica "$gpus" "${stack_env[@]}" \
+    --run "timeout 400 $serving > $KEEP/$name/serving.log 2>&1" 2>&1 | tail -15
+  grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error' "$KEEP/$name/serving.log" | cut -c1-260
+  for f in /tmp/two-run/"$name"/logs/*.log /tmp/two-run/"$name"/generator-*/logs/*.log; do
+    [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }
+  done >"$KEEP/$name/logs.txt" 2>&1
+  cp "$KEEP/$name"/* "$out/$name/" 2>/dev/null
+}
+
+case "$step" in
+stage1 | stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
+one) phase one 1 1 generator-til,edge ;;
+two) phase two 2 1 edge ;;
+tp2) phase tp2 1 2 generator-til,edge ;;
+combine)
+  cd $TREE || exit 1
+  python3 -m bench.combine --label "Issue 14: replicas and tensor parallelism on two H200s" --out "$out" \
+    $KEEP/one/results.json $KEEP/two/results.json $KEEP/tp2/results.json
+  for p in one two tp2; do cp "$KEEP/$p/command.txt" "$out/command-$p.txt" 2>/dev/null; done
+  ;;
+*) echo "unknown step $step"; exit 2 ;;
+esac
