@@ -11,13 +11,17 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 
 import grpc
-from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc, retriever_pb2, retriever_pb2_grpc
+from pydantic_core import from_json
+from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+
+from services.ingest import discover, documents_from_file, ingest
+
+__all__ = ["PartialJson", "discover", "documents_from_file", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIFF = REPO_ROOT / "examples" / "sample.diff"
@@ -39,7 +43,11 @@ def _err(message: str) -> None:
 
 
 class PartialJson:
-    """Decodes top-level string fields of a JSON object that is still arriving, for live display."""
+    """Top-level string fields of a JSON object that is still arriving, for live display.
+
+    pydantic-core's JSON parser reads the text so far in partial mode: an open string is given as far as
+    it goes (a half-written escape left out until its rest arrives).
+    """
 
     def __init__(self) -> None:
         self.buffer = ""
@@ -47,48 +55,13 @@ class PartialJson:
     def feed(self, text: str) -> None:
         self.buffer += text
 
-    def _escape_at(self, i: int) -> str | None:
-        """The complete escape sequence starting at `i` (a surrogate pair counts as one), or None if cut off."""
-        if self.buffer[i + 1 : i + 2] != "u":
-            escape = self.buffer[i : i + 2]
-            return escape if len(escape) == 2 else None
-        escape = self.buffer[i : i + 6]
-        if len(escape) < 6:
-            return None
-        if "\\ud800" <= escape.lower() <= "\\udbff":  # a high surrogate: its low half must follow
-            pair = self.buffer[i : i + 12]
-            return pair if len(pair) == 12 else None
-        return escape
-
     def string_field(self, name: str) -> str | None:
-        marker = f'"{name}"'
-        start = self.buffer.find(marker)
-        if start < 0:
+        try:
+            document = from_json(self.buffer, allow_partial="trailing-strings")
+        except ValueError:
             return None
-        i = start + len(marker)
-        while i < len(self.buffer) and self.buffer[i] in " \t\r\n:":
-            i += 1
-        if i >= len(self.buffer) or self.buffer[i] != '"':
-            return None
-        out: list[str] = []
-        i += 1
-        while i < len(self.buffer):
-            ch = self.buffer[i]
-            if ch == '"':
-                break
-            if ch == "\\":
-                escape = self._escape_at(i)
-                if escape is None:
-                    break  # the rest of the escape has not arrived yet
-                try:
-                    out.append(json.loads(f'"{escape}"'))
-                except json.JSONDecodeError:
-                    out.append(escape)
-                i += len(escape)
-                continue
-            out.append(ch)
-            i += 1
-        return "".join(out)
+        value = document.get(name) if isinstance(document, dict) else None
+        return value if isinstance(value, str) else None
 
 
 class LiveView:
@@ -284,136 +257,11 @@ async def _revise(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- ingest
-
-_TIL_HEADING = re.compile(r"^#\s*\d{4}-\d{2}-\d{2}\s+TIL", re.MULTILINE)
-
-
-def documents_from_file(path: Path, root: Path, owner: str) -> list[retriever_pb2.Document]:
-    """Markdown becomes one document (a TIL if it has a `# YYYY-MM-DD TIL` heading); JSON holds a TIL object, a
-    question object, or a list of them. Ids derive from the file's path, so ingesting again replaces, never duplicates."""
-    relative = path.relative_to(root).as_posix() if path != root else path.name
-    base_id = f"ingest:{relative}"
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() in (".md", ".markdown"):
-        first_line = next((line for line in text.splitlines() if line.strip()), path.stem)
-        kind = (
-            retriever_pb2.DOCUMENT_KIND_TIL if _TIL_HEADING.search(text) else retriever_pb2.DOCUMENT_KIND_DOC
-        )
-        return [
-            retriever_pb2.Document(
-                id=base_id,
-                kind=kind,
-                text=text,
-                title=first_line.lstrip("# ").strip(),
-                owner=owner,
-                attributes={"source": relative},
-            )
-        ]
-    document = json.loads(text)
-    items = document if isinstance(document, list) else document.get("questions", [document])
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ValueError(f"{relative}: item {i} is not a JSON object")
-        doc_id = base_id if len(items) == 1 else f"{base_id}#{i}"
-        if "question" in item:
-            out.append(
-                retriever_pb2.Document(
-                    id=doc_id,
-                    kind=retriever_pb2.DOCUMENT_KIND_QUESTION,
-                    text=f"{item['question']}\n{item.get('answer', '')}".strip(),
-                    title=str(item["question"])[:200],
-                    owner=owner,
-                    difficulty=str(item.get("difficulty", "")),
-                    tags=[str(k) for k in item.get("keywords", [])],
-                    attributes={"source": relative},
-                )
-            )
-        elif "content" in item:
-            out.append(
-                retriever_pb2.Document(
-                    id=doc_id,
-                    kind=retriever_pb2.DOCUMENT_KIND_TIL,
-                    text=str(item["content"]),
-                    title=str(item.get("title", "")),
-                    owner=owner,
-                    tags=[str(k) for k in item.get("keywords", [])],
-                    attributes={"source": relative},
-                )
-            )
-        else:
-            raise ValueError(f"{relative}: item {i} has neither `content` (a TIL) nor `question`")
-    return out
-
-
-def _progress(done: int, total: int, note: str = "") -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} files {note}")
-    sys.stderr.flush()
-
-
-def discover(paths: list[str]) -> list[tuple[Path, Path]]:
-    """Every .md / .json file under `paths`, each with the root its id is made relative to."""
-    files: list[tuple[Path, Path]] = []
-    for given in paths:
-        root = Path(given)
-        if root.is_file():
-            files.append((root, root.parent))
-        elif root.is_dir():
-            files += [
-                (p, root)
-                for p in sorted(root.rglob("*"))
-                if p.is_file() and p.suffix.lower() in (".md", ".markdown", ".json")
-            ]
-        else:
-            raise FileNotFoundError(f"{given} does not exist")
-    return files
-
-
 async def _ingest(args: argparse.Namespace) -> int:
     try:
-        files = discover(args.paths)
-    except FileNotFoundError as exc:
-        _err(f"error: {exc}")
-        return 2
-    if not files:
-        _err("nothing to ingest: no .md or .json files found")
-        return 1
-    stored = skipped = 0
-    batch: list[retriever_pb2.Document] = []
-    async with grpc.aio.insecure_channel(args.addr) as channel:
-        stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
-
-        async def flush() -> None:
-            nonlocal stored
-            if batch:
-                reply = await stub.UpsertDocuments(
-                    retriever_pb2.UpsertDocumentsRequest(documents=batch), timeout=120
-                )
-                stored += len(reply.ids)
-                batch.clear()
-
-        try:
-            for i, (path, root) in enumerate(files, 1):
-                try:
-                    batch.extend(documents_from_file(path, root, args.owner or ""))
-                except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    skipped += 1
-                    sys.stderr.write("\n")
-                    _err(f"skipped {path}: {exc}")
-                if len(batch) >= args.batch_size:
-                    await flush()
-                _progress(i, len(files), f"| {stored} documents indexed")
-            await flush()
-            _progress(len(files), len(files), f"| {stored} documents indexed")
-            sys.stderr.write("\n")
-        except grpc.aio.AioRpcError as exc:
-            sys.stderr.write("\n")
-            return _rpc_error(exc, args.addr)
-    _err(f"ingested {stored} documents from {len(files) - skipped} files ({skipped} skipped)")
-    return 0 if skipped == 0 else 1
+        return await ingest(args.paths, addr=args.addr, owner=args.owner or "", batch_size=args.batch_size)
+    except grpc.aio.AioRpcError as exc:
+        return _rpc_error(exc, args.addr)
 
 
 # ---------------------------------------------------------------------------------------------- up / demo

@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from til.v1 import edge_pb2, generator_pb2
 
 from services.common.errors import ServiceError, status_of
+from services.common.streams import aclose
 
 FLIGHTS = Counter(
     "tilserve_edge_shared_generations_total",
@@ -88,9 +89,7 @@ class Flight:
         except Exception as exc:  # handed to every listener as its status
             self.error = exc
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose(stream)
             self.done = True
             self._registry.forget(self)
             self._notify()

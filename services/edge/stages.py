@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +19,7 @@ from til.v1 import common_pb2, edge_pb2, generator_pb2
 from services.common.auth import caller_identity
 from services.common.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
 from services.common.redaction import redact
+from services.common.streams import closing
 from services.edge.clients import DependencyUnavailable, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
 from services.edge.flights import JOINED_NOTICE, Listener, Plan, SingleFlight
@@ -392,7 +392,7 @@ async def stream_generation(
     however it ends. Fills `outcome` as it goes. Runs in the caller's task, so a client that leaves
     cancels the generator call (or leaves the shared generation).
     """
-    async with _closing(stream):
+    async with closing(stream):
         first = await anext(aiter(stream), None)
         if first is None or not first.HasField("started"):
             raise Unavailable("the generator's stream did not begin with a started event")
@@ -416,16 +416,6 @@ async def stream_generation(
     outcome.finish_reason = finished.finish_reason
     outcome.usage.CopyFrom(finished.usage)
     outcome.queue_ms = ctx.queued_s * 1000.0 + finished.timings.queue_ms
-
-
-@contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[Any]]:
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def parse_json_output(text: str) -> tuple[Any, str, list[Violation]]:

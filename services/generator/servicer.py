@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -26,11 +25,11 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.server import Service
+from services.common.streams import closing
 from services.generator.engine import (
     ChatTurn,
     EngineDelta,
     EngineError,
-    EngineEvent,
     EngineFinished,
     EngineOverloaded,
     EngineRequest,
@@ -124,7 +123,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         async with self._admission.slot():
             times.admitted = time.monotonic()
             try:
-                async with _closing(self._engine.generate(engine_request)) as events:
+                async with closing(self._engine.generate(engine_request)) as events:
                     async for event in events:
                         if isinstance(event, EngineDelta):
                             times.text_sent()
@@ -347,18 +346,6 @@ def _finished(event: EngineFinished, timings: common_pb2.Timings) -> generator_p
         ),
         timings=timings,
     )
-
-
-@contextlib.asynccontextmanager
-async def _closing(events: AsyncIterator[EngineEvent]) -> AsyncIterator[AsyncIterator[EngineEvent]]:
-    """Closes the engine's stream when the handler leaves, so a cancelled call stops the engine now
-    rather than whenever the stream is garbage-collected."""
-    try:
-        yield events
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _sampling(params: common_pb2.SamplingParams) -> Sampling:
