@@ -17,7 +17,7 @@
 # Every engine: 8B-shaped dummy weights, bf16, max_model_len 4096, max_num_seqs 256, prefix caching OFF
 # (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
 # prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
-# (more EDGE_NAME=VALUE words for the edge and the benchmark alike).
+# (more EDGE_NAME=VALUE words for the edge and the benchmark alike), SKIP_SERVE (no vllm serve).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
 out=${OUT:-/tmp/til-out}
@@ -98,6 +98,7 @@ up)
     >$RUN/stack.log 2>&1 </dev/null &
   echo $! >$RUN/stack.pid
   wait_for "our stack" 420 $! test -f $RUN/stack/ready || { logs_to_out 60; exit 1; }
+  [ -n "${SKIP_SERVE:-}" ] && { logs_to_out 15; exit 0; }  # a run without B and B_til
   cd /tmp  # nothing of tilserve on its path, not even the working directory
   PYTHONPATH=$SITE VLLM_PLUGINS= setsid nohup "${SERVE[@]}" >$RUN/vllm-serve.log 2>&1 </dev/null &
   echo $! >$RUN/serve.pid
