@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from services.common.errors import InvalidArgument, Unavailable
 from services.generator import vllm_compat
 from services.generator.engine import (
     EngineDelta,
@@ -44,11 +41,15 @@ from services.generator.engine import (
     EngineLoad,
     EngineRequest,
     EngineStarted,
+    EngineUnavailable,
+    InvalidRequest,
     ModelInfo,
-    PromptTooLong,
+    Prepared,
+    TokenCount,
+    TokenizeInput,
 )
-from services.generator.json_grammar import fold_lengths_into_patterns, json_schema_to_grammar
 from services.generator.vllm_compat import SchedulerCounts
+from services.generator.vllm_inputs import chat_tokens, check_fits, count_tokens, prepared_schema
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ STRUCTURED_OUTPUTS: dict[str, Any] = {
     "disable_any_whitespace": True,
     "disable_additional_properties": True,
 }
-_SCHEMA_CACHE_SIZE = 64
 
 _WARMUP_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -182,6 +182,9 @@ def sampling_kwargs(request: EngineRequest, model_defaults: Mapping[str, Any]) -
         ("top_p", s.top_p),
         ("top_k", s.top_k),
         ("repetition_penalty", s.repetition_penalty),
+        # Unset: 0, off, in vLLM as in llama.cpp's server.
+        ("frequency_penalty", s.frequency_penalty),
+        ("presence_penalty", s.presence_penalty),
         ("seed", s.seed),
     ):
         if value is not None:
@@ -191,31 +194,6 @@ def sampling_kwargs(request: EngineRequest, model_defaults: Mapping[str, Any]) -
     if request.stop:
         kwargs["stop"] = list(request.stop)
     return kwargs
-
-
-@functools.lru_cache(maxsize=_SCHEMA_CACHE_SIZE)
-def _prepared_schema(schema_json: str) -> str:
-    schema = json.loads(schema_json)
-    try:
-        json_schema_to_grammar(schema)  # refuses what the llama.cpp backend refuses
-        return json.dumps(fold_lengths_into_patterns(schema), ensure_ascii=False)
-    except ValueError as exc:
-        raise InvalidArgument(f"output.json_schema: {exc}") from exc
-
-
-def prepared_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """The JSON Schema as llguidance gets it (see the module's docstring); InvalidArgument if refused."""
-    key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    # A copy each time: vLLM edits the schema it is given (additionalProperties).
-    return json.loads(_prepared_schema(key))
-
-
-def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    if prompt_tokens + max_tokens > max_model_len:
-        raise PromptTooLong(
-            f"the prompt has {prompt_tokens} tokens and {max_tokens} output tokens were asked for, "
-            f"but the model's context holds {max_model_len} tokens"
-        )
 
 
 def finish_reason_of(vllm_reason: str | None) -> Literal["stop", "length"] | None:
@@ -353,24 +331,24 @@ class VllmEngine:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     async def prepare(self, request: EngineRequest) -> EngineRequest:
-        # Until the checks move here from generate() (the vLLM side's work), they run in generate().
-        return request
-
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         loaded = self._require_loaded()
-        llm = loaded.llm
-        engine_dead = vllm_compat.engine_dead_error()
-
         prompt_ids, schema = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_thread, self._prepare, loaded.tokenizer, request
         )
         if not prompt_ids:
-            raise InvalidArgument("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         check_fits(len(prompt_ids), request.max_tokens, loaded.max_model_len)
-        try:
-            params = vllm_compat.sampling_params(sampling_kwargs(request, loaded.model_defaults), schema)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid generation parameters: {exc}") from exc
+        self._sampling_params(request, schema)  # vLLM's own validation of the parameters
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(prompt_ids), constraint=schema))
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        llm = self._require_loaded().llm
+        engine_dead = vllm_compat.engine_dead_error()
+        if request.prepared is None:
+            request = await self.prepare(request)
+        assert request.prepared is not None
+        prompt_ids = list(request.prepared.prompt_tokens)
+        params = self._sampling_params(request, request.prepared.constraint)
         engine_request_id = f"{request.request_id}-{next(self._sequence)}"
         arrival = time.monotonic()
         expiry = self._arm_deadline(llm, engine_request_id, request.deadline, arrival)
@@ -408,33 +386,36 @@ class VllmEngine:
                             cached_prompt_tokens=out.num_cached_tokens or 0,
                         )
         except engine_dead as exc:
-            raise Unavailable("the vLLM engine has died; the generator must restart") from exc
+            raise EngineUnavailable("the vLLM engine has died; the generator must restart") from exc
         except ValueError as exc:
             if started:
                 raise
             # vLLM's request validation (e.g. a JSON Schema its grammar backend cannot compile).
-            raise InvalidArgument(f"vLLM rejected the request: {exc}") from exc
+            raise InvalidRequest(f"vLLM rejected the request: {exc}") from exc
         finally:
             if expiry is not None:
                 expiry.cancel()
 
-    @classmethod
-    def _prepare(cls, tokenizer: Any, request: EngineRequest) -> tuple[list[int], dict[str, Any] | None]:
-        """The prompt's token ids and the schema for vLLM: the CPU work before a request is sent."""
-        schema = prepared_schema(request.json_schema) if request.json_schema is not None else None
-        return cls._tokenize(tokenizer, request), schema
+    async def tokenize(self, inputs: Sequence[TokenizeInput], *, offsets: bool) -> list[TokenCount]:
+        tokenizer = self._require_loaded().tokenizer
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_thread, count_tokens, tokenizer, list(inputs), offsets
+        )
+
+    def _sampling_params(self, request: EngineRequest, schema: dict[str, Any] | None) -> Any:
+        try:
+            kwargs = sampling_kwargs(request, self._require_loaded().model_defaults)
+            return vllm_compat.sampling_params(kwargs, schema)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid generation parameters: {exc}") from exc
 
     @staticmethod
-    def _tokenize(tokenizer: Any, request: EngineRequest) -> list[int]:
+    def _prepare(tokenizer: Any, request: EngineRequest) -> tuple[list[int], dict[str, Any] | None]:
+        """The prompt's token ids and the schema for vLLM: the CPU work before a request is sent."""
+        schema = prepared_schema(request.json_schema) if request.json_schema is not None else None
         if request.messages is None:
-            return list(tokenizer.encode(request.prompt or ""))
-        messages = [{"role": turn.role, "content": turn.content} for turn in request.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja2 TemplateError, or ValueError for a model with no template
-            raise InvalidArgument(f"the chat cannot be rendered with the model's template: {exc}") from exc
-        # The template writes the special tokens (BOS) itself.
-        return list(tokenizer.encode(text, add_special_tokens=False))
+            return list(tokenizer.encode(request.prompt or "")), schema
+        return chat_tokens(tokenizer, request.messages), schema
 
     def _arm_deadline(
         self, llm: AsyncLLM, engine_request_id: str, deadline: float | None, now: float
@@ -459,10 +440,10 @@ class VllmEngine:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             return TimeoutError("deadline exceeded during generation")
         if reason == "error":
-            return Unavailable("vLLM failed the request (retryable)")
-        return Unavailable(f"vLLM ended the request early ({reason})")
+            return EngineUnavailable("vLLM failed the request (retryable)")
+        return EngineUnavailable(f"vLLM ended the request early ({reason})")
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
-            raise Unavailable("the vLLM engine is not started")
+            raise EngineUnavailable("the vLLM engine is not started")
         return self._loaded

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from services.common.errors import InvalidArgument, Unavailable
 from services.generator.engine import (
     ChatTurn,
     EngineLoad,
     EngineRequest,
+    EngineUnavailable,
     GenerationEngine,
+    InvalidRequest,
     PromptTooLong,
     Sampling,
 )
@@ -80,7 +81,7 @@ def test_engine_is_a_generation_engine_and_describes_its_settings_before_start()
 
 async def test_generate_before_start_is_unavailable() -> None:
     engine = VllmEngine(Settings())
-    with pytest.raises(Unavailable):
+    with pytest.raises(EngineUnavailable):
         await anext(aiter(engine.generate(request())))
 
 
@@ -223,12 +224,12 @@ class ChatTokenizer:
 
 def test_raw_prompts_get_special_tokens_and_chats_get_them_from_the_template() -> None:
     tok = ChatTokenizer()
-    assert VllmEngine._tokenize(tok, request(prompt="ab")) == [1, ord("a"), ord("b")]
+    assert VllmEngine._prepare(tok, request(prompt="ab"))[0] == [1, ord("a"), ord("b")]
     chat = request(prompt=None, messages=(ChatTurn("user", "x"),))
-    assert VllmEngine._tokenize(tok, chat) == [ord(c) for c in "<user>x<assistant>"]
+    assert VllmEngine._prepare(tok, chat)[0] == [ord(c) for c in "<user>x<assistant>"]
 
 
 def test_a_chat_the_template_rejects_is_invalid_argument() -> None:
     chat = request(prompt=None, messages=(ChatTurn("tool", "x"),))
-    with pytest.raises(InvalidArgument, match="unknown role"):
-        VllmEngine._tokenize(ChatTokenizer(), chat)
+    with pytest.raises(InvalidRequest, match="unknown role"):
+        VllmEngine._prepare(ChatTokenizer(), chat)

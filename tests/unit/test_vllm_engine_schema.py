@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.common.errors import InvalidArgument
+from services.generator.engine import InvalidRequest
 from services.generator.json_grammar import fold_lengths_into_patterns
 from services.generator.vllm_engine import prepared_schema
 
@@ -112,7 +112,7 @@ def test_the_til_schema_keeps_its_heading_rule_and_length_in_one_pattern() -> No
 def test_schemas_the_llama_cpp_backend_refuses_are_refused_with_its_message(
     schema: dict[str, Any], says: str
 ) -> None:
-    with pytest.raises(InvalidArgument, match=re.escape(says)) as refused:
+    with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
         prepared_schema(schema)
     assert str(refused.value).startswith("output.json_schema: ")
 

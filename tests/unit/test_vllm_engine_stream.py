@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from services.common.errors import InvalidArgument
 from services.generator.engine import (
     EngineDelta,
     EngineFinished,
     EngineRequest,
     EngineStarted,
+    InvalidRequest,
     PromptTooLong,
 )
 from services.generator.vllm_engine import VllmEngine, _Loaded
@@ -193,24 +193,24 @@ async def test_cancelling_the_consumer_aborts_the_engine_request() -> None:
 
 
 async def test_an_abort_that_is_no_deadline_is_unavailable() -> None:
-    from services.common.errors import Unavailable
+    from services.generator.engine import EngineUnavailable
 
     llm = ScriptedLLM([output("a", 1), output("", 0, finish="abort")])
-    with pytest.raises(Unavailable, match="abort"):
+    with pytest.raises(EngineUnavailable, match="abort"):
         await events_of(engine_with(llm), request())
 
 
 async def test_a_request_vllm_rejects_is_invalid_argument() -> None:
     llm = ScriptedLLM([], reject=ValueError("Grammar error: Invalid type: nonsense"))
-    with pytest.raises(InvalidArgument, match="nonsense"):
+    with pytest.raises(InvalidRequest, match="nonsense"):
         await events_of(engine_with(llm), request(json_schema={"type": "nonsense"}))
 
 
 async def test_a_dead_engine_is_unavailable() -> None:
-    from services.common.errors import Unavailable
+    from services.generator.engine import EngineUnavailable
 
     llm = ScriptedLLM([], reject=EngineDeadError())
-    with pytest.raises(Unavailable, match="died"):
+    with pytest.raises(EngineUnavailable, match="died"):
         await events_of(engine_with(llm), request())
 
 
@@ -222,7 +222,7 @@ async def test_prompt_too_long_comes_before_any_event_or_engine_request() -> Non
 
 
 async def test_an_empty_prompt_is_invalid_argument() -> None:
-    with pytest.raises(InvalidArgument, match="empty"):
+    with pytest.raises(InvalidRequest, match="empty"):
         await events_of(engine_with(ScriptedLLM([])), request(prompt=""))
 
 
@@ -234,6 +234,6 @@ async def test_the_schema_reaches_vllm_folded_and_a_refused_one_never_does() -> 
         "type": "string",
         "pattern": "^(?:# T\\n)[\\s\\S]{0,36}$",
     }
-    with pytest.raises(InvalidArgument, match="lookarounds"):
+    with pytest.raises(InvalidRequest, match="lookarounds"):
         await events_of(engine_with(llm), request(json_schema={"type": "string", "pattern": "(?!x)"}))
     assert len(llm.requests) == 1
