@@ -13,7 +13,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from pydantic_core import from_json
@@ -113,18 +115,21 @@ async def _generate(args: argparse.Namespace) -> int:
         request.generation.max_tokens = args.max_tokens
     if args.temperature is not None:
         request.generation.sampling.temperature = args.temperature
+    return await _stream_til(args, lambda stub: stub.GenerateTil(request, timeout=args.timeout))
+
+
+async def _stream_til(args: argparse.Namespace, call: Callable[[edge_pb2_grpc.EdgeServiceStub], Any]) -> int:
+    """Shows a TIL stream (GenerateTil or ReviseTil): live on a terminal, else the result at the end."""
     view = LiveView()
     live = sys.stdout.isatty() and not args.json
     async with grpc.aio.insecure_channel(args.addr) as channel:
-        stub = edge_pb2_grpc.EdgeServiceStub(channel)
         try:
-            async for message in stub.GenerateTil(request, timeout=args.timeout):
+            async for message in call(edge_pb2_grpc.EdgeServiceStub(channel)):
                 event = message.WhichOneof("event")
                 if event == "started":
                     _print_started(message.started)
-                elif event == "delta":
-                    if live:
-                        view.feed(message.delta.text)
+                elif event == "delta" and live:
+                    view.feed(message.delta.text)
                 elif event == "finished":
                     f = message.finished
                     if args.json:
@@ -237,24 +242,7 @@ async def _revise(args: argparse.Namespace) -> int:
     request = edge_pb2.ReviseTilRequest(til=til, instruction=args.instruction, owner=args.owner or "")
     if args.max_tokens:
         request.generation.max_tokens = args.max_tokens
-    view = LiveView()
-    live = sys.stdout.isatty() and not args.json
-    async with grpc.aio.insecure_channel(args.addr) as channel:
-        stub = edge_pb2_grpc.EdgeServiceStub(channel)
-        try:
-            async for message in stub.ReviseTil(request, timeout=args.timeout):
-                event = message.WhichOneof("event")
-                if event == "started":
-                    _print_started(message.started)
-                elif event == "delta" and live:
-                    view.feed(message.delta.text)
-                elif event == "finished":
-                    f = message.finished
-                    print(f.til_json if args.json else f"\n\nkeywords: {', '.join(f.til.keywords)}")
-                    _print_done(f.finish_reason, f.usage, f.timings, f.violations)
-        except grpc.aio.AioRpcError as exc:
-            return _rpc_error(exc, args.addr)
-    return 0
+    return await _stream_til(args, lambda stub: stub.ReviseTil(request, timeout=args.timeout))
 
 
 async def _ingest(args: argparse.Namespace) -> int:

@@ -129,21 +129,18 @@ async def start_server(settings: ServerSettings, services: Sequence[Service]) ->
     return RunningServer(server, health_servicer, port, names)
 
 
-async def _until_stopped(stop: asyncio.Event, monitor: Awaitable[None] | None) -> None:
-    """Waits for `stop`; a monitor runs meanwhile and is cancelled then (its error is logged, and stops us)."""
-    if monitor is None:
-        await stop.wait()
-        return
-    watching = asyncio.ensure_future(monitor)
+async def _until_done_or_stopped(work: Awaitable[None], stop: asyncio.Event) -> BaseException | None:
+    """Runs `work` until it ends or `stop` is set (then cancels it); returns its error, if it raised one."""
+    working = asyncio.ensure_future(work)
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({working, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
-    if not watching.done():
-        watching.cancel()
+    if not working.done():
+        working.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await watching
-    elif not watching.cancelled() and watching.exception() is not None:
-        log.error("monitor failed: %s; stopping", watching.exception(), exc_info=watching.exception())
+            await working
+        return None
+    return None if working.cancelled() else working.exception()
 
 
 async def serve(
@@ -178,23 +175,18 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     try:
-        if warmup is not None:
-            warming = asyncio.ensure_future(warmup())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({warming, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not warming.done():
-                warming.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await warming
-            elif warming.exception() is not None:
-                log.error("warm-up failed: %s", warming.exception(), exc_info=warming.exception())
-                await running.stop(0)
-                raise SystemExit(1)
+        if warmup is not None and (error := await _until_done_or_stopped(warmup(), stop)) is not None:
+            log.error("warm-up failed: %s", error, exc_info=error)
+            await running.stop(0)
+            raise SystemExit(1)
         if not stop.is_set():
             await running.set_serving()
             log.info("SERVING %s on port %d", names, running.port)
-            await _until_stopped(stop, None if monitor is None else monitor(running))
+            error = None if monitor is None else await _until_done_or_stopped(monitor(running), stop)
+            if error is None:
+                await stop.wait()
+            else:
+                log.error("monitor failed: %s; stopping", error, exc_info=error)
         log.info("draining: NOT_SERVING, up to %.1fs for in-flight calls", settings.grace_period_s)
         await running.stop(settings.grace_period_s)
     finally:

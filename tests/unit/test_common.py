@@ -234,3 +234,26 @@ def test_default_connection_age_grace_outlasts_the_longest_deadline() -> None:
 
     settings = ServerSettings()
     assert settings.max_connection_age_grace_s >= DEFAULT_TIMEOUT_S
+
+
+def test_a_breaker_counts_only_the_dependencys_own_failures() -> None:
+    """One request's bad data (an oversized document, a refused key) never opens the breaker for everyone."""
+    from services.edge.breaker import dependency_breaker
+    from services.edge.clients import DependencyUnavailable
+
+    breaker = dependency_breaker("retriever", failures=2, cool_down_s=60)
+    for code in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.NOT_FOUND,
+    ) * 3:
+        with pytest.raises(DependencyUnavailable), breaker.guard():
+            raise DependencyUnavailable(f"retriever: {code.name}", code)
+    assert not breaker.is_open
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        with pytest.raises(DependencyUnavailable), breaker.guard():
+            raise DependencyUnavailable(f"retriever: {code.name}", code)
+    assert breaker.is_open
+    with pytest.raises(DependencyUnavailable, match="skipped after 2 consecutive failures"), breaker.guard():
+        pass
