@@ -155,13 +155,23 @@ def test_sampling_defaults_come_from_the_model_and_request_fields_override_them(
     kwargs = sampling_kwargs(request(), model_defaults)
     assert kwargs == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 32, "ignore_eos": False}
 
-    explicit = Sampling(temperature=0.0, top_p=1.0, top_k=20, repetition_penalty=1.1, seed=3)
+    explicit = Sampling(
+        temperature=0.0,
+        top_p=1.0,
+        top_k=20,
+        repetition_penalty=1.1,
+        seed=3,
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
+    )
     kwargs = sampling_kwargs(request(sampling=explicit, stop=("\n\n",), ignore_eos=True), model_defaults)
     assert kwargs == {
         "temperature": 0.0,
         "top_p": 1.0,
         "top_k": 20,
         "repetition_penalty": 1.1,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
         "seed": 3,
         "max_tokens": 32,
         "ignore_eos": True,
