@@ -178,3 +178,71 @@ def fit_diff(diff: str, max_chars: int) -> FittedDiff:
         omitted = tuple(f for s in sections[index:] for f in changed_files(s))
         return FittedDiff("".join(kept), omitted, cut)
     return FittedDiff("".join(kept))
+
+
+# Bounds on the code a TIL may quote (see `quotable_lines`): they bound the grammar built from them.
+QUOTE_MAX_LINES = 200
+QUOTE_MAX_BYTES = 12 * 1024
+QUOTE_MAX_LINE_CHARS = 120
+_FENCE_START = re.compile(r"^[ \t]*(?:```|~~~)")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_HUNK_COUNTS = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def quotable_lines(
+    diff: str,
+    *,
+    max_lines: int = QUOTE_MAX_LINES,
+    max_bytes: int = QUOTE_MAX_BYTES,
+    max_line_chars: int = QUOTE_MAX_LINE_CHARS,
+) -> tuple[str, ...]:
+    """The lines of the diff's hunks a TIL may quote in a code block: added, removed and context lines
+    without their marker, trailing whitespace and carriage return, each once.
+
+    Blank lines, lines that would open or close a Markdown fence, lines with control characters other
+    than tab, and lines over `max_line_chars` are left out. Within `max_lines` lines and `max_bytes`
+    UTF-8 bytes, added lines come first, then removed, then context lines, each in diff order.
+    """
+    added: dict[str, None] = {}
+    removed: dict[str, None] = {}
+    context: dict[str, None] = {}
+    old_left = new_left = 0  # lines of the current hunk still to come, by its header's counts
+    for raw in diff.split("\n"):
+        if old_left <= 0 and new_left <= 0:
+            hunk = _HUNK_COUNTS.match(raw)
+            if hunk:
+                old_left = int(hunk.group(1) or 1)
+                new_left = int(hunk.group(2) or 1)
+            continue
+        marker = raw[:1]
+        if marker == "\\":  # "\ No newline at end of file"
+            continue
+        if marker == "+":
+            bucket, new_left = added, new_left - 1
+        elif marker == "-":
+            bucket, old_left = removed, old_left - 1
+        elif marker in (" ", "", "\r"):  # some tools strip a blank context line's space
+            bucket, old_left, new_left = context, old_left - 1, new_left - 1
+        else:  # a malformed hunk: stop reading it
+            old_left = new_left = 0
+            continue
+        line = raw[1:].rstrip()
+        if (
+            line
+            and len(line) <= max_line_chars
+            and not _FENCE_START.match(line)
+            and not _CONTROL.search(line)
+        ):
+            bucket.setdefault(line, None)
+    chosen: dict[str, None] = {}
+    used = 0
+    for bucket in (added, removed, context):
+        for line in bucket:
+            if len(chosen) >= max_lines:
+                return tuple(chosen)
+            size = len(line.encode("utf-8", "surrogatepass")) + 1
+            if line in chosen or used + size > max_bytes:
+                continue
+            chosen[line] = None
+            used += size
+    return tuple(chosen)

@@ -250,7 +250,12 @@ class TilPipeline:
         job, redacted = self._redacted(job)
         info = await self._generator.model_info(timeout=ctx.remaining())
         max_tokens = resolve_max_tokens(job.max_tokens, s.default_max_tokens, info)
-        key = self.cache_key(job, model=info.model, max_tokens=job.max_tokens)
+        key = self.cache_key(
+            job,
+            model=info.model,
+            max_tokens=job.max_tokens,
+            content_chars=content_budget(max_tokens, s.output_chars_per_token),
+        )
         til_id = f"til-{key[:32]}" if s.index_tils else ""
         notices: list[str] = []
         if job.language_guessed and job.language:
@@ -296,7 +301,9 @@ class TilPipeline:
         outcome = Outcome()
         async for event in stream_generation(opened.stream, ctx, started, outcome):
             yield event
-        closing, finished, complete = self._finish(outcome, job.date, ctx)
+        closing, finished, complete = self._finish(
+            outcome, job.date, ctx, diff=job.diff, language=job.language
+        )
         if closing is not None:
             yield closing
         if complete:
@@ -337,7 +344,12 @@ class TilPipeline:
             stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=job.ignore_eos),
             output=generator_pb2.OutputFormat(
                 json_schema=json.dumps(
-                    til_schema(job.date, content_budget(max_tokens, self._settings.output_chars_per_token)),
+                    til_schema(
+                        job.date,
+                        content_budget(max_tokens, self._settings.output_chars_per_token),
+                        diff=job.diff,
+                        language=job.language,
+                    ),
                     ensure_ascii=False,
                 )
             ),
@@ -357,10 +369,14 @@ class TilPipeline:
         return dataclasses.replace(job, diff=diff, commit_messages=messages), found
 
     @staticmethod
-    def cache_key(job: TilJob, *, model: str, max_tokens: int | None) -> str:
-        """Everything that shapes the result: the request, the model and the prompt version."""
+    def cache_key(
+        job: TilJob, *, model: str, max_tokens: int | None, content_chars: int | None = None
+    ) -> str:
+        """Everything that shapes the result: the request, the model, the prompt version and the content
+        budget (with the diff, date and language, what the grammar is built from)."""
         return cache_key(
             {
+                "content_chars": content_chars,
                 "prompt_version": TIL_PROMPT_VERSION,
                 "model": model,
                 "diff": job.diff,
@@ -482,12 +498,21 @@ class TilPipeline:
         return chat(fitted.text)
 
     def _finish(
-        self, outcome: Outcome, date: str, ctx: CallContext
+        self,
+        outcome: Outcome,
+        date: str,
+        ctx: CallContext,
+        *,
+        diff: str | None = None,
+        language: str | None = None,
     ) -> tuple[common_pb2.TextDelta | None, edge_pb2.TilFinished, bool]:
         """(delta that closes the streamed JSON, if one can, finished message, complete?)."""
         document, til_json, problems = parse_json_output(outcome.text)
         truncated = outcome.finish_reason == common_pb2.FINISH_REASON_LENGTH
-        violations = [*problems, *check_til(document, date=date, truncated=truncated)]
+        violations = [
+            *problems,
+            *check_til(document, date=date, truncated=truncated, diff=diff, language=language),
+        ]
         complete = outcome.finish_reason == common_pb2.FINISH_REASON_STOP and not any(
             v.enforced for v in violations
         )

@@ -15,20 +15,31 @@ from dataclasses import dataclass
 
 from til.v1 import generator_pb2
 
+from services.edge.diffs import QUOTE_MAX_BYTES, QUOTE_MAX_LINE_CHARS, QUOTE_MAX_LINES
 from services.edge.question_format import questions_schema
-from services.edge.til_format import content_heading, til_schema, title_prefix
+from services.edge.til_format import LAYOUT_VERSION, content_heading, fence_language, til_schema, title_prefix
 
 TIL_SYSTEM = """\
 You write formal technical "Today I Learned" (TIL) reports in Korean from git code changes.
 
 Answer with one JSON object and nothing else, with exactly these fields in this order:
 1. "title": a concise, formal Korean title that names the core change, written as "{title_prefix}<title>".
-2. "keywords": 1 to 3 key Korean technical terms of one or two words each that sum up the change.
-3. "content": the TIL in Korean Markdown:
-   - The first line is "{heading}".
-   - The key changes follow as a formal bullet list; end every bullet point with a period.
-   - Below each bullet point, show the relevant code from the diff in a fenced code block.
-   - Where it matters, note maintainability, accessibility or scalability concerns.
+2. "keywords": 1 to 3 key Korean technical terms of one or two words each that sum up the change (never dates
+   or numbers).
+   After "{title_prefix}" write only Korean words about the change: never the date, digits or "TIL" again.
+3. "content": the TIL in Korean Markdown, laid out exactly like this:
+   - The first line is "{heading}", then an empty line.
+   - Then 1 to 5 key changes. Each is one bullet line "- " with one formal Korean sentence that ends with a
+     period, and right below it a fenced code block (```{language}) holding 1 to 8 lines copied exactly from
+     the diff, without their leading "+", "-" or space.
+   - Optionally, one closing Korean sentence on maintainability, accessibility or scalability.
+   Example:
+   {heading}
+
+   - `load_user` 함수가 캐시를 먼저 조회하도록 변경되었다.
+   ```{language}
+   cached = cache.get(user_id)
+   ```
 
 Rules:
 - Use an impersonal, formal style. No personal expressions such as "I learned", "I think", "저는", "제가",
@@ -102,8 +113,12 @@ def _version(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
-TIL_PROMPT_VERSION = "til-" + _version(TIL_SYSTEM, TIL_USER, json.dumps(til_schema("YYYY-MM-DD")))
-REVISE_PROMPT_VERSION = "revise-" + _version(REVISE_SYSTEM, json.dumps(til_schema("YYYY-MM-DD")))
+# The schema is built per request from the diff: its builder's version and bounds stand in for it here.
+_SCHEMA_BUILD = json.dumps(
+    [til_schema("YYYY-MM-DD"), LAYOUT_VERSION, QUOTE_MAX_LINES, QUOTE_MAX_BYTES, QUOTE_MAX_LINE_CHARS]
+)
+TIL_PROMPT_VERSION = "til-" + _version(TIL_SYSTEM, TIL_USER, _SCHEMA_BUILD)
+REVISE_PROMPT_VERSION = "revise-" + _version(REVISE_SYSTEM, _SCHEMA_BUILD)
 QUESTIONS_PROMPT_VERSION = "questions-" + _version(
     QUESTIONS_SYSTEM, QUESTIONS_USER, json.dumps(DIFFICULTY_GUIDES), json.dumps(questions_schema("easy", 1))
 )
@@ -144,7 +159,9 @@ def til_chat(
     commit_messages: Sequence[str],
     related: Sequence[RelatedDocument] = (),
 ) -> generator_pb2.ChatMessages:
-    system = TIL_SYSTEM.format(title_prefix=title_prefix(date), heading=content_heading(date))
+    system = TIL_SYSTEM.format(
+        title_prefix=title_prefix(date), heading=content_heading(date), language=fence_language(language)
+    )
     messages = "\n".join(f"- {m}" for m in commit_messages) if commit_messages else "(none)"
     user = TIL_USER.format(
         date=date,
@@ -162,6 +179,7 @@ def revise_chat(
     system = REVISE_SYSTEM.format(
         title_prefix=title_prefix(date),
         heading=content_heading(date),
+        language="",
         current_til=data(current_til_json, "current_til"),
     )
     return _chat(("system", system), *history, ("user", instruction))

@@ -12,25 +12,65 @@ raw JSON text instead (xgrammar does).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from til.v1 import edge_pb2
 
+from services.edge.diffs import changed_files, guess_language, quotable_lines
+
 HANGUL = "가-힣"
 # Characters a JSON string must escape: kept out of title and keyword patterns (see above).
 _JSON_ESCAPED = '"\\\\\\x00-\\x1f'
-TITLE_PART_MAX = 60  # characters before and after the first Hangul character of the title text
+TITLE_PART_MAX = 24  # units (1 to 5 characters, see _no_til) before and after the title's first Hangul
 KEYWORD_PART_MAX = 15
-KEYWORD_SYMBOLS = "A-Za-z0-9 .+#/_-"
+# No digits: a keyword is never a date or a number, and the title never repeats the date.
+KEYWORD_SYMBOLS = "A-Za-z .+#/_-"
 MAX_KEYWORDS = 3
 CONTENT_MAX_CHARS = 8000
+# The document's layout: at most this many items (a bullet and its code block), code lines per block,
+# characters per bullet sentence (units, see _SENTENCE) and per closing paragraph.
+MAX_ITEMS = 5
+MAX_CODE_LINES = 8
+SENTENCE_UNITS = 60
+CLOSING_CHARS = 240
+INDENT_MAX = 16
+# Bumped whenever the way a schema is built from a request changes (it is part of the prompt version).
+LAYOUT_VERSION = "layout-2"
 
+
+# The title's characters: not JSON-escaped, not digits, no line breaks; the text never holds "TIL".
+_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9\\u2028\\u2029"
+
+
+def _unit(excluded: str) -> str:
+    """One unit of title text: a character outside `excluded` that is not T, or T(T|IT)? and a
+    character that does not make "TIL"; `excluded` is a negated class body."""
+    return f"(?:[^T{excluded}]|T(?:T|IT)?(?:[^TI{excluded}]|I[^TL{excluded}]))"
+
+
+_TITLE_END = "(?:T(?:T|IT)?I?)?"  # the text may end in the middle of such a run
 TITLE_TAIL = (
-    f"[^{_JSON_ESCAPED}{HANGUL}]{{0,{TITLE_PART_MAX}}}[{HANGUL}][^{_JSON_ESCAPED}]{{0,{TITLE_PART_MAX}}}"
+    f"{_unit(_TITLE_EXCLUDED + HANGUL)}{{0,{TITLE_PART_MAX}}}{_TITLE_END}[{HANGUL}]"
+    f"{_unit(_TITLE_EXCLUDED)}{{0,{TITLE_PART_MAX}}}{_TITLE_END}"
 )
 KEYWORD_PATTERN = f"^[{KEYWORD_SYMBOLS}]{{0,{KEYWORD_PART_MAX}}}[{HANGUL}][{HANGUL}{KEYWORD_SYMBOLS}]{{0,{KEYWORD_PART_MAX}}}$"
+
+# A bullet's one sentence: no line break, periods only inside words (`a.b`), at least one Hangul
+# character, and a final period. The text before the first Hangul character holds none.
+_SENTENCE_UNIT = "(?:[^\\n.{h}]|\\.[^\\s.{h}])"
+_SENTENCE = (
+    f"{_SENTENCE_UNIT.format(h=HANGUL)}{{0,{SENTENCE_UNITS // 2}}}[{HANGUL}]"
+    f"{_SENTENCE_UNIT.format(h='')}{{0,{SENTENCE_UNITS}}}\\."
+)
+_SENTENCE_MAX = 2 * (SENTENCE_UNITS // 2) + 1 + 2 * SENTENCE_UNITS + 1
+# A closing paragraph: one line with Hangul that does not start a list, heading, quote or code.
+_CLOSING = (
+    f"(?:[{HANGUL}]|[^\\s`*+#>0-9{HANGUL}-][^\\n`{HANGUL}]{{0,40}}[{HANGUL}])[^\\n`]{{0,{CLOSING_CHARS}}}"
+)
+_CLOSING_MAX = 1 + 1 + 40 + 1 + CLOSING_CHARS  # with the blank line before it
 
 
 def title_prefix(date: str) -> str:
@@ -41,9 +81,16 @@ def content_heading(date: str) -> str:
     return f"# {date} TIL"
 
 
+_UNIT_MAX = 5  # T, IT, then a character or I and a character
+
+
 # Most characters the title and keywords can take (prefix + pattern bounds), plus the JSON around them.
 TITLE_AND_KEYWORDS_MAX_CHARS = (
-    len("YYYY-MM-DD TIL - ") + 2 * TITLE_PART_MAX + 1 + MAX_KEYWORDS * (2 * KEYWORD_PART_MAX + 1) + 40
+    len("YYYY-MM-DD TIL - ")
+    + 2 * (TITLE_PART_MAX * _UNIT_MAX + 3)
+    + 1
+    + MAX_KEYWORDS * (2 * KEYWORD_PART_MAX + 1)
+    + 40
 )
 
 
@@ -54,8 +101,164 @@ def content_budget(max_tokens: int, chars_per_token: float) -> int:
     return max(len("# YYYY-MM-DD TIL\n") + 1, min(CONTENT_MAX_CHARS, int(room * chars_per_token)))
 
 
-def til_schema(date: str, content_max_chars: int = CONTENT_MAX_CHARS) -> dict[str, Any]:
-    """The JSON Schema of a TIL for `date` (YYYY-MM-DD), with properties in the order they are written."""
+def regex_literal(text: str) -> str:
+    """`text` as a regular expression that matches it literally, in the syntax ECMAScript, Python, Rust's
+    regex (llguidance) and the generator's translator share: metacharacters escaped, tab as \\t."""
+    out = []
+    for ch in text:
+        if ch in "\\^$.|?*+()[]{}/":
+            out.append("\\" + ch)
+        elif ch in "\t\n\r":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r"}[ch])
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def lines_alternation(lines: tuple[str, ...] | list[str]) -> str:
+    """A regular expression matching exactly one of `lines` (at least one), as a trie: lines that share a
+    start share its branch, so a grammar engine follows one path per distinct prefix instead of one per line."""
+    unique = sorted(set(lines))
+    if not unique or "" in unique:
+        raise ValueError("lines must be non-empty strings, at least one")
+    return _trie(unique)
+
+
+def _trie(words: list[str]) -> str:
+    """`words` (sorted, distinct; "" marks that the prefix so far is itself a line) as one expression."""
+    optional = bool(words) and words[0] == ""
+    rest = words[1:] if optional else words
+    branches: list[str] = []
+    i = 0
+    while i < len(rest):
+        j = i
+        while j < len(rest) and rest[j][0] == rest[i][0]:
+            j += 1
+        group = rest[i:j]
+        prefix = _common_prefix(group)
+        tails = [w[len(prefix) :] for w in group]
+        body = regex_literal(prefix)
+        if len(group) > 1:
+            body += _trie(tails)
+        branches.append(body)
+        i = j
+    if not branches:
+        return ""
+    alternation = branches[0] if len(branches) == 1 and not optional else "(?:" + "|".join(branches) + ")"
+    return alternation + ("?" if optional else "")
+
+
+def _common_prefix(words: list[str]) -> str:
+    first, last = min(words), max(words)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The document a schema allows: how many items, code lines per block, and which code lines."""
+
+    items: int
+    code_lines: int
+    closing: bool
+    pattern: str
+    max_chars: int
+
+
+def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max_chars: int) -> Layout:
+    """The content pattern for `date`, fenced code in `language`, code lines from `lines` (None: any line
+    that does not open a fence; (): no code block at all), sized to fit in `content_max_chars`."""
+    heading = content_heading(date) + "\n\n"
+    fence_open = "```" + language + "\n"
+    # Unknown language (no diff to guess from): any one-word info string.
+    fence_pattern = "```[A-Za-z0-9+#._-]{0,20}\\n" if language == _ANY_LANGUAGE else regex_literal(fence_open)
+    if language == _ANY_LANGUAGE:
+        fence_open = "```" + "x" * 20 + "\n"
+    room = content_max_chars - len(heading)
+    closing = room >= 4 * _CLOSING_MAX
+    if closing:
+        room -= _CLOSING_MAX
+    block_overhead = len(fence_open) + len("```\n")
+    bullet_max = 2 + _SENTENCE_MAX + 1
+    code_room = room - bullet_max - block_overhead - 1
+    code_line, code_lines = "", 0
+    if lines is None:
+        line_max = 160
+        code_lines = min(MAX_CODE_LINES, code_room // (line_max + 1))
+        code_line = "[^\\n`~][^\\n]{0,159}" if code_lines else ""
+    elif lines:
+        # A line of the diff at any indentation (up to INDENT_MAX spaces or tabs): models dedent code.
+        stripped = tuple(dict.fromkeys(line.lstrip(" \t") for line in lines))
+        # Shorter lines only when the longest would leave room for fewer than three in a block.
+        for cap in (max(len(line) for line in stripped), 80, 60, 40, 20):
+            fitting = tuple(line for line in stripped if len(line) <= cap)
+            if not fitting:
+                break
+            line_max = INDENT_MAX + max(len(line) for line in fitting)
+            code_lines = min(MAX_CODE_LINES, code_room // (line_max + 1))
+            code_line = f"[ \\t]{{0,{INDENT_MAX}}}{lines_alternation(fitting)}" if code_lines >= 1 else ""
+            if code_lines >= 3:
+                break
+    if not code_line:  # no code to quote, or not even one line fits: the bullets go without code
+        code_lines, line_max = 0, 0
+    item_max = bullet_max + (block_overhead + code_lines * (line_max + 1) if code_line else 0)
+    items = max(1, min(MAX_ITEMS, (room + 1) // (item_max + 1)))
+    block = f"{fence_pattern}(?:(?:{code_line})\\n){{1,{code_lines}}}```\\n" if code_line else ""
+    item = f"- {_SENTENCE}\\n{block}"
+    pattern = f"^{regex_literal(heading)}{item}" + (f"(?:\\n{item}){{0,{items - 1}}}" if items > 1 else "")
+    if closing:
+        pattern += f"(?:\\n{_CLOSING})?"
+    max_chars = len(heading) + items * (item_max + 1) - 1 + (_CLOSING_MAX if closing else 0)
+    return Layout(items, code_lines, closing, pattern + "$", max_chars)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(date: str, language: str, lines: tuple[str, ...] | None, content_max_chars: int) -> Layout:
+    return _layout(date, language, lines, content_max_chars)
+
+
+def til_layout(
+    date: str,
+    content_max_chars: int = CONTENT_MAX_CHARS,
+    *,
+    diff: str | None = None,
+    language: str | None = None,
+) -> Layout:
+    """The document layout for a TIL of `diff` (None: code lines are free) in `language` (None: guessed
+    from the diff's files). Cached per (date, language, quotable lines, budget): what shapes the grammar."""
+    lines = None if diff is None else quotable_lines(diff)
+    if language is None:
+        fence = fence_language(guess_language(changed_files(diff))) if diff is not None else _ANY_LANGUAGE
+    else:
+        fence = fence_language(language)
+    return _cached_layout(date, fence, lines, content_max_chars)
+
+
+_ANY_LANGUAGE = "*"
+
+
+def fence_language(language: str) -> str:
+    """The info string of the code fences: the language name if it is one word, else none."""
+    return language if re.fullmatch(r"[A-Za-z0-9+#._-]{1,20}", language or "") else ""
+
+
+def til_schema(
+    date: str,
+    content_max_chars: int = CONTENT_MAX_CHARS,
+    *,
+    diff: str | None = None,
+    language: str | None = None,
+) -> dict[str, Any]:
+    """The JSON Schema of a TIL for `date` (YYYY-MM-DD), with properties in the order they are written.
+
+    The content pattern holds the whole document (see `til_layout`); with `diff`, every code line is one
+    of its lines. Build it from the same diff text the prompt shows."""
+    layout = til_layout(date, content_max_chars, diff=diff, language=language)
+    content: dict[str, Any] = {"type": "string", "pattern": layout.pattern}
+    if layout.max_chars <= content_max_chars:  # the pattern implies it; engines check that it does
+        content["maxLength"] = content_max_chars
     return {
         "type": "object",
         "properties": {
@@ -66,12 +269,7 @@ def til_schema(date: str, content_max_chars: int = CONTENT_MAX_CHARS) -> dict[st
                 "minItems": 1,
                 "maxItems": MAX_KEYWORDS,
             },
-            # Starts with the heading line; what follows is free Markdown.
-            "content": {
-                "type": "string",
-                "pattern": f"^{content_heading(date)}\\n",
-                "maxLength": content_max_chars,
-            },
+            "content": content,
         },
         "required": ["title", "keywords", "content"],
         "additionalProperties": False,
@@ -86,7 +284,6 @@ class Violation:
     enforced: bool
 
 
-_BULLET = re.compile(r"^[ \t]*(?:[-*+]|\d+[.)])[ \t]+\S", re.MULTILINE)
 _TOP_BULLET = re.compile(r"^(?:[-*+]|\d+[.)])[ \t]+(.*\S)[ \t]*$", re.MULTILINE)
 _FENCED = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.MULTILINE | re.DOTALL)
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
@@ -113,8 +310,55 @@ def personal_expressions(text: str) -> list[str]:
     return list(dict.fromkeys(m.group(0) for m in _PERSONAL.finditer(prose(text))))
 
 
-def check_til(document: Any, *, date: str, truncated: bool = False) -> list[Violation]:
-    """Every rule of the TIL format that `document` (parsed JSON) breaks."""
+_WORD = re.compile(r"[^\s.,:;!?()\[\]\"'`-]{2,}")
+
+
+def repeated_phrase(text: str) -> str | None:
+    """A word (2+ characters) or date that `text` holds twice, case aside, or None."""
+    seen: set[str] = set()
+    for match in _WORD.finditer(text):
+        word = match.group(0).lower()
+        if word in seen:
+            return match.group(0)
+        seen.add(word)
+    return None
+
+
+def layout_problem(content: str, layout: Layout, lines: tuple[str, ...] | None) -> str | None:
+    """Why `content` does not follow `layout` (None when it does), as specific as can be said."""
+    if re.fullmatch(layout.pattern[1:-1], content, flags=re.DOTALL) is not None:
+        return None
+    if not _TOP_BULLET.search(content):
+        return "content has no bullet list of the key changes"
+    if lines is not None and layout.code_lines:
+        quoted = set(lines)
+        for block in _FENCED.finditer(content):
+            body = block.group(0).split("\n")[1:-1]
+            stray = [
+                line for line in body if line not in quoted and not line.lstrip().startswith(("```", "~~~"))
+            ]
+            if stray:
+                return f"a code block quotes a line that is not in the diff: {stray[0][:80]!r}"
+    return (
+        f"content must be '{content.split(chr(10), 1)[0][:40]}...' followed by a blank line and 1 to "
+        f"{layout.items} items, each a bullet of one Korean sentence ending in a period"
+        + (" followed by a fenced code block" if layout.code_lines else "")
+        + (" of lines from the diff" if layout.code_lines and lines is not None else "")
+        + ", then optionally one closing paragraph"
+    )
+
+
+def check_til(
+    document: Any,
+    *,
+    date: str,
+    truncated: bool = False,
+    diff: str | None = None,
+    language: str | None = None,
+    content_max_chars: int = CONTENT_MAX_CHARS,
+) -> list[Violation]:
+    """Every rule of the TIL format that `document` (parsed JSON) breaks. With `diff` (and `language`), the
+    content is checked against the same layout the schema for that diff enforced."""
     found: list[Violation] = []
 
     def broken(message: str, *, enforced: bool) -> None:
@@ -136,10 +380,14 @@ def check_til(document: Any, *, date: str, truncated: bool = False) -> list[Viol
         broken(f"title must start with '{title_prefix(date)}'", enforced=True)
     elif not _TITLE_TAIL.fullmatch(title[len(title_prefix(date)) :]):
         broken(
-            f"title text must be Korean, one line, at most {2 * TITLE_PART_MAX + 1} characters, "
-            "without quotes or backslashes",
+            "title text must be Korean, one line, without digits (it never repeats the date), 'TIL', "
+            "quotes or backslashes, and short",
             enforced=True,
         )
+    else:
+        again = repeated_phrase(title[len(title_prefix(date)) :])
+        if again:
+            broken(f"title repeats '{again}'", enforced=False)
 
     keywords = document.get("keywords")
     if not isinstance(keywords, list) or not keywords:
@@ -151,13 +399,16 @@ def check_til(document: Any, *, date: str, truncated: bool = False) -> list[Viol
         if bad:
             shown = ", ".join(repr(k) for k in bad[:3])
             broken(
-                f"keywords must be short terms containing Korean ({2 * KEYWORD_PART_MAX + 1} characters "
-                f"at most): {shown}",
+                f"keywords must be short terms containing Korean and no digits ({2 * KEYWORD_PART_MAX + 1} "
+                f"characters at most): {shown}",
                 enforced=True,
             )
         strings = [k.strip().lower() for k in keywords if isinstance(k, str)]
         if len(set(strings)) < len(strings):
             broken("keywords repeat", enforced=False)
+        looping = [k for k in keywords if isinstance(k, str) and repeated_phrase(k)]
+        if looping:
+            broken(f"a keyword repeats a word: {looping[0]!r}", enforced=False)
 
     content = document.get("content")
     if not isinstance(content, str) or not content:
@@ -166,20 +417,15 @@ def check_til(document: Any, *, date: str, truncated: bool = False) -> list[Viol
     heading = content_heading(date)
     if not content.startswith(heading + "\n"):
         broken(f"content must start with the line '{heading}'", enforced=True)
-    if len(content) > CONTENT_MAX_CHARS:
+    elif len(content) > CONTENT_MAX_CHARS:
         broken(f"content has {len(content)} characters; at most {CONTENT_MAX_CHARS}", enforced=True)
-    text = prose(content)
-    if not _BULLET.search(text):
-        broken("content has no bullet list of the key changes", enforced=False)
     else:
-        bullets = _TOP_BULLET.findall(text)
-        unfinished = [b for b in bullets if not b.endswith(".")]
-        if unfinished:
-            broken(
-                f"{len(unfinished)} of {len(bullets)} bullet points do not end with a period", enforced=False
-            )
-    if "```" not in content and "~~~" not in content and not _INLINE_CODE.search(content):
-        broken("content has no code snippet", enforced=False)
+        lines = None if diff is None else quotable_lines(diff)
+        layout = til_layout(date, content_max_chars, diff=diff, language=language)
+        problem = layout_problem(content, layout, lines)
+        if problem:
+            broken(problem, enforced=True)
+    text = prose(content)
     if not _HANGUL_CHAR.search(text):
         broken("content is not written in Korean", enforced=False)
     personal = personal_expressions(f"{title if isinstance(title, str) else ''}\n{content}")

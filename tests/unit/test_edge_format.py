@@ -21,9 +21,11 @@ GOOD: dict[str, Any] = {
     "keywords": ["비동기", "Redis 캐시"],
     "content": (
         f"# {DATE} TIL\n\n"
-        "- 조회 결과를 Redis에 저장하여 응답 시간을 줄인다.\n\n"
+        "- 조회 결과를 Redis에 저장하여 응답 시간을 줄인다.\n"
         "```python\nawait cache.set(key, value)\n```\n\n"
         "- `get_user`는 캐시를 먼저 확인한다.\n"
+        "```python\ndef get_user(key):\n```\n\n"
+        "캐시 만료 시간은 설정으로 바꿀 수 있다."
     ),
 }
 
@@ -42,28 +44,38 @@ def test_a_good_til_breaks_no_rule() -> None:
         ({"title": "2024-05-02 TIL - 캐시"}, "title must start with '2024-05-01 TIL - '", True),
         ({"title": f"{DATE} TIL - cache only"}, "title text must be Korean", True),
         ({"title": f"{DATE} TIL - 캐시\n두 줄"}, "title text must be Korean, one line", True),
+        ({"title": f"{DATE} TIL - {DATE} TIL - 캐시"}, "without digits (it never repeats the date)", True),
+        ({"title": f"{DATE} TIL - TIL 캐시"}, "'TIL'", True),
+        ({"title": f"{DATE} TIL - Redis 캐시와 redis 설정"}, "title repeats 'redis'", False),
         ({"keywords": []}, "keywords must be a list of 1 to 3", True),
         ({"keywords": ["캐시", "비동기", "큐", "락"]}, "4 keywords; at most 3", True),
         ({"keywords": ["cache"]}, "short terms containing Korean", True),
         ({"keywords": ["캐시" * 20]}, "short terms containing Korean", True),
+        ({"keywords": [f"{DATE} TIL-로"]}, "no digits", True),
         ({"keywords": ["캐시", "캐시"]}, "keywords repeat", False),
+        ({"keywords": ["캐시 캐시"]}, "a keyword repeats a word", False),
         ({"content": "- 캐시를 쓴다. `x`"}, "content must start with the line '# 2024-05-01 TIL'", True),
         ({"content": f"# {DATE} TIL 캐시\n- 캐시를 쓴다. `x`"}, "must start with the line", True),
-        ({"content": f"# {DATE} TIL\n캐시를 도입했다. `x`"}, "no bullet list", False),
-        ({"content": f"# {DATE} TIL\n- 캐시를 도입한다.\n"}, "no code snippet", False),
+        ({"content": f"# {DATE} TIL\n\n캐시를 도입했다. `x`"}, "no bullet list", True),
+        ({"content": f"# {DATE} TIL\n\n- 캐시를 도입한다.\n"}, "followed by a fenced code block", True),
         (
-            {"content": f"# {DATE} TIL\n- 캐시를 도입한다 `x`\n"},
-            "1 of 1 bullet points do not end with a period",
-            False,
+            {"content": f"# {DATE} TIL\n\n- 캐시를 도입한다\n```python\nx = 1\n```\n"},
+            "ending in a period",
+            True,
         ),
-        ({"content": f"# {DATE} TIL\n- Added a cache. `x`\n"}, "not written in Korean", False),
         (
-            {"content": GOOD["content"] + "- 저는 이 변경이 좋다고 느꼈다.\n"},
+            {"content": f"# {DATE} TIL\n\n- 캐시를 도입한다. 두 문장이다.\n```python\nx = 1\n```\n"},
+            "one Korean sentence",
+            True,
+        ),
+        ({"content": f"# {DATE} TIL\n\n- Added a cache.\n```python\nx = 1\n```\n"}, "Korean sentence", True),
+        (
+            {"content": GOOD["content"] + "\n저는 이 변경이 좋다고 느꼈다."},
             "personal expressions: 저는, 느꼈",
             False,
         ),
         (
-            {"content": GOOD["content"] + "- I learned that caching helps.\n"},
+            {"title": f"{DATE} TIL - I learned 캐시"},
             "personal expressions: I learned",
             False,
         ),

@@ -5,14 +5,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.edge.diffs import QUOTE_MAX_BYTES, QUOTE_MAX_LINES, quotable_lines
 from services.edge.json_closer import close_json
 from services.edge.question_format import questions_schema
-from services.edge.til_format import KEYWORD_PATTERN, content_heading, til_schema, title_prefix
+from services.edge.til_format import (
+    CONTENT_MAX_CHARS,
+    KEYWORD_PATTERN,
+    check_til,
+    content_heading,
+    til_layout,
+    til_schema,
+    title_prefix,
+)
 
 pytest.importorskip("llama_cpp")
 from services.generator.json_grammar import json_schema_to_grammar
@@ -38,9 +48,11 @@ def _smollm2() -> Path:
 
 @pytest.mark.model
 def test_a_constrained_model_keeps_the_enforced_rules() -> None:
-    from llama_cpp import Llama, LlamaGrammar
+    from llama_cpp import LlamaGrammar
 
-    llm = Llama(str(_smollm2()), n_ctx=1024, n_threads=2, verbose=False)
+    from services.generator.llama_cpp_engine import load_llama
+
+    llm = load_llama(model_path=str(_smollm2()), n_ctx=1024, n_threads=2, verbose=False)
     grammar = LlamaGrammar.from_string(json_schema_to_grammar(til_schema(DATE)), verbose=False)
     messages: list[Any] = [
         {"role": "system", "content": "Write a Korean TIL as a JSON object."},
@@ -60,3 +72,162 @@ def test_a_constrained_model_keeps_the_enforced_rules() -> None:
     keywords = document.get("keywords", [])
     finished = keywords if "content" in document else keywords[:-1]  # the last may be cut short
     assert all(re.fullmatch(KEYWORD_PATTERN, k) for k in finished), keywords
+
+
+# --- code quoted from the diff ----------------------------------------------------------------------
+
+TRICKY = (
+    "diff --git a/src/app.py b/src/app.py\n"
+    "--- a/src/app.py\n"
+    "+++ b/src/app.py\n"
+    "@@ -1,2 +1,7 @@ def main():\r\n"
+    "     name = 'x'\r\n"
+    '-\tprint("a\\\\b")\r\n'
+    "+\tprint(\"a\\\\b\", end='')\t\r\n"
+    "+    md = '```python'\n"
+    "+  ```\n"
+    '+    s = `echo hi` + "(?:[^a]|b){2}$"\n'
+    "+    bell = '\x07'\n"
+    "+    " + "x" * 500 + "\n"
+    "\\ No newline at end of file\n"
+    "diff --git a/logo.png b/logo.png\n"
+    "Binary files a/logo.png and b/logo.png differ\n"
+    "diff --git a/old.py b/new.py\n"
+    "similarity index 100%\n"
+    "rename from old.py\n"
+    "rename to new.py\n"
+)
+
+
+def test_quotable_lines_take_each_hunk_line_once_without_its_marker() -> None:
+    lines = quotable_lines(TRICKY)
+    assert lines == (
+        "\tprint(\"a\\\\b\", end='')",  # added first; trailing tab and CR gone
+        "    md = '```python'",  # backticks inside a line open no fence
+        '    s = `echo hi` + "(?:[^a]|b){2}$"',
+        '\tprint("a\\\\b")',  # then removed
+        "    name = 'x'",  # then context
+    )
+    # Left out: the control character, the 500-character line, headers, binary marker.
+    assert quotable_lines("diff --git a/a b/b\nrename from a\nrename to b\n") == ()
+    assert quotable_lines("Binary files a/x.png and b/x.png differ\n") == ()
+
+
+def test_quotable_lines_are_bounded_and_prefer_added_lines() -> None:
+    body = "".join(f"-old_{i} = {i}\n" for i in range(2500)) + "".join(
+        f"+new_{i} = {i}\n" for i in range(2500)
+    )
+    big = f"--- a/x.py\n+++ b/x.py\n@@ -1,2500 +1,2500 @@\n{body}"
+    assert len(big.splitlines()) > 5000
+    lines = quotable_lines(big)
+    assert len(lines) == QUOTE_MAX_LINES and all(line.startswith("new_") for line in lines)
+    assert sum(len(line.encode()) + 1 for line in quotable_lines(big, max_lines=10_000)) <= QUOTE_MAX_BYTES
+    assert quotable_lines(big + "+new_0 = 0\n", max_lines=3) == ("new_0 = 0", "new_1 = 1", "new_2 = 2")
+
+
+def _til_with(content: str) -> dict[str, Any]:
+    return {"title": f"{DATE} TIL - 출력 수정", "keywords": ["출력"], "content": content}
+
+
+def test_the_content_pattern_admits_exactly_the_diffs_lines() -> None:
+    schema = til_schema(DATE, diff=TRICKY)
+    pattern = schema["properties"]["content"]["pattern"]
+    head = f"# {DATE} TIL\n\n- 출력 형식을 `print`에서 바꾼다.\n```python\n"
+    for line in quotable_lines(TRICKY):
+        content = f"{head}{line}\n```\n"
+        assert re.fullmatch(pattern[1:-1], content, re.DOTALL), line
+        assert check_til(_til_with(content), date=DATE, diff=TRICKY) == []
+        # The decoded line survives JSON: the schema is about values, the engine writes the escapes.
+        assert json.loads(json.dumps(content)) == content
+    for stray in ["print('a')", "\tprint(\"a\\\\b\", end='')\t", "x" * 500, "  ```"]:
+        content = f"{head}{stray}\n```\n"
+        assert not re.fullmatch(pattern[1:-1], content, re.DOTALL)
+        problems = [v.message for v in check_til(_til_with(content), date=DATE, diff=TRICKY) if v.enforced]
+        assert problems and ("not in the diff" in problems[0] or "content must be" in problems[0]), problems
+    # Code in the wrong language's fence, or a bullet without its code block, breaks the layout.
+    assert not re.fullmatch(pattern[1:-1], head.replace("python", "go") + "    name = 'x'\n```\n", re.DOTALL)
+    assert not re.fullmatch(pattern[1:-1], f"# {DATE} TIL\n\n- 출력을 바꾼다.\n", re.DOTALL)
+
+
+def test_a_diff_with_nothing_to_quote_gets_bullets_without_code() -> None:
+    renames = "diff --git a/a.py b/b.py\nsimilarity index 100%\nrename from a.py\nrename to b.py\n"
+    layout = til_layout(DATE, diff=renames)
+    assert layout.code_lines == 0
+    content = f"# {DATE} TIL\n\n- 파일 이름을 `b.py`로 바꾼다.\n"
+    assert re.fullmatch(layout.pattern[1:-1], content, re.DOTALL)
+    assert check_til(_til_with(content), date=DATE, diff=renames) == []
+
+
+def test_the_layout_fits_the_budget_and_the_grammar_checks_it() -> None:
+    for budget in (300, 700, 1500, 4000, CONTENT_MAX_CHARS):
+        layout = til_layout(DATE, budget, diff=TRICKY)
+        assert layout.max_chars <= budget or budget < 400, (budget, layout.max_chars)
+        schema = til_schema(DATE, budget, diff=TRICKY)
+        if layout.max_chars <= budget:
+            # The converter refuses a pattern that allows more than maxLength: this checks max_chars.
+            assert schema["properties"]["content"]["maxLength"] == budget
+            json_schema_to_grammar(schema)
+    small, large = til_layout(DATE, 700, diff=TRICKY), til_layout(DATE, 4000, diff=TRICKY)
+    assert (small.items, small.code_lines) < (large.items, large.code_lines) and large.closing
+
+
+def _big_diff(lines: int) -> str:
+    body = "".join(f"+    value_{i} = compute(item_{i}, 'k{i % 7}')  # step {i}\n" for i in range(lines))
+    return f"diff --git a/m.py b/m.py\n--- a/m.py\n+++ b/m.py\n@@ -0,0 +1,{lines} @@\n{body}"
+
+
+def test_building_the_schema_for_a_5000_line_diff_is_fast_and_bounded() -> None:
+    diff = _big_diff(5000)
+    t0 = time.perf_counter()
+    schema = til_schema(DATE, 4000, diff=diff, language="python")
+    built_s = time.perf_counter() - t0
+    pattern = schema["properties"]["content"]["pattern"]
+    assert built_s < 0.5 and len(pattern) < 6 * QUOTE_MAX_BYTES, (built_s, len(pattern))
+    t0 = time.perf_counter()
+    grammar = json_schema_to_grammar(schema)
+    assert time.perf_counter() - t0 < 5.0 and len(grammar) < 40 * QUOTE_MAX_BYTES
+    # The cache follows the diff: another diff, another pattern; the same one, the same object.
+    assert til_layout(DATE, 4000, diff=diff) is til_layout(DATE, 4000, diff=diff)
+    assert til_schema(DATE, 4000, diff=_big_diff(10))["properties"]["content"]["pattern"] != pattern
+
+
+@pytest.mark.model
+def test_the_packaged_model_quotes_only_lines_of_the_diff() -> None:
+    """SmolLM2 through the generator's llama.cpp engine, constrained by the per-request schema."""
+    import asyncio
+
+    from services.edge.prompt import til_chat
+    from services.generator.config import GeneratorSettings
+    from services.generator.engine import ChatTurn, EngineDelta, EngineRequest, Sampling
+    from services.generator.llama_cpp_engine import LlamaCppEngine
+
+    diff = (Path(__file__).parents[2] / "examples" / "sample.diff").read_text()
+    budget = 900
+    schema = til_schema(DATE, budget, diff=diff, language="python")
+    chat = til_chat(diff=diff, date=DATE, language="python", commit_messages=["Cache answers in Redis"])
+
+    async def run() -> str:
+        engine = LlamaCppEngine(GeneratorSettings(max_model_len=4096, n_threads=2))
+        await engine.start()
+        try:
+            request = EngineRequest(
+                request_id="quote",
+                prompt=None,
+                messages=tuple(ChatTurn(m.role, m.content) for m in chat.messages),
+                max_tokens=900,
+                sampling=Sampling(temperature=0.0),
+                json_schema=schema,
+            )
+            return "".join([e.text async for e in engine.generate(request) if isinstance(e, EngineDelta)])
+        finally:
+            await engine.close()
+
+    document = json.loads(asyncio.run(run()))
+    enforced = [
+        v.message for v in check_til(document, date=DATE, diff=diff, content_max_chars=budget) if v.enforced
+    ]
+    assert enforced == [], document
+    blocks = re.findall(r"```python\n(.*?)```", document["content"], re.DOTALL)
+    code = [line for block in blocks for line in block.splitlines()]
+    diff_lines = {line[1:].rstrip() for line in diff.splitlines() if line[:1] in "+- "}
+    assert code and all(line in diff_lines for line in code), code

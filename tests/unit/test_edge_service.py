@@ -61,7 +61,7 @@ GOOD_TIL: dict[str, Any] = {
     "keywords": ["캐시", "Redis 캐시"],
     "content": (
         f"# {DATE} TIL\n\n"
-        "- 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다.\n\n"
+        "- 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다.\n"
         '```python\ncache.set(f"user:{user_id}", user, ttl=300)\n```\n'
     ),
 }
@@ -480,7 +480,7 @@ async def test_requests_that_differ_do_not_share_a_cache_entry() -> None:
         other_day = {
             **GOOD_TIL,
             "title": "2024-05-02 TIL - 캐시",
-            "content": "# 2024-05-02 TIL\n- 캐시를 쓴다. `x`",
+            "content": "# 2024-05-02 TIL\n\n- 캐시를 쓴다.\n```python\nreturn user\n```\n",
         }
         stack.generator.output = chunks(json.dumps(other_day, ensure_ascii=False))
         started, _, finished = split(await stack.til(til_request(date="2024-05-02")))
@@ -592,18 +592,18 @@ async def test_default_date_is_today_in_the_configured_time_zone() -> None:
     til = {
         **GOOD_TIL,
         "title": "2025-01-31 TIL - 캐시 도입",
-        "content": "# 2025-01-31 TIL\n- 캐시를 쓴다. `get`",
+        "content": "# 2025-01-31 TIL\n\n- 캐시를 쓴다.\n```python\n        return cached\n```\n",
     }
     generator = FakeGenerator(output=chunks(json.dumps(til, ensure_ascii=False)))
     async with edge_stack(generator=generator, today=today) as stack:
         _, _, finished = split(await stack.til(til_request(date="")))
     schema = json.loads(stack.generator.requests[0].output.json_schema)
-    assert schema["properties"]["content"]["pattern"] == "^# 2025-01-31 TIL\\n"
+    assert schema["properties"]["content"]["pattern"].startswith("^# 2025-01-31 TIL\\n\\n- ")
     assert list(finished.violations) == []
 
 
 async def test_rule_violations_are_reported_and_soft_ones_still_cached() -> None:
-    personal = {**GOOD_TIL, "content": GOOD_TIL["content"] + "\n- 저는 이 방법이 좋다고 느꼈다.\n"}
+    personal = {**GOOD_TIL, "content": GOOD_TIL["content"] + "\n저는 이 방법이 좋다고 느꼈다."}
     generator = FakeGenerator(output=chunks(json.dumps(personal, ensure_ascii=False)))
     async with edge_stack(generator=generator) as stack:
         _, _, finished = split(await stack.til(til_request()))

@@ -90,15 +90,15 @@ def test_strings_without_both_a_pattern_and_a_bound_are_left_alone() -> None:
 def test_the_til_schema_keeps_its_heading_rule_and_length_in_one_pattern() -> None:
     from services.edge.til_format import CONTENT_MAX_CHARS, content_heading, til_schema
 
-    content = prepared_schema(til_schema("2026-11-24"))["properties"]["content"]
-    heading = content_heading("2026-11-24") + "\n"
-    assert content == {
-        "type": "string",
-        "pattern": f"^(?:# 2026-11-24 TIL\\n)[\\s\\S]{{0,{CONTENT_MAX_CHARS - len(heading)}}}$",
-    }
-    assert ecma_search(content["pattern"], heading + '- `x = 1`.\n"q"')
+    schema = til_schema("2026-11-24")
+    content = prepared_schema(schema)["properties"]["content"]
+    # The layout pattern already implies maxLength, so the bare pattern is what llguidance gets.
+    assert content == {"type": "string", "pattern": schema["properties"]["content"]["pattern"]}
+    heading = content_heading("2026-11-24") + "\n\n"
+    good = heading + "- `x`를 1로 둔다.\n```python\nx = 1\n```\n"
+    assert ecma_search(content["pattern"], good)
     assert not ecma_search(content["pattern"], "# 2026-11-24 TIL no newline")
-    assert not ecma_search(content["pattern"], heading + "가" * (CONTENT_MAX_CHARS - len(heading) + 1))
+    assert not ecma_search(content["pattern"], good + "가" * CONTENT_MAX_CHARS)
 
 
 @pytest.mark.parametrize(
