@@ -225,7 +225,23 @@ async def run_checks(engine: VllmEngine) -> dict[str, Any]:
             check_shape(events)
         return {"streams": len(outcomes), "tokens": sum(e[-1].completion_tokens for e, _ in outcomes)}
 
+    async def tokenize() -> Any:
+        """Counts agree with what Generate evaluates; offsets cover the text in code points."""
+        text = "캐시에 TTL을 적용했다. <|im_end|> def f(x): return x"
+        turns = (ChatTurn("user", "What is the capital of France?"),)
+        plain, chat_count = await engine.tokenize([text, turns], offsets=True)
+        events, _ = await collect(engine, chat("tok", "What is the capital of France?", max_tokens=1))
+        assert chat_count.count == events[0].prompt_tokens, (chat_count, events[0])
+        assert plain.offsets is not None and len(plain.offsets) == plain.count
+        assert list(plain.offsets) == sorted(plain.offsets) and plain.offsets[-1] == len(text), plain
+        tokenizer = engine._require_loaded().tokenizer
+        as_control = len(tokenizer.encode(text, add_special_tokens=False))
+        assert plain.count > as_control, (plain.count, as_control)  # the marker counted as text
+        pieces = [text[a:b] for a, b in zip((0, *plain.offsets), plain.offsets, strict=True)]
+        return {"count": plain.count, "chat": chat_count.count, "pieces": pieces[:12]}
+
     for name, body in [
+        ("tokenize", tokenize),
         ("stream_text", stream_text),
         ("json_schema", json_schema),
         ("korean_utf8", korean),
