@@ -5,9 +5,11 @@ so this module, the service, its tests and CI run without it. Verified with vLLM
 With `GENERATOR_STRUCTURED_OUTPUT_PARALLEL_*` set, `start()` hands them to our vLLM plugin
 (`vllm_plugin`) in the engine core process and refuses to start unless they are in force there.
 
-How a request flows: the chat template and tokenizer run in a worker thread (a long diff must not
-stall the event loop), the token ids go to `AsyncLLM.generate()` with `RequestOutputKind.DELTA`,
-and each `RequestOutput` becomes at most one `EngineDelta`.
+How a request flows: `prepare` renders the chat, tokenizes it, checks it fits and readies the
+schema (`vllm_inputs`) on a worker thread, before the request takes a slot (a long diff must not
+stall the event loop); `generate` sends the token ids to `AsyncLLM.generate()` with
+`RequestOutputKind.DELTA`, and each `RequestOutput` becomes at most one `EngineDelta`. `tokenize`
+counts with the same tokenizer and the same chat rendering. Engine errors are `engine.EngineError`s.
 
 JSON schemas go to llguidance (vLLM's `guidance` structured-outputs backend), which matches a
 `pattern` against the decoded string as JSON Schema says, as the llama.cpp backend's grammar does.

@@ -204,3 +204,20 @@ def test_the_stat_logger_is_a_vllm_stat_logger_feeding_the_counts(monkeypatch: p
         assert counts == SchedulerCounts(running=3, waiting=2, kv_cache_usage=0.5)
     finally:
         vllm_compat._stat_logger_class.cache_clear()
+
+
+def test_generator_settings_name_the_parallelism(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from services.generator.config import GeneratorSettings
+    from services.generator.vllm_engine import bitmask_parallelism
+
+    monkeypatch.setenv("GENERATOR_BACKEND", "vllm")
+    monkeypatch.setenv("GENERATOR_MODEL", "/models/m")
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD", "0")
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "12")
+    settings = GeneratorSettings()
+    assert bitmask_parallelism(settings, {}) == BitmaskParallelism(threshold=0, workers=12)
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "0")
+    with pytest.raises(ValidationError, match="structured_output_parallel_workers"):
+        GeneratorSettings()
