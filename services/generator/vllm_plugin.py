@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
@@ -104,7 +104,7 @@ def vllm_default_workers() -> int:
 def register() -> None:
     """The entry point vLLM calls in each of its processes; never raises."""
     try:
-        wanted = BitmaskParallelism.from_environment(os.environ)
+        wanted = requested_now()
     except ValueError as exc:
         log.error("tilserve vLLM plugin: not applied: %s", exc)
         return
@@ -113,19 +113,28 @@ def register() -> None:
     try:
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.structured_output import StructuredOutputManager
+
+        problem = install(StructuredOutputManager, EngineCore)
     except Exception as exc:  # a vLLM without these modules, or one that fails to import them
-        log.warning("tilserve vLLM plugin: not applied: vLLM's structured-output manager not found: %s", exc)
-        return
-    problem = install(StructuredOutputManager, EngineCore, wanted)
+        problem = f"vLLM's structured-output manager not found: {exc}"
     if problem is not None:
         log.warning("tilserve vLLM plugin: not applied: %s", problem)
     else:
         log.info("tilserve vLLM plugin: structured-output bitmasks will be filled with %s", wanted)
 
 
-def install(manager_cls: type, core_cls: type, wanted: BitmaskParallelism) -> str | None:
+def requested_now() -> BitmaskParallelism:
+    """What this process's environment asks for; ValueError naming a bad variable."""
+    return BitmaskParallelism.from_environment(os.environ)
+
+
+def install(
+    manager_cls: type, core_cls: type, wanted: Callable[[], BitmaskParallelism] = requested_now
+) -> str | None:
     """Configures every manager built from now on and adds the report method; why not, if it cannot.
 
+    `wanted` is read as each manager is built, not now: with vLLM's default `fork`, an engine core
+    inherits a class this process patched for an earlier engine, and must follow today's settings.
     Safe to call more than once (vLLM may load plugins again): the original constructor is wrapped once.
     """
     missing = [
@@ -140,7 +149,13 @@ def install(manager_cls: type, core_cls: type, wanted: BitmaskParallelism) -> st
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        configure(self, wanted)
+        try:
+            asked = wanted()
+        except ValueError as exc:
+            setattr(self, _FAILED, str(exc))
+            return
+        if asked.requested:
+            configure(self, asked)
 
     manager_cls.__init__ = __init__  # type: ignore[misc]
     setattr(core_cls, REPORT_METHOD, _report)

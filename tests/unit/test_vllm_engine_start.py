@@ -83,7 +83,7 @@ def built(monkeypatch: pytest.MonkeyPatch, vllm_classes: tuple[type, type]) -> d
         # The engine core starts here: what the plugin sees there is the environment now.
         environment = {k: v for k, v in os.environ.items() if k.startswith("TILSERVE_VLLM_")}
         if state["plugin"] and environment:
-            install(manager_cls, core_cls, BitmaskParallelism.from_environment(environment))
+            install(manager_cls, core_cls, lambda: BitmaskParallelism.from_environment(environment))
         llm = StandInLLM(StandInEngineCore(core_cls(config(256))), stat_logger, environment)
         state["llm"] = llm
         return llm

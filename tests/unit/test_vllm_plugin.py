@@ -135,7 +135,10 @@ def test_bad_environment_values_are_named(env: dict[str, str], message: str) -> 
 
 def test_the_plugin_applies_threshold_workers_and_batch_size(vllm_classes: tuple[type, type]) -> None:
     manager_cls, core_cls = vllm_classes
-    assert install(manager_cls, core_cls, BitmaskParallelism(threshold=0, workers=3, batch_size=4)) is None
+    assert (
+        install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0, workers=3, batch_size=4))
+        is None
+    )
     core = core_cls(config(max_num_seqs=256))
     manager = core.structured_output_manager
     assert manager.fill_bitmask_parallel_threshold == 0
@@ -151,7 +154,7 @@ def test_the_plugin_applies_threshold_workers_and_batch_size(vllm_classes: tuple
 def test_a_threshold_alone_gets_a_pool_where_vllm_built_none(vllm_classes: tuple[type, type]) -> None:
     """vLLM builds the pool only when 128 < max_num_seqs; with 64 the plugin must build it."""
     manager_cls, core_cls = vllm_classes
-    install(manager_cls, core_cls, BitmaskParallelism(threshold=0))
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0))
     report = getattr(core_cls(config(max_num_seqs=64)), REPORT_METHOD)()
     assert report == {
         "applied": True, "reason": "", "threshold": 0,
@@ -162,10 +165,31 @@ def test_a_threshold_alone_gets_a_pool_where_vllm_built_none(vllm_classes: tuple
 
 def test_installing_twice_wraps_the_constructor_once(vllm_classes: tuple[type, type]) -> None:
     manager_cls, core_cls = vllm_classes
-    install(manager_cls, core_cls, BitmaskParallelism(threshold=8))
-    install(manager_cls, core_cls, BitmaskParallelism(threshold=2))
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=8))
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=2))
     assert manager_cls.__init__.__wrapped__.__qualname__ == "StructuredOutputManager.__init__"
     assert manager_cls(config(256)).fill_bitmask_parallel_threshold == 2
+
+
+def test_each_manager_follows_the_environment_as_it_is_built(
+    vllm_classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked engine core inherits the class patched for an earlier engine of the same process."""
+    manager_cls, core_cls = vllm_classes
+    monkeypatch.setenv(ENV_THRESHOLD, "0")
+    install(manager_cls, core_cls)
+    assert manager_cls(config(256)).fill_bitmask_parallel_threshold == 0
+    monkeypatch.setenv(ENV_THRESHOLD, "4")
+    monkeypatch.setenv(ENV_WORKERS, "2")
+    report = getattr(core_cls(config(256)), REPORT_METHOD)()
+    assert (report["applied"], report["threshold"], report["workers"]) == (True, 4, 2)
+    monkeypatch.delenv(ENV_THRESHOLD)
+    monkeypatch.delenv(ENV_WORKERS)
+    report = getattr(core_cls(config(256)), REPORT_METHOD)()
+    assert (report["applied"], report["threshold"]) == (False, 128)  # nothing asked: vLLM's own
+    monkeypatch.setenv(ENV_WORKERS, "many")
+    report = getattr(core_cls(config(256)), REPORT_METHOD)()
+    assert report["applied"] is False and "not an integer" in report["reason"]
 
 
 def test_a_vllm_of_another_shape_is_reported_not_applied(vllm_classes: tuple[type, type]) -> None:
@@ -177,7 +201,9 @@ def test_a_vllm_of_another_shape_is_reported_not_applied(vllm_classes: tuple[typ
 
         def grammar_bitmask(self) -> None: ...
 
-    assert "has no _async_submit_fill_bitmask" in (install(Renamed, core_cls, BitmaskParallelism(0)) or "")
+    assert "has no _async_submit_fill_bitmask" in (
+        install(Renamed, core_cls, lambda: BitmaskParallelism(0)) or ""
+    )
     assert not hasattr(core_cls, REPORT_METHOD)
 
     class NoThreshold(Renamed):
@@ -186,7 +212,7 @@ def test_a_vllm_of_another_shape_is_reported_not_applied(vllm_classes: tuple[typ
     class Core:
         structured_output_manager: Any = None
 
-    assert install(NoThreshold, Core, BitmaskParallelism(0)) is None
+    assert install(NoThreshold, Core, lambda: BitmaskParallelism(0)) is None
     core = Core()
     core.structured_output_manager = NoThreshold(config(256))  # built without a crash
     report = getattr(core, REPORT_METHOD)()
