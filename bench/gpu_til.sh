@@ -61,7 +61,7 @@ wait_for() {  # $1 what, $2 seconds, $3 pid that must stay alive, $4... the chec
 
 logs_to_out() {  # the tails of every log of the run into $out/logs.txt
   for f in "$RUN"/*.log "$RUN"/stack/logs/*.log "$RUN"/stack/*/logs/*.log; do
-    [ -f "$f" ] && { echo "== $f"; tail -n "${1:-40}" "$f"; }
+    if [ -f "$f" ]; then echo "== $f"; tail -n "${1:-40}" "$f"; fi
   done >"$out/logs.txt" 2>&1
 }
 

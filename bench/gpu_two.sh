@@ -57,7 +57,7 @@ phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
     --run "timeout 400 $serving > $KEEP/$name/serving.log 2>&1" 2>&1 | tail -15
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error' "$KEEP/$name/serving.log" | cut -c1-260
   for f in /tmp/two-run/"$name"/logs/*.log /tmp/two-run/"$name"/generator-*/logs/*.log; do
-    [ -f "$f" ] && { echo "== $f"; tail -n 30 "$f"; }
+    if [ -f "$f" ]; then echo "== $f"; tail -n 30 "$f"; fi
   done >"$KEEP/$name/logs.txt" 2>&1
   cp "$KEEP/$name"/* "$out/$name/" 2>/dev/null
 }
