@@ -297,10 +297,29 @@ async def _up(args: argparse.Namespace, then=None) -> int:
     return rc
 
 
+DEFAULT_MODEL_NOTE = """\
+about the default model: SmolLM2-135M-Instruct (Q4_1 GGUF, 135M parameters), picked for a 2-core CPU by
+bench/results/quality/table.md. The grammar holds every TIL to the format (the heading, bullets each followed
+by code quoted from the diff, a title that never repeats the date, 1-3 Korean keywords), and the output is
+always valid JSON. What a model this small cannot do: write fluent Korean, or say true things about the
+change; read its TILs as a format demo. For TILs worth reading, point the stack at a real model:
+  til up --model /path/to/model.gguf                                   (llama.cpp, any GGUF)
+  GENERATOR_BACKEND=vllm GENERATOR_MODEL=/path/to/model-dir til up     (vLLM on a GPU; docs/gpu.md)
+and judge it on 32 real diffs before using it:
+  python -m bench.quality.run --model mine=/path/to/model.gguf --out bench/results/quality"""
+
+
 async def _demo(args: argparse.Namespace) -> int:
     args.diff = str(SAMPLE_DIFF)
     args.addr = DEFAULT_EDGE
-    return await _up(args, then=lambda: _generate(args))
+
+    async def generate_then_explain() -> int:
+        rc = await _generate(args)
+        if not args.model:
+            _err("\n" + DEFAULT_MODEL_NOTE)
+        return rc
+
+    return await _up(args, then=generate_then_explain)
 
 
 # ---------------------------------------------------------------------------------------------- main

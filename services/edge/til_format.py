@@ -38,11 +38,11 @@ SENTENCE_UNITS = 60
 CLOSING_CHARS = 240
 INDENT_MAX = 16
 # Bumped whenever the way a schema is built from a request changes (it is part of the prompt version).
-LAYOUT_VERSION = "layout-2"
+LAYOUT_VERSION = "layout-3"
 
 
 # The title's characters: not JSON-escaped, not digits, no line breaks; the text never holds "TIL".
-_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9\\u2028\\u2029"
+_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9#*|<>\\[\\]{{}}\\u2028\\u2029"
 
 
 def _unit(excluded: str) -> str:
@@ -60,7 +60,7 @@ KEYWORD_PATTERN = f"^[{KEYWORD_SYMBOLS}]{{0,{KEYWORD_PART_MAX}}}[{HANGUL}][{HANG
 
 # A bullet's one sentence: no line break, periods only inside words (`a.b`), at least one Hangul
 # character, and a final period. The text before the first Hangul character holds none.
-_SENTENCE_UNIT = "(?:[^\\n.{h}]|\\.[^\\s.{h}])"
+_SENTENCE_UNIT = "(?:[^\\x00-\\x1f.{h}]|\\.[^\\s.{h}])"
 _SENTENCE = (
     f"{_SENTENCE_UNIT.format(h=HANGUL)}{{0,{SENTENCE_UNITS // 2}}}[{HANGUL}]"
     f"{_SENTENCE_UNIT.format(h='')}{{0,{SENTENCE_UNITS}}}\\."
@@ -68,7 +68,8 @@ _SENTENCE = (
 _SENTENCE_MAX = 2 * (SENTENCE_UNITS // 2) + 1 + 2 * SENTENCE_UNITS + 1
 # A closing paragraph: one line with Hangul that does not start a list, heading, quote or code.
 _CLOSING = (
-    f"(?:[{HANGUL}]|[^\\s`*+#>0-9{HANGUL}-][^\\n`{HANGUL}]{{0,40}}[{HANGUL}])[^\\n`]{{0,{CLOSING_CHARS}}}"
+    f"(?:[{HANGUL}]|[^\\s`*+#>0-9{HANGUL}-][^\\x00-\\x1f`{HANGUL}]{{0,40}}[{HANGUL}])"
+    f"[^\\x00-\\x1f`]{{0,{CLOSING_CHARS}}}"
 )
 _CLOSING_MAX = 1 + 1 + 40 + 1 + CLOSING_CHARS  # with the blank line before it
 
@@ -183,26 +184,25 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
     block_overhead = len(fence_open) + len("```\n")
     bullet_max = 2 + _SENTENCE_MAX + 1
     code_room = room - bullet_max - block_overhead - 1
-    code_line, code_lines = "", 0
+    code_line, code_lines, line_max = "", 0, 0
     if lines is None:
         line_max = 160
-        code_lines = min(MAX_CODE_LINES, code_room // (line_max + 1))
-        code_line = "[^\\n`~][^\\n]{0,159}" if code_lines else ""
+        code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
+        code_line = "[^\\n`~][^\\n]{0,159}"
     elif lines:
         # A line of the diff at any indentation (up to INDENT_MAX spaces or tabs): models dedent code.
         stripped = tuple(dict.fromkeys(line.lstrip(" \t") for line in lines))
-        # Shorter lines only when the longest would leave room for fewer than three in a block.
+        # Shorter lines only when the longest would leave room for fewer than three in a block. Every
+        # bullet has its code block even when the budget is too small for one (then maxLength is dropped).
         for cap in (max(len(line) for line in stripped), 80, 60, 40, 20):
             fitting = tuple(line for line in stripped if len(line) <= cap)
             if not fitting:
                 break
             line_max = INDENT_MAX + max(len(line) for line in fitting)
-            code_lines = min(MAX_CODE_LINES, code_room // (line_max + 1))
-            code_line = f"[ \\t]{{0,{INDENT_MAX}}}{lines_alternation(fitting)}" if code_lines >= 1 else ""
-            if code_lines >= 3:
+            code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
+            code_line = f"[ \\t]{{0,{INDENT_MAX}}}{lines_alternation(fitting)}"
+            if code_room // (line_max + 1) >= 3:
                 break
-    if not code_line:  # no code to quote, or not even one line fits: the bullets go without code
-        code_lines, line_max = 0, 0
     item_max = bullet_max + (block_overhead + code_lines * (line_max + 1) if code_line else 0)
     items = max(1, min(MAX_ITEMS, (room + 1) // (item_max + 1)))
     block = f"{fence_pattern}(?:(?:{code_line})\\n){{1,{code_lines}}}```\\n" if code_line else ""
