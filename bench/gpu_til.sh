@@ -17,7 +17,7 @@
 # Every engine: 8B-shaped dummy weights, bf16, max_model_len 4096, max_num_seqs 256, prefix caching OFF
 # (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
 # prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
-# (more EDGE_NAME=VALUE words for the edge and the benchmark alike), SKIP_SERVE (no vllm serve).
+# (more EDGE_NAME=VALUE words for the edge and the benchmark alike), SKIP_SERVE (no vllm serve), INPUT_LEN.
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
 out=${OUT:-/tmp/til-out}
@@ -28,6 +28,9 @@ META=/tmp/tilserve-meta
 RUN=/tmp/til-run
 DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
 MODEL_ID=llama3-8b-shape-dummy
+# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): the edge's TIL prompt
+# alone (system prompt and template) has ~640 tokens since the TIL grammar quotes the diff.
+INPUT_LEN=${INPUT_LEN:-768}
 MEM=${MEM:-0.28}
 CONC=${CONC:-1,100}
 ARMS=${ARMS:-engine,engine-til,openai,openai-til,generator,generator-til,edge,edge-hit}
@@ -112,7 +115,7 @@ measure)
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
   cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0
-    --concurrency "$CONC" --input-len 512 --til-input-len 512 --output-len 256
+    --concurrency "$CONC" --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256
     --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")

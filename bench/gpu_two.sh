@@ -26,6 +26,9 @@ META=/tmp/tilserve-meta
 KEEP=/tmp/two-out
 DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
 MODEL_ID=llama3-8b-shape-dummy
+# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): the edge's TIL prompt
+# alone (system prompt and template) has ~640 tokens since the TIL grammar quotes the diff.
+INPUT_LEN=${INPUT_LEN:-768}
 MEM=${MEM:-0.85}
 CONC=${CONC:-1,200}
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -47,7 +50,7 @@ phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
     stack_env+=(--env "$kv")
   done
   local serving="python3 -m bench.serving --arms $arms --model $DUMMY --model-id $MODEL_ID --concurrency $CONC \
---input-len 512 --til-input-len 512 --output-len 256 --rounds ${ROUNDS:-2} --generator-replicas $replicas \
+--input-len $INPUT_LEN --til-input-len $INPUT_LEN --output-len 256 --rounds ${ROUNDS:-2} --generator-replicas $replicas \
 --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 \
 --label 'Issue 14: $name ($replicas x generator, $gpus GPU each)' --out $KEEP/$name"
   echo "python3 -m bench.gpu_stack --replicas $replicas --gpus-per-replica $gpus ${stack_env[*]} --run \"$serving\"" \

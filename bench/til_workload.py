@@ -42,9 +42,12 @@ SEED_TIL = {
 }
 
 
-def diff_of_words(words: list[str]) -> str:
-    """A unified diff that adds `words` as a Markdown file."""
+def diff_of_words(words: list[str], tail: list[str] | None = None) -> str:
+    """A unified diff that adds `words` as a Markdown file, `tail` all on its last line (a word there is
+    one token, where one that starts a line costs more: the way to size a prompt to the token)."""
     lines = [" ".join(words[i : i + WORDS_PER_LINE]) for i in range(0, len(words), WORDS_PER_LINE)]
+    if tail:
+        lines[-1] = " ".join([lines[-1], *tail])
     header = (
         "diff --git a/notes/bench.md b/notes/bench.md\n"
         "--- a/notes/bench.md\n+++ b/notes/bench.md\n"
@@ -204,8 +207,8 @@ class TilWorkload:
         self._items: list[Prompt] = []
         self._words: int | None = None
 
-    async def _measure(self, words: list[str]) -> tuple[Prompt, int]:
-        diff = diff_of_words(words)
+    async def _measure(self, words: list[str], tail: list[str] | None = None) -> tuple[Prompt, int]:
+        diff = diff_of_words(words, tail)
         request = await edge_generate_request(diff, self.output_len, self._info, self._settings)
         til = TilRequest(diff=diff, generate_request=request.SerializeToString())
         ids = chat_tokens(self._tok, til.messages())
@@ -232,16 +235,20 @@ class TilWorkload:
 
     async def _make(self) -> Prompt:
         words = self._factory.make(await self._start_words() + 2).text.split()[: self._words]
+        tail: list[str] = []
         prompt, count = await self._measure(words)
         best = (prompt, count)
-        for _ in range(16):  # a word is about a token: add a fresh one or drop the last until exact
+        for _ in range(16):  # words on the last line are a token each: add or drop them until exact
             if count == self.target_tokens:
                 return prompt
             if count < self.target_tokens:
-                words = [*words, self._factory.make(3).text.split()[0]]
+                short = self.target_tokens - count
+                tail += self._factory.make(short + 1).text.split()[:short]
+            elif tail:
+                tail.pop()
             else:
                 words = words[:-1]
-            prompt, count = await self._measure(words)
+            prompt, count = await self._measure(words, tail)
             if self._distance(count) < self._distance(best[1]):
                 best = (prompt, count)
         return best[0]
