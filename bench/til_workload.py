@@ -287,9 +287,9 @@ def cache_seed(diff: str, output_len: int, model: str, sampling: Any) -> CacheSe
     """The entry the edge would store after generating a TIL for this GenerateTil request."""
     from til.v1 import common_pb2
 
+    from services.edge.cache import envelope
     from services.edge.config import EdgeSettings
-    from services.edge.pipeline import TIL_NAMESPACE, TilPipeline
-    from services.edge.stages import envelope
+    from services.edge.til import TIL_NAMESPACE, TilPipeline
 
     request = edge_request(diff, output_len, sampling, policy=0)
     pipeline = TilPipeline(None, None, None, EdgeSettings())  # type: ignore[arg-type]

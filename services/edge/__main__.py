@@ -25,6 +25,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
+from services.edge.background import Background
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import (
     CacherClient,
@@ -34,10 +35,9 @@ from services.edge.clients import (
     RetryPolicy,
 )
 from services.edge.config import EdgeSettings
-from services.edge.pipeline import TilPipeline
 from services.edge.questions import QuestionPipeline
 from services.edge.servicer import EdgeServicer, edge_service
-from services.edge.stages import Background
+from services.edge.til import TilPipeline
 
 log = logging.getLogger("services.edge")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import Counter
@@ -24,6 +24,7 @@ from til.v1 import edge_pb2, generator_pb2
 
 from services.common.errors import ServiceError, status_of
 from services.common.streams import aclose
+from services.edge.retrieval import Retrieval
 
 FLIGHTS = Counter(
     "tilserve_edge_shared_generations_total",
@@ -38,14 +39,12 @@ JOINED_NOTICE = "an identical request was already being generated: this stream s
 
 @dataclass(frozen=True)
 class Plan:
-    """What the generation was started with, for the `started` message of every listener."""
+    """What the generation was started with, for the `started` message and the checks of every listener."""
 
     request: generator_pb2.GenerateRequest
-    retrieval_status: int = edge_pb2.RETRIEVAL_STATUS_SKIPPED
+    retrieval: Retrieval = field(default_factory=Retrieval)
     sources: tuple[edge_pb2.Source, ...] = ()
     notices: tuple[str, ...] = ()
-    # Earlier questions the prompt lists as not to be repeated (GenerateQuestions only).
-    asked_before: tuple[str, ...] = ()
 
 
 Prepare = Callable[[], Awaitable[Plan]]

@@ -19,9 +19,9 @@ from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 
 from services.common.admission import Admission
 from services.common.server import Service
-from services.edge.pipeline import Revision, TilEvent, TilJob
+from services.edge.call import CallContext
 from services.edge.questions import QuestionEvent, QuestionJob
-from services.edge.stages import CallContext
+from services.edge.til import Revision, TilEvent, TilJob
 
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
 REQUEST_ID_HEADER = "x-request-id"
@@ -99,9 +99,8 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self, request: edge_pb2.GenerateQuestionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[edge_pb2.GenerateQuestionsResponse]:
         job = self._questions.job(request)
-        async for response in self._stream(
-            job, self._questions.generate, edge_pb2.GenerateQuestionsResponse, context
-        ):
+        response_type = edge_pb2.GenerateQuestionsResponse
+        async for response in self._stream(job, self._questions.generate, response_type, context):
             yield response
 
     async def ReviseTil(

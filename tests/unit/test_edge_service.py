@@ -32,13 +32,13 @@ from til.v1 import (
 from services.common.admission import Admission
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.server import Service
-from services.edge import pipeline as pipeline_module
+from services.edge import til as til_module
+from services.edge.background import Background
 from services.edge.clients import CacherClient, GeneratorClient, RetrieverClient, RetryPolicy
 from services.edge.config import EdgeSettings
-from services.edge.pipeline import TilPipeline
 from services.edge.questions import QuestionPipeline
 from services.edge.servicer import EdgeServicer, edge_service
-from services.edge.stages import Background
+from services.edge.til import TilPipeline
 from tests.conftest import in_process_server
 
 DATE = "2024-05-01"
@@ -646,7 +646,7 @@ def test_cache_key_is_stable_and_separates_what_shapes_the_result(monkeypatch: p
             max_tokens=None,
         ),
     ]
-    monkeypatch.setattr(pipeline_module, "TIL_PROMPT_VERSION", "til-edited")
+    monkeypatch.setattr(til_module.TilContract, "prompt_version", "til-edited")
     variants.append(TilPipeline.cache_key(job, model="m", max_tokens=None))
     assert len({key, *variants}) == len(variants) + 1
 
