@@ -29,6 +29,7 @@ class GlossaryJob:
     max_tokens: int | None = None
     policy: int = edge_pb2.CACHE_POLICY_UNSPECIFIED
     owner: str = "alice"
+    ignore_eos: bool = False
 
 
 class GlossaryContract:
