@@ -76,6 +76,12 @@ class TilGenerator(Protocol):
         """The loaded model, fetched once and kept until the generator reports another model."""
         ...
 
+    async def tokenize(
+        self, request: generator_pb2.TokenizeRequest, *, timeout: float | None
+    ) -> generator_pb2.TokenizeResponse:
+        """Token counts of texts and chats with the model's own tokenizer."""
+        ...
+
 
 class DocumentStore(Protocol):
     async def search(
@@ -348,6 +354,11 @@ class GeneratorClient:
                     replica.outstanding -= 1
                     # Our caller left (client gone, error, or early close): stop the generation too.
                     call.cancel()
+
+    async def tokenize(
+        self, request: generator_pb2.TokenizeRequest, *, timeout: float | None
+    ) -> generator_pb2.TokenizeResponse:
+        return await self._stub.Tokenize(request, timeout=timeout)
 
     async def model_info(self, *, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
         if self._info is None:

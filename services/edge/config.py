@@ -63,21 +63,11 @@ class EdgeSettings(ServerSettings):
     max_commit_message_chars: int = Field(2000, ge=1)
     default_max_tokens: int = Field(1024, ge=1, description="Output tokens when a request sets none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Most output tokens a request may ask for.")
-    output_chars_per_token: float = Field(
-        1.0,
-        gt=0,
-        description="Characters a model writes per token at worst, for Korean Markdown; bounds the TIL's content "
-        "so the JSON closes within max_tokens (raise it for tokenizers that pack Korean densely).",
-    )
     allow_ignore_eos: bool = Field(
         False,
         description="Let GenerateTil callers set generation.ignore_eos (benchmarks: every request then yields "
         "max_tokens tokens; such results are never complete, cached or indexed).",
     )
-    prompt_chars_per_token: float = Field(
-        3.0, gt=0, description="Estimate used to trim a diff that cannot fit the model's context."
-    )
-
     max_message_bytes: int = Field(
         1024 * 1024,
         ge=1024,

@@ -54,6 +54,7 @@ class OutputContract(Protocol[J, F]):
     kind: str  # names it in metrics and logs
     namespace: str  # of its cache entries
     prompt_version: str  # part of every cache key and `started`
+    shortened: str  # what the caller shortens when the prompt does not fit the context
 
     def redact(self, job: J) -> tuple[J, list[str]]:
         """The job with secrets replaced in everything the caller wrote, and the kinds found."""
@@ -83,7 +84,9 @@ class OutputContract(Protocol[J, F]):
 
     def chat(self, job: J, retrieval: Retrieval, body: str) -> generator_pb2.ChatMessages: ...
 
-    def schema(self, job: J, budget: OutputBudget) -> dict[str, Any]: ...
+    def schema(self, job: J, budget: OutputBudget, body: str) -> dict[str, Any]:
+        """The JSON schema of the output, for the prompt built with `body` (the body as cut to fit)."""
+        ...
 
     def check(self, document: Any, job: J, *, truncated: bool, retrieval: Retrieval) -> list[Violation]: ...
 

@@ -1,18 +1,34 @@
-"""Fitting a prompt into the model's context next to the output budget."""
+"""Fitting a prompt into the model's context next to the output budget, with the model's own tokenizer.
+
+One Tokenize call per request counts the whole prompt, the part of it that may be cut (with the end
+offset of each token, so a cut lands on a token boundary) and a sample of Korean Markdown (how densely
+the tokenizer packs what the model writes, to bound free text in the schema). Nothing is estimated from
+characters: Korean and code break every ratio.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from til.v1 import generator_pb2
 
 from services.common.errors import InvalidArgument
 from services.edge.call import CallContext
 from services.edge.clients import TilGenerator
-from services.edge.config import EdgeSettings
 from services.edge.contract import F, J, OutputBudget, OutputContract
 from services.edge.retrieval import Retrieval
 
-# Tokens the chat template adds around the messages, beyond the estimate from their characters.
-CHAT_TEMPLATE_TOKENS = 64
+# What the model writes at its least dense: Korean prose in Markdown (code packs more into a token).
+OUTPUT_SAMPLE = (
+    "# 2024-05-01 TIL\n\n"
+    "- 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다.\n"
+    "- 만료 시간을 두어 오래된 데이터가 남지 않도록 한다.\n"
+    "- 캐시 미스가 발생하면 데이터베이스에서 읽은 뒤 캐시에 다시 기록한다.\n"
+    "유지보수성과 확장성을 함께 고려해야 하며, 장애 상황에서의 동작도 검토해야 한다.\n"
+)
+# Tokens a cut body may differ by from its count alone, once it sits in the prompt (merges at its edges,
+# escaping of the tags it sits in).
+EDGE_TOKENS = 16
 
 
 async def fit_prompt(
@@ -20,29 +36,42 @@ async def fit_prompt(
     contract: OutputContract[J, F],
     job: J,
     retrieval: Retrieval,
-    info: generator_pb2.GetModelInfoResponse,
     max_tokens: int,
-    settings: EdgeSettings,
     ctx: CallContext,
     notices: list[str],
-) -> tuple[generator_pb2.ChatMessages, OutputBudget]:
-    """The chat, with the contract's body cut to what the context holds, and the output budget."""
-    budget = OutputBudget(max_tokens, settings.output_chars_per_token)
+) -> tuple[generator_pb2.ChatMessages, str, OutputBudget]:
+    """The chat, with the contract's body cut to what the context holds; the body as shown; the budget."""
     body = contract.body(job)
-    if not info.max_model_len or not body:
-        return contract.chat(job, retrieval, body), budget
-    per_token = settings.prompt_chars_per_token
-    frame = contract.chat(job, retrieval, "")
-    frame_tokens = sum(len(m.content) for m in frame.messages) / per_token + CHAT_TEMPLATE_TOKENS
-    room_tokens = info.max_model_len - max_tokens - frame_tokens
-    if room_tokens < 1:
+    chat = contract.chat(job, retrieval, body)
+    inputs = [generator_pb2.TokenizeInput(chat=chat), generator_pb2.TokenizeInput(text=OUTPUT_SAMPLE)]
+    if body:
+        inputs.append(generator_pb2.TokenizeInput(text=body))
+    counted = await generator.tokenize(
+        generator_pb2.TokenizeRequest(inputs=inputs, return_offsets=bool(body)), timeout=ctx.remaining()
+    )
+    prompt, sample = counted.results[0], counted.results[1]
+    budget = OutputBudget(max_tokens, len(OUTPUT_SAMPLE) / max(sample.token_count, 1))
+    context = counted.max_model_len
+    if not context or prompt.token_count + max_tokens <= context:
+        return chat, body, budget
+    if not body:
         raise InvalidArgument(
-            f"an output budget of {max_tokens} tokens leaves no room for the diff in the model's "
-            f"{info.max_model_len}-token context: ask for fewer generation.max_tokens"
+            f"the prompt is {prompt.token_count} tokens and the output budget {max_tokens}: together more than "
+            f"the model's {context}-token context; shorten {contract.shortened} or ask for fewer "
+            "generation.max_tokens"
         )
-    max_chars = int(room_tokens * per_token)
-    if len(body) <= max_chars:
-        return contract.chat(job, retrieval, body), budget
-    cut, notice = contract.cut(body, max_chars)
+    whole = counted.results[2]
+    room = context - max_tokens - (prompt.token_count - whole.token_count) - EDGE_TOKENS
+    if room < 1:
+        raise InvalidArgument(
+            f"an output budget of {max_tokens} tokens leaves no room for the {contract.shortened} in the "
+            f"model's {context}-token context: ask for fewer generation.max_tokens"
+        )
+    cut, notice = contract.cut(body, _chars_in(whole.offsets, room))
     notices.append(notice)
-    return contract.chat(job, retrieval, cut), budget
+    return contract.chat(job, retrieval, cut), cut, budget
+
+
+def _chars_in(offsets: Sequence[int], tokens: int) -> int:
+    """The characters the first `tokens` tokens cover."""
+    return int(offsets[min(tokens, len(offsets)) - 1]) if offsets else 0

@@ -102,7 +102,7 @@ class Pipeline:
         key = pipeline_key(contract, job, model=info.model, max_tokens=job.max_tokens)
 
         async def plan(retrieval: Retrieval) -> Plan:
-            return await self._plan(contract, job, retrieval, info, max_tokens, ctx)
+            return await self._plan(contract, job, retrieval, max_tokens, ctx)
 
         opened = await self._open(contract, job, key, plan, ctx, notices)
         if opened.cached is not None:
@@ -226,14 +226,13 @@ class Pipeline:
         contract: OutputContract[J, F],
         job: J,
         retrieval: Retrieval,
-        info: generator_pb2.GetModelInfoResponse,
         max_tokens: int,
         ctx: CallContext,
     ) -> Plan:
         """The generator request with the context found, and what to tell the caller about it."""
         notices = [retrieval.notice] if retrieval.notice else []
-        chat, budget = await fit_prompt(
-            self._generator, contract, job, retrieval, info, max_tokens, self._settings, ctx, notices
+        chat, body, budget = await fit_prompt(
+            self._generator, contract, job, retrieval, max_tokens, ctx, notices
         )
         request = generator_pb2.GenerateRequest(
             request_id=ctx.request_id,
@@ -241,7 +240,7 @@ class Pipeline:
             sampling=job.sampling,
             stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=job.ignore_eos),
             output=generator_pb2.OutputFormat(
-                json_schema=json.dumps(contract.schema(job, budget), ensure_ascii=False)
+                json_schema=json.dumps(contract.schema(job, budget, body), ensure_ascii=False)
             ),
         )
         sources = tuple(contract.source(found) for found in retrieval.found)

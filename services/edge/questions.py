@@ -67,13 +67,14 @@ def normalize_til(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@dataclass(frozen=True)
 class QuestionContract:
+    history_k: int  # earlier questions to look for
+
     kind = "questions"
     namespace = "questions"
     prompt_version = QUESTIONS_PROMPT_VERSION
-
-    def __init__(self, *, history_k: int) -> None:
-        self._history_k = history_k  # earlier questions to look for
+    shortened = "til_text"
 
     def redact(self, job: QuestionJob) -> tuple[QuestionJob, list[str]]:
         found: list[str] = []
@@ -92,7 +93,7 @@ class QuestionContract:
         return Search(
             query=job.til,
             kinds=(retriever_pb2.DOCUMENT_KIND_QUESTION,),
-            top_k=self._history_k,
+            top_k=self.history_k,
             degraded="earlier questions were not checked, so some may repeat",
         )
 
@@ -111,7 +112,7 @@ class QuestionContract:
             til_text=job.til, difficulty=job.difficulty, count=job.count, asked_before=asked
         )
 
-    def schema(self, job: QuestionJob, budget: OutputBudget) -> dict[str, Any]:
+    def schema(self, job: QuestionJob, budget: OutputBudget, body: str) -> dict[str, Any]:
         return questions_schema(job.difficulty, job.count)
 
     def check(

@@ -96,7 +96,7 @@ class _TilDocument:
     kind = "til"
     namespace = TIL_NAMESPACE
 
-    def schema(self, job: TilJob | Revision, budget: OutputBudget) -> dict[str, Any]:
+    def schema(self, job: TilJob | Revision, budget: OutputBudget, body: str) -> dict[str, Any]:
         return til_schema(job.date, content_budget(budget.max_tokens, budget.chars_per_token))
 
     def check(
@@ -140,11 +140,12 @@ class _TilDocument:
         return fitted.text, notice
 
 
+@dataclass(frozen=True)
 class TilContract(_TilDocument):
-    prompt_version = TIL_PROMPT_VERSION
+    top_k: int  # related TILs to look for
 
-    def __init__(self, *, top_k: int) -> None:
-        self._top_k = top_k  # related TILs to look for
+    prompt_version = TIL_PROMPT_VERSION
+    shortened = "diff"
 
     def redact(self, job: TilJob) -> tuple[TilJob, list[str]]:
         """Everything downstream (cache key and value, retrieval query, prompt, index) sees only this."""
@@ -172,7 +173,7 @@ class TilContract(_TilDocument):
         return Search(
             query=retrieval_query(job),
             kinds=(retriever_pb2.DOCUMENT_KIND_TIL,),
-            top_k=self._top_k,
+            top_k=self.top_k,
             degraded="writing without related TILs",
             exclude=self.result_id(job, key, None),  # this very TIL, from an earlier REFRESH
         )
@@ -199,6 +200,7 @@ class TilContract(_TilDocument):
 class RevisionContract(_TilDocument):
     kind = "revision"
     prompt_version = REVISE_PROMPT_VERSION
+    shortened = "the history or the TIL"
 
     def redact(self, job: Revision) -> tuple[Revision, list[str]]:
         found: list[str] = []

@@ -38,6 +38,7 @@ class GlossaryContract:
     kind = "glossary"
     namespace = "glossary"
     prompt_version = "glossary-1"
+    shortened = "text"
 
     def __init__(self) -> None:
         self.cuts: list[int] = []
@@ -72,7 +73,7 @@ class GlossaryContract:
             messages=[generator_pb2.ChatMessage(role="user", content=f"docs=[{docs}] text=[{body}]")]
         )
 
-    def schema(self, job: GlossaryJob, budget: OutputBudget) -> dict[str, Any]:
+    def schema(self, job: GlossaryJob, budget: OutputBudget, body: str) -> dict[str, Any]:
         return {"type": "object", "title": f"budget {budget.max_tokens}"}
 
     def check(

@@ -80,6 +80,20 @@ def chunks(text: str, size: int = 7) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def token_ends(text: str) -> list[int]:
+    """A tokenizer for the fake: up to 4 ASCII characters a token, one token per other character (as
+    byte-level tokenizers treat Hangul); the end offset of each token."""
+    ends: list[int] = []
+    start = 0
+    for i, char in enumerate(text):
+        if ends and char.isascii() and text[i - 1].isascii() and i - start < 4:
+            ends[-1] = i + 1
+        else:
+            start = i
+            ends.append(i + 1)
+    return ends
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +118,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     requests: list[generator_pb2.GenerateRequest] = field(default_factory=list)
     time_remaining: list[float | None] = field(default_factory=list)
     model_info_calls: int = 0
+    tokenized: list[generator_pb2.TokenizeRequest] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def GetModelInfo(self, request: Any, context: Any) -> generator_pb2.GetModelInfoResponse:
@@ -114,6 +129,19 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
             max_model_len=self.max_model_len,
             default_max_tokens=self.default_max_tokens,
         )
+
+    async def Tokenize(self, request: Any, context: Any) -> generator_pb2.TokenizeResponse:
+        self.tokenized.append(request)
+        results = []
+        for item in request.inputs:
+            if item.WhichOneof("input") == "text":
+                ends = token_ends(item.text)
+                offsets = ends if request.return_offsets else []
+                results.append(generator_pb2.TokenizeResult(token_count=len(ends), offsets=offsets))
+            else:
+                count = sum(len(token_ends(m.content)) + 3 for m in item.chat.messages) + 3
+                results.append(generator_pb2.TokenizeResult(token_count=count))
+        return generator_pb2.TokenizeResponse(results=results, max_model_len=self.max_model_len)
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[generator_pb2.GenerateResponse]:
         self.requests.append(request)
@@ -585,6 +613,87 @@ async def test_a_diff_too_long_for_the_context_is_cut_and_said_so() -> None:
     assert "pkg/m29.py" in notice or "more" in notice
     user = stack.generator.requests[0].chat.messages[1].content
     assert "app/users.py" in user and "pkg/m29.py" not in user
+
+
+def korean_diff(size_bytes: int) -> str:
+    """A diff of Korean comments of about `size_bytes`: 3 UTF-8 bytes and, to the fake tokenizer as
+    to a byte-level one, at least one token per Hangul character."""
+    parts, size, i = [], 0, 0
+    while size < size_bytes:
+        body = "".join(
+            f"+# {i}번째 설명: 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다\n"
+            for _ in range(40)
+        )
+        part = f"diff --git a/docs/k{i}.py b/docs/k{i}.py\n--- a/docs/k{i}.py\n+++ b/docs/k{i}.py\n@@ -0,0 +1,40 @@\n{body}"
+        parts.append(part)
+        size += len(part.encode())
+        i += 1
+    return "".join(parts)
+
+
+async def test_a_korean_diff_is_fitted_with_one_tokenize_call_of_the_real_tokenizer() -> None:
+    generator = FakeGenerator(max_model_len=8192, default_max_tokens=1024)
+    diff = korean_diff(40 * 1024)
+    async with edge_stack(generator=generator) as stack:
+        started, _, finished = split(await stack.til(til_request(diff=diff)))
+    (notice,) = [n for n in started.notices if "diff was cut" in n]
+    assert "docs/k" in notice and finished.finish_reason == common_pb2.FINISH_REASON_STOP
+    (tokenized,) = generator.tokenized  # one call for the request, not a loop
+    assert tokenized.return_offsets and [i.WhichOneof("input") for i in tokenized.inputs] == [
+        "chat",
+        "text",
+        "text",
+    ]
+    assert tokenized.inputs[2].text == diff
+    (request,) = generator.requests
+    prompt = sum(len(token_ends(m.content)) + 3 for m in request.chat.messages) + 3
+    assert prompt + request.stopping.max_tokens <= 8192  # the cut prompt fits next to the output budget
+    assert prompt > 8192 - 1024 - 200  # and the cut keeps what fits, not a guess far below it
+    # The schema's content bound comes from the tokenizer's density on Korean, not a setting.
+    content = json.loads(request.output.json_schema)["properties"]["content"]
+    assert content["maxLength"] < 1024
+
+
+async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorten() -> None:
+    generator = FakeGenerator(max_model_len=4096, default_max_tokens=1024)
+    async with edge_stack(generator=generator) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            request = questions_request(til_text="# 2024-05-01 TIL\n" + "캐시 " * 5000)
+            [r async for r in stack.stub.GenerateQuestions(request)]
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert "shorten til_text" in details and "4096-token context" in details
+    assert generator.requests == [] and len(generator.tokenized) == 1
+
+
+async def test_an_empty_owner_is_an_owner_of_its_own() -> None:
+    """With auth off, owner "" sees only what was written with owner "", whatever the retriever returns."""
+    async with edge_stack(generator=questions_generator()) as stack:
+        stack.retriever.add(
+            id="til-alice",
+            kind=retriever_pb2.DOCUMENT_KIND_TIL,
+            title="앨리스의 TIL",
+            text="x",
+            owner="alice",
+        )
+        stack.retriever.add(
+            id="q-alice", kind=retriever_pb2.DOCUMENT_KIND_QUESTION, text="앨리스의 질문?", owner="alice"
+        )
+        stack.retriever.add(
+            id="q-nobody", kind=retriever_pb2.DOCUMENT_KIND_QUESTION, text="주인 없는 질문?", owner=""
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            [r async for r in stack.stub.GenerateQuestions(questions_request(til_id="til-alice", owner=""))]
+        started, _, _ = split([r async for r in stack.stub.GenerateQuestions(questions_request(owner=""))])
+        stack.generator.output = chunks(GOOD_TIL_JSON)
+        til_started, _, _ = split(await stack.til(til_request(owner="")))
+        await stack.settle()
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND and "til-alice" in (raised.value.details() or "")
+    assert [s.id for s in started.sources] == ["q-nobody"]
+    prompt = stack.generator.requests[0].chat.messages[1].content
+    assert "주인 없는 질문" in prompt and "앨리스의 질문" not in prompt
+    assert til_started.retrieval_status == edge_pb2.RETRIEVAL_STATUS_OK and list(til_started.sources) == []
+    assert all(d.owner == "" for d in stack.retriever.upserts)
 
 
 async def test_default_date_is_today_in_the_configured_time_zone() -> None:
