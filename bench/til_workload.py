@@ -129,10 +129,26 @@ class _Captured(Exception):
 
 
 class _RecordingGenerator:
-    """Stands in for the generator client: answers model_info, and records the first generate()."""
+    """Stands in for the generator client: answers model_info, counts tokens with the model's tokenizer
+    (as the generator's Tokenize does), and records the first generate()."""
 
-    def __init__(self, info: Any) -> None:
+    def __init__(self, info: Any, tokenizer: Any) -> None:
         self._info = info
+        self._tok = tokenizer
+
+    async def tokenize(self, request: Any, *, timeout: float | None) -> Any:
+        from til.v1 import generator_pb2
+
+        results = []
+        for item in request.inputs:
+            if item.WhichOneof("input") == "chat":
+                turns = [{"role": m.role, "content": m.content} for m in item.chat.messages]
+                count = len(chat_tokens(self._tok, turns))
+            else:
+                count = len(self._tok.encode(item.text, add_special_tokens=False))
+            # No offsets: the benchmark's prompts fit the context by construction, so nothing is cut.
+            results.append(generator_pb2.TokenizeResult(token_count=count))
+        return generator_pb2.TokenizeResponse(results=results, max_model_len=self._info.max_model_len)
 
     async def model_info(self, *, timeout: float | None = None) -> Any:
         return self._info
@@ -151,15 +167,15 @@ class _Nothing:
     put = search = upsert = get
 
 
-async def edge_generate_request(diff: str, output_len: int, info: Any, settings: Any) -> Any:
+async def edge_generate_request(diff: str, output_len: int, info: Any, settings: Any, tokenizer: Any) -> Any:
     """The GenerateRequest the edge sends the generator for `diff` (asking for ignore_eos), built by the
     edge's own pipeline; `info` is the generator's GetModelInfoResponse."""
     from til.v1 import common_pb2, edge_pb2
 
-    from services.edge.pipeline import TilPipeline
-    from services.edge.stages import CallContext
+    from services.edge.call import CallContext
+    from services.edge.til import TilPipeline
 
-    pipeline = TilPipeline(_RecordingGenerator(info), _Nothing(), _Nothing(), settings)  # type: ignore[arg-type]
+    pipeline = TilPipeline(_RecordingGenerator(info, tokenizer), _Nothing(), _Nothing(), settings)  # type: ignore[arg-type]
     request = edge_request(
         diff,
         output_len,
@@ -209,7 +225,7 @@ class TilWorkload:
 
     async def _measure(self, words: list[str], tail: list[str] | None = None) -> tuple[Prompt, int]:
         diff = diff_of_words(words, tail)
-        request = await edge_generate_request(diff, self.output_len, self._info, self._settings)
+        request = await edge_generate_request(diff, self.output_len, self._info, self._settings, self._tok)
         til = TilRequest(diff=diff, generate_request=request.SerializeToString())
         ids = chat_tokens(self._tok, til.messages())
         return Prompt(text=diff, token_ids=tuple(ids), til=til), len(ids)

@@ -358,7 +358,7 @@ class GeneratorClient:
     async def tokenize(
         self, request: generator_pb2.TokenizeRequest, *, timeout: float | None
     ) -> generator_pb2.TokenizeResponse:
-        return await self._stub.Tokenize(request, timeout=timeout)
+        return await self.replicas.pick().stub.Tokenize(request, timeout=timeout)
 
     async def model_info(self, *, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
         if self._info is None:

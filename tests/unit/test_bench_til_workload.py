@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from til.v1 import common_pb2, edge_pb2
 
 from bench.prompts import PromptFactory
 from bench.til_workload import TilPool, TilWorkload, edge_request, edge_settings
-from tests.unit.test_edge_service import edge_stack
+from tests.unit.test_edge_service import FakeGenerator, edge_stack
 
 
 class WordTokenizer:
@@ -58,7 +59,9 @@ SETTINGS: dict[str, Any] = {
 
 async def test_every_arm_sends_what_the_real_edge_sends_for_the_same_diff() -> None:
     tokenizer = WordTokenizer()
-    async with edge_stack(**SETTINGS) as stack:
+    # The edge's generator counts tokens as the model's tokenizer (here one a word) does.
+    generator = FakeGenerator(text_tokens=lambda text: [m.end() for m in re.finditer(r"\S+", text)])
+    async with edge_stack(generator=generator, **SETTINGS) as stack:
         info = await stack.generator.GetModelInfo(None, None)
         workload = TilWorkload(
             tokenizer,

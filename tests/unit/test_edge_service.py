@@ -119,6 +119,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     time_remaining: list[float | None] = field(default_factory=list)
     model_info_calls: int = 0
     tokenized: list[generator_pb2.TokenizeRequest] = field(default_factory=list)
+    text_tokens: Callable[[str], list[int]] = token_ends  # the end offset of each token of a text
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def GetModelInfo(self, request: Any, context: Any) -> generator_pb2.GetModelInfoResponse:
@@ -135,7 +136,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
         results = []
         for item in request.inputs:
             if item.WhichOneof("input") == "text":
-                ends = token_ends(item.text)
+                ends = self.text_tokens(item.text)
                 offsets = ends if request.return_offsets else []
                 results.append(generator_pb2.TokenizeResult(token_count=len(ends), offsets=offsets))
             else:
