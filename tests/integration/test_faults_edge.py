@@ -94,10 +94,12 @@ async def test_a_prompt_that_cannot_be_cut_names_what_to_shorten(edge: edge_pb2_
     assert "stopping" not in details  # never a field of the edge's own call to the generator
 
 
-async def test_an_empty_owner_sees_nothing_of_alice(
-    stack: LocalStack, edge: edge_pb2_grpc.EdgeServiceStub
-) -> None:
-    til_text = "# 2026-11-20 TIL\n\n- Redis 캐시의 TTL 만료 시간을 설정하여 오래된 데이터를 지운다.\n"
+TIL_TEXT = "# 2026-11-20 TIL\n\n- Redis 캐시의 TTL 만료 시간을 설정하여 오래된 데이터를 지운다.\n"
+
+
+@pytest.fixture(scope="module")
+async def alice(stack: LocalStack) -> str:
+    """Alice's TIL and question, stored in the retriever as the edge would have indexed them."""
     async with grpc.aio.insecure_channel(stack.address("retriever")) as channel:
         retriever = retriever_pb2_grpc.RetrieverServiceStub(channel)
         await retriever.UpsertDocuments(
@@ -105,7 +107,7 @@ async def test_an_empty_owner_sees_nothing_of_alice(
                 documents=[
                     retriever_pb2.Document(
                         id="til-alice-ttl", kind=retriever_pb2.DOCUMENT_KIND_TIL, owner="alice",
-                        title="2026-11-20 TIL - Redis 캐시 TTL 만료", text=til_text, tags=["캐시", "Redis TTL"],
+                        title="2026-11-20 TIL - Redis 캐시 TTL 만료", text=TIL_TEXT, tags=["캐시", "Redis TTL"],
                     ),
                     retriever_pb2.Document(
                         id="q-alice-ttl", kind=retriever_pb2.DOCUMENT_KIND_QUESTION, owner="alice",
@@ -115,37 +117,71 @@ async def test_an_empty_owner_sees_nothing_of_alice(
             ),
             timeout=60,
         )  # fmt: skip
+    return "alice"
 
-    async def til(owner: str) -> edge_pb2.StreamStarted:
-        request = edge_pb2.GenerateTilRequest(
-            diff="diff --git a/cache.py b/cache.py\n--- a/cache.py\n+++ b/cache.py\n@@ -1 +1 @@\n"
-            "-    redis.set(key, value)\n+    redis.set(key, value, ex=ttl)  # Redis 캐시 TTL 만료\n",
-            commit_messages=["Redis 캐시 TTL 만료 설정"],
-            date=DATE,
-            owner=owner,
-            generation=overrides(4),
-            cache_policy=edge_pb2.CACHE_POLICY_BYPASS,
-        )
-        return split([m async for m in edge.GenerateTil(request, timeout=300)])[0]
 
-    async def questions(owner: str, **source: str) -> edge_pb2.StreamStarted:
-        request = edge_pb2.GenerateQuestionsRequest(
-            **source, owner=owner, difficulty=edge_pb2.DIFFICULTY_EASY, count=1, generation=overrides(4),
-            cache_policy=edge_pb2.CACHE_POLICY_BYPASS,
-        )  # fmt: skip
-        return split([m async for m in edge.GenerateQuestions(request, timeout=300)])[0]
+async def til(edge: edge_pb2_grpc.EdgeServiceStub, owner: str) -> edge_pb2.StreamStarted:
+    request = edge_pb2.GenerateTilRequest(
+        diff="diff --git a/cache.py b/cache.py\n--- a/cache.py\n+++ b/cache.py\n@@ -1 +1 @@\n"
+        "-    redis.set(key, value)\n+    redis.set(key, value, ex=ttl)  # Redis 캐시 TTL 만료\n",
+        commit_messages=["Redis 캐시 TTL 만료 설정"],
+        date=DATE,
+        owner=owner,
+        generation=overrides(4),
+        cache_policy=edge_pb2.CACHE_POLICY_BYPASS,
+    )
+    return split([m async for m in edge.GenerateTil(request, timeout=300)])[0]
 
+
+async def questions(edge: edge_pb2_grpc.EdgeServiceStub, owner: str, **source: str) -> edge_pb2.StreamStarted:
+    request = edge_pb2.GenerateQuestionsRequest(
+        **source, owner=owner, difficulty=edge_pb2.DIFFICULTY_EASY, count=1, generation=overrides(4),
+        cache_policy=edge_pb2.CACHE_POLICY_BYPASS,
+    )  # fmt: skip
+    return split([m async for m in edge.GenerateQuestions(request, timeout=300)])[0]
+
+
+async def test_an_empty_owner_sees_nothing_of_alice(edge: edge_pb2_grpc.EdgeServiceStub, alice: str) -> None:
     # Alice sees her own: the documents are found (so what follows is not a search that found nothing).
-    assert "til-alice-ttl" in [s.id for s in (await til("alice")).sources]
-    assert "q-alice-ttl" in [s.id for s in (await questions("alice", til_text=til_text)).sources]
-    assert (await questions("alice", til_id="til-alice-ttl")).model
+    assert "til-alice-ttl" in [s.id for s in (await til(edge, alice)).sources]
+    assert "q-alice-ttl" in [s.id for s in (await questions(edge, alice, til_text=TIL_TEXT)).sources]
+    assert (await questions(edge, alice, til_id="til-alice-ttl")).model
 
     # Owner "" is an owner of its own: none of alice's TILs, questions or ids.
-    assert [s.id for s in (await til("")).sources if "alice" in s.id] == []
-    assert [s.id for s in (await questions("", til_text=til_text)).sources if "alice" in s.id] == []
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await questions("", til_id="til-alice-ttl")
-    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.aio.AioRpcError) as other:
-        await questions("bob", til_id="til-alice-ttl")
-    assert other.value.code() is grpc.StatusCode.NOT_FOUND
+    assert [s.id for s in (await til(edge, "")).sources if "alice" in s.id] == []
+    assert [s.id for s in (await questions(edge, "", til_text=TIL_TEXT)).sources if "alice" in s.id] == []
+    for owner in ("", "bob"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await questions(edge, owner, til_id="til-alice-ttl")
+        assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_one_owners_oversized_document_degrades_only_that_owners_retrieval(
+    stack: LocalStack, edge: edge_pb2_grpc.EdgeServiceStub, alice: str
+) -> None:
+    """A search result above what the edge reads back (1 MiB) fails that owner's retrieval, with a
+    notice; the breaker, shared by every owner, does not count it, so alice's retrieval stays on."""
+    huge = retriever_pb2.Document(
+        id="til-big", kind=retriever_pb2.DOCUMENT_KIND_TIL, owner="big", title="Redis cache TTL " * 70_000,
+        text="# 2026-11-20 TIL\n- Redis 캐시 TTL", tags=["캐시"],
+    )  # fmt: skip
+    async with grpc.aio.insecure_channel(stack.address("retriever")) as channel:
+        try:
+            await retriever_pb2_grpc.RetrieverServiceStub(channel).UpsertDocuments(
+                retriever_pb2.UpsertDocumentsRequest(documents=[huge]), timeout=120
+            )
+            stored = True
+        except grpc.aio.AioRpcError as exc:  # a retriever that bounds what it stores refuses it instead
+            assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc
+            stored = False
+    for _ in range(5):  # more than EDGE_BREAKER_FAILURES (3)
+        started = await til(edge, "big")
+        if stored:
+            assert started.retrieval_status == edge_pb2.RETRIEVAL_STATUS_UNAVAILABLE
+            assert any("RESOURCE_EXHAUSTED" in n for n in started.notices), list(started.notices)
+    after = await til(edge, alice)
+    print(
+        f"\n[faults-edge] oversized document stored={stored}; alice's retrieval after: {after.retrieval_status}"
+    )
+    assert after.retrieval_status == edge_pb2.RETRIEVAL_STATUS_OK
+    assert "til-alice-ttl" in [s.id for s in after.sources]
