@@ -97,12 +97,17 @@ class _TilDocument:
     namespace = TIL_NAMESPACE
 
     def schema(self, job: TilJob | Revision, budget: OutputBudget, body: str) -> dict[str, Any]:
-        return til_schema(job.date, content_budget(budget.max_tokens, budget.chars_per_token))
+        """Code lines are quoted from the diff as the prompt shows it (a revision has none: free code)."""
+        content_chars = content_budget(budget.max_tokens, budget.chars_per_token)
+        return til_schema(job.date, content_chars, diff=body or None, language=job.language or None)
 
     def check(
         self, document: Any, job: TilJob | Revision, *, truncated: bool, retrieval: Retrieval
     ) -> list[Violation]:
-        return check_til(document, date=job.date, truncated=truncated)
+        diff = job.diff if isinstance(job, TilJob) else None
+        return check_til(
+            document, date=job.date, truncated=truncated, diff=diff, language=job.language or None
+        )
 
     def finished(self, document: Any, json_text: str, result_id: str) -> edge_pb2.TilFinished:
         return edge_pb2.TilFinished(til=to_til(document), til_json=json_text, til_id=result_id)
