@@ -277,6 +277,13 @@ class Driver:
                 output_len=args.output_len,
                 info=self.generator_info or model_info_of(args),
                 settings=edge_settings(),
+                # The edge's token counts come from the generator's Tokenize, so ours do too when it runs.
+                tokenize_addr=args.generator_addr if self.generator_info is not None else None,
+            )
+            self.results["params"]["til_token_counts"] = (
+                f"the generator's Tokenize ({args.generator_addr})"
+                if self.generator_info is not None
+                else "the model's tokenizer, in the benchmark"
             )
             first = await workload.item(0)
             assert first.til is not None

@@ -129,16 +129,20 @@ class _Captured(Exception):
 
 
 class _RecordingGenerator:
-    """Stands in for the generator client: answers model_info, counts tokens with the model's tokenizer
-    (as the generator's Tokenize does), and records the first generate()."""
+    """Stands in for the generator client: answers model_info, counts tokens (through the running
+    generator's own Tokenize when there is one, else with the model's tokenizer, as that Tokenize does),
+    and records the first generate()."""
 
-    def __init__(self, info: Any, tokenizer: Any) -> None:
+    def __init__(self, info: Any, tokenizer: Any, tokenize_stub: Any = None) -> None:
         self._info = info
         self._tok = tokenizer
+        self._stub = tokenize_stub
 
     async def tokenize(self, request: Any, *, timeout: float | None) -> Any:
         from til.v1 import generator_pb2
 
+        if self._stub is not None:
+            return await self._stub.Tokenize(request, timeout=30.0)
         results = []
         for item in request.inputs:
             if item.WhichOneof("input") == "chat":
@@ -167,15 +171,19 @@ class _Nothing:
     put = search = upsert = get
 
 
-async def edge_generate_request(diff: str, output_len: int, info: Any, settings: Any, tokenizer: Any) -> Any:
+async def edge_generate_request(
+    diff: str, output_len: int, info: Any, settings: Any, tokenizer: Any, tokenize_stub: Any = None
+) -> Any:
     """The GenerateRequest the edge sends the generator for `diff` (asking for ignore_eos), built by the
-    edge's own pipeline; `info` is the generator's GetModelInfoResponse."""
+    edge's own pipeline; `info` is the generator's GetModelInfoResponse, `tokenize_stub` a
+    GeneratorServiceStub whose Tokenize the edge's token counts come from (None: `tokenizer`'s)."""
     from til.v1 import common_pb2, edge_pb2
 
     from services.edge.call import CallContext
     from services.edge.til import TilPipeline
 
-    pipeline = TilPipeline(_RecordingGenerator(info, tokenizer), _Nothing(), _Nothing(), settings)  # type: ignore[arg-type]
+    recording = _RecordingGenerator(info, tokenizer, tokenize_stub)
+    pipeline = TilPipeline(recording, _Nothing(), _Nothing(), settings)  # type: ignore[arg-type]
     request = edge_request(
         diff,
         output_len,
@@ -213,8 +221,13 @@ class TilWorkload:
         output_len: int,
         info: Any,
         settings: Any,
+        tokenize_addr: str | None = None,
     ) -> None:
+        """`tokenize_addr`: a running generator whose Tokenize counts tokens for the edge's code, as it
+        does for the real edge (None: the benchmark counts with `tokenizer`)."""
         self._tok = tokenizer
+        self._tokenize_addr = tokenize_addr
+        self._stub: Any = None
         self._factory = factory
         self.target_tokens = target_tokens
         self.output_len = output_len
@@ -225,7 +238,17 @@ class TilWorkload:
 
     async def _measure(self, words: list[str], tail: list[str] | None = None) -> tuple[Prompt, int]:
         diff = diff_of_words(words, tail)
-        request = await edge_generate_request(diff, self.output_len, self._info, self._settings, self._tok)
+        if self._tokenize_addr and self._stub is None:
+            import grpc
+            from til.v1 import generator_pb2_grpc
+
+            # Opened once, in the loop that makes the prompts; it lives as long as the workload.
+            self._stub = generator_pb2_grpc.GeneratorServiceStub(
+                grpc.aio.insecure_channel(self._tokenize_addr)
+            )
+        request = await edge_generate_request(
+            diff, self.output_len, self._info, self._settings, self._tok, self._stub
+        )
         til = TilRequest(diff=diff, generate_request=request.SerializeToString())
         ids = chat_tokens(self._tok, til.messages())
         return Prompt(text=diff, token_ids=tuple(ids), til=til), len(ids)

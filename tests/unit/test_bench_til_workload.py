@@ -13,7 +13,7 @@ import pytest
 from til.v1 import common_pb2, edge_pb2
 
 from bench.prompts import PromptFactory
-from bench.til_workload import TilPool, TilWorkload, edge_request, edge_settings
+from bench.til_workload import TilPool, TilWorkload, edge_generate_request, edge_request, edge_settings
 from tests.unit.test_edge_service import FakeGenerator, edge_stack
 
 
@@ -87,6 +87,49 @@ async def test_every_arm_sends_what_the_real_edge_sends_for_the_same_diff() -> N
         assert (item.til.max_tokens, item.til.ignore_eos) == (256, True)
         assert item.til.schema() == json.loads(sent.output.json_schema)
         assert item.text == item.til.diff and "+++ b/notes/bench.md" in item.til.diff
+
+
+async def test_token_counts_come_from_the_running_generator_as_the_edges_do() -> None:
+    """The fake generator counts up to 4 ASCII characters a token, the benchmark's tokenizer a word a
+    token: the edge's budget follows the generator's counts, and so does the benchmark's copy."""
+    from til.v1 import generator_pb2_grpc
+
+    from services.common.server import Service
+    from tests.conftest import in_process_server
+
+    tokenizer = WordTokenizer()
+    async with edge_stack(**SETTINGS) as stack:
+        add = generator_pb2_grpc.add_GeneratorServiceServicer_to_server
+        tokenize = Service("til.v1.GeneratorService", lambda server: add(stack.generator, server))
+        async with in_process_server([tokenize]) as (server, _):
+            info = await stack.generator.GetModelInfo(None, None)
+
+            def workload(addr: str | None) -> TilWorkload:
+                return TilWorkload(
+                    tokenizer,
+                    PromptFactory(tokenizer, seed=3),
+                    target_tokens=700,
+                    output_len=256,
+                    info=info,
+                    settings=edge_settings(),
+                    tokenize_addr=addr,
+                )
+
+            forwarded = await workload(f"127.0.0.1:{server.port}").item(0)
+            assert forwarded.til is not None
+            local = await edge_generate_request(forwarded.til.diff, 256, info, edge_settings(), tokenizer)
+            sampling = common_pb2.SamplingParams(temperature=0.0)
+            await stack.til(
+                edge_request(forwarded.til.diff, 256, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=True)
+            )
+    (sent,) = stack.generator.requests
+    sent.request_id = ""
+    ours = forwarded.til.request()
+    ours.request_id = ""
+    assert ours == sent
+    # Counted by the word, the same diff gets another request: the counts are what made them equal.
+    local.request_id = ""
+    assert local != sent
 
 
 async def test_prompts_have_the_exact_length_and_every_arm_the_same_diffs_in_order() -> None:
