@@ -405,7 +405,8 @@ class EdgeArm(_GrpcArm):
         from bench.til_workload import cache_seed, diff_for
 
         diff = diff_for(prompt)
-        seed = cache_seed(diff, output_len, self._spec.model, common_pb2.SamplingParams(temperature=0.0))
+        sampling = common_pb2.SamplingParams(temperature=0.0)
+        seed = cache_seed(diff, output_len, self._spec.model, sampling, prompt_tokens=len(prompt.token_ids))
         async with grpc.aio.insecure_channel(self._spec.cacher) as channel:
             await cacher_pb2_grpc.CacherServiceStub(channel).PutEntry(
                 cacher_pb2.PutEntryRequest(

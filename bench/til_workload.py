@@ -322,7 +322,7 @@ class CacheSeed:
     value_json: str
 
 
-def cache_seed(diff: str, output_len: int, model: str, sampling: Any) -> CacheSeed:
+def cache_seed(diff: str, output_len: int, model: str, sampling: Any, prompt_tokens: int = 0) -> CacheSeed:
     """The entry the edge would store after generating a TIL for this GenerateTil request."""
     from til.v1 import common_pb2
 
@@ -335,5 +335,5 @@ def cache_seed(diff: str, output_len: int, model: str, sampling: Any) -> CacheSe
     job = pipeline.job(request)
     key = TilPipeline.cache_key(job, model=model, max_tokens=job.max_tokens)
     til_json = json.dumps(SEED_TIL, ensure_ascii=False)
-    usage = common_pb2.TokenUsage(prompt_tokens=512, completion_tokens=output_len)
+    usage = common_pb2.TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=output_len)
     return CacheSeed(TIL_NAMESPACE, key, envelope(json_text=til_json, model=model, usage=usage, til_id=""))
