@@ -164,11 +164,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._handling(method, request, context) as labels:
+                sent = STREAM_MESSAGES_SENT.labels(*labels)  # looked up once, not per message
                 # Closed on the way out however the call ends: a cancellation that lands while a
                 # message is being sent must still reach the handler (and stop its work) at once.
                 async with contextlib.aclosing(inner_stream(request, context)) as responses:
                     async for response in responses:
-                        STREAM_MESSAGES_SENT.labels(*labels).inc()
+                        sent.inc()
                         yield response
 
         return grpc.unary_stream_rpc_method_handler(stream, **options)

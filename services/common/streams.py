@@ -1,12 +1,16 @@
-"""Closing async streams that may or may not be closable (async generators are; some iterators are not)."""
+"""Async streams: closing them when they may or may not be closable, and merging items that wait."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=AsyncIterator[Any])
+T_co = TypeVar("T_co")
 
 
 async def aclose(stream: object) -> None:
@@ -24,3 +28,65 @@ async def closing(stream: T) -> AsyncIterator[T]:
         yield stream
     finally:
         await aclose(stream)
+
+
+async def coalesced(
+    source: AsyncIterator[T_co],
+    *,
+    mergeable: Callable[[T_co], bool],
+    merge: Callable[[list[T_co]], T_co],
+    interval_s: float = 0.0,
+) -> AsyncIterator[T_co]:
+    """`source`'s items, with runs of mergeable items that are already waiting merged into one.
+
+    `source` is read in a task of its own, so items pile up while the consumer is busy (sending the
+    previous message); each time the consumer asks, every mergeable item waiting is merged. With
+    `interval_s`, a mergeable item waits until `interval_s` after the previous merged one was handed out
+    (gathering more meanwhile); the first is never held back, nor is any other item. Errors of `source`
+    come after the items before them; closing this closes `source` (its task is cancelled).
+    """
+    waiting: collections.deque[T_co] = collections.deque()
+    arrived = asyncio.Event()
+    ended = False
+    error: BaseException | None = None
+
+    async def pump() -> None:
+        nonlocal ended, error
+        try:
+            async for item in source:
+                waiting.append(item)
+                arrived.set()
+        except Exception as exc:
+            error = exc
+        finally:
+            ended = True
+            arrived.set()
+            await aclose(source)
+
+    pumping = asyncio.ensure_future(pump())
+    last: float | None = None
+    try:
+        while True:
+            if not waiting:
+                if ended:
+                    break
+                arrived.clear()
+                await arrived.wait()
+                continue
+            item = waiting.popleft()
+            if not mergeable(item):
+                yield item
+                continue
+            if interval_s and last is not None and (pause := last + interval_s - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
+            batch = [item]
+            while waiting and mergeable(waiting[0]):
+                batch.append(waiting.popleft())
+            last = time.monotonic()
+            yield merge(batch) if len(batch) > 1 else item
+        if error is not None:
+            raise error
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping

@@ -25,6 +25,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
+from services.common.workers import run_loop, run_workers
 from services.edge.background import Background
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import (
@@ -70,8 +71,9 @@ async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings)
     )
 
 
-async def main() -> None:
-    settings = load_settings(EdgeSettings)
+async def main(settings: EdgeSettings, worker: int = 0) -> None:
+    if worker and settings.metrics_port:
+        settings = settings.model_copy(update={"metrics_port": settings.metrics_port + worker})
 
     def connect(target: str) -> grpc.aio.Channel:
         return open_channel(target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls)
@@ -105,6 +107,7 @@ async def main() -> None:
             retry_after_s=settings.retry_after_s,
             max_per_client=settings.max_active_per_client,
         ),
+        coalesce_s=settings.coalesce_ms / 1000,
     )
 
     async def shutdown() -> None:
@@ -124,5 +127,22 @@ async def main() -> None:
     )
 
 
+def run() -> int:
+    """Loads the settings, then runs the edge: in this process, or in EDGE_WORKERS forked ones."""
+    settings = load_settings(EdgeSettings)
+    if settings.workers > 1 and settings.port == 0:
+        raise SystemExit(
+            "invalid settings: EDGE_WORKERS > 1 needs a fixed EDGE_PORT for the workers to share"
+        )
+
+    def work(worker: int) -> None:
+        run_loop(lambda: main(settings, worker), uvloop=settings.uvloop)
+
+    if settings.workers == 1:
+        work(0)
+        return 0
+    return run_workers(settings.workers, work)
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(run())

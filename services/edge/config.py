@@ -90,6 +90,23 @@ class EdgeSettings(ServerSettings):
     retrieval_top_k: int = Field(3, ge=0, description="Related earlier TILs given to the model; 0 disables.")
     index_tils: bool = Field(True, description="Index finished TILs and questions in the retriever.")
 
+    coalesce_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Text deltas waiting while the edge sends one message go out merged in the next; with "
+        "a value, a stream's messages are also at least this far apart (more tokens each, fewer messages). "
+        "The first token is never held back.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Edge processes sharing the port (SO_REUSEPORT), forked before any gRPC object exists; "
+        "worker i serves metrics on metrics_port + i.",
+    )
+    uvloop: bool = Field(False, description="Run the event loop on uvloop (installed with the package).")
+
     max_active: int = Field(128, ge=1, description="Calls the edge runs at once.")
     max_waiting: int = Field(512, ge=0, description="Calls that may wait for a slot; more are refused.")
     max_active_per_client: int = Field(

@@ -19,6 +19,7 @@ from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 
 from services.common.admission import Admission
 from services.common.server import Service
+from services.common.streams import closing, coalesced
 from services.edge.call import CallContext
 from services.edge.questions import QuestionEvent, QuestionJob
 from services.edge.til import Revision, TilEvent, TilJob
@@ -55,6 +56,16 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 
+def _is_delta(event: object) -> bool:
+    return type(event) is common_pb2.TextDelta
+
+
+def _joined(deltas: list[common_pb2.TextDelta]) -> common_pb2.TextDelta:
+    return common_pb2.TextDelta(
+        text="".join(d.text for d in deltas), token_count=sum(d.token_count for d in deltas)
+    )
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's x-request-id when it is a sane token, else a new one."""
     for key, value in context.invocation_metadata() or ():
@@ -64,10 +75,13 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
-    def __init__(self, tils: TilWriter, questions: QuestionWriter, admission: Admission) -> None:
+    def __init__(
+        self, tils: TilWriter, questions: QuestionWriter, admission: Admission, *, coalesce_s: float = 0.0
+    ) -> None:
         self._tils = tils
         self._questions = questions
         self._admission = admission
+        self._coalesce_s = coalesce_s
 
     async def _stream(
         self,
@@ -85,8 +99,11 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 deadline=None if remaining is None else arrived + remaining,
                 queued_s=time.monotonic() - arrived,
             )
-            async for event in run(job, ctx):
-                yield response(**{_EVENT_FIELDS[type(event)]: event})
+            # Deltas that wait while a message is being sent go out together, as one message.
+            events = coalesced(run(job, ctx), mergeable=_is_delta, merge=_joined, interval_s=self._coalesce_s)
+            async with closing(events):
+                async for event in events:
+                    yield response(**{_EVENT_FIELDS[type(event)]: event})
 
     async def GenerateTil(
         self, request: edge_pb2.GenerateTilRequest, context: grpc.aio.ServicerContext

@@ -114,6 +114,13 @@ class FakeEngine:
                 await asyncio.sleep(self._interval_s)
                 sent += 1
                 yield EngineDelta(text=text[start : start + CHARS_PER_TOKEN], token_count=1)
+            while request.ignore_eos and sent < request.max_tokens:  # like the real engines: on to max_tokens
+                await asyncio.sleep(self._interval_s)
+                sent += 1
+                yield EngineDelta(text=" " * CHARS_PER_TOKEN, token_count=1)
+            if request.ignore_eos:
+                yield EngineFinished("length", prompt_tokens, sent)
+                return
             yield EngineFinished("stop", prompt_tokens, sent)
         finally:
             self._running -= 1

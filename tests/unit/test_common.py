@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import grpc
@@ -257,3 +258,72 @@ def test_a_breaker_counts_only_the_dependencys_own_failures() -> None:
     assert breaker.is_open
     with pytest.raises(DependencyUnavailable, match="skipped after 2 consecutive failures"), breaker.guard():
         pass
+
+
+async def test_coalesced_merges_what_waits_and_never_holds_back_the_first() -> None:
+    from services.common.streams import coalesced
+
+    release = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def source():  # "s", then a burst of 5 deltas, a pause, 2 more, then "f"
+        try:
+            yield "s"
+            yield 1
+            await release.wait()
+            for n in (2, 3, 4, 5, 6):
+                yield n
+            await asyncio.sleep(0.05)
+            yield 7
+            yield 8
+            yield "f"
+        finally:
+            closed.set()
+
+    out = coalesced(source(), mergeable=lambda x: isinstance(x, int), merge=lambda xs: tuple(xs))
+    assert await anext(out) == "s"
+    assert await asyncio.wait_for(anext(out), 1) == 1  # the first is out before the rest exists
+    release.set()
+    await asyncio.sleep(0.01)
+    assert [item async for item in out] == [(2, 3, 4, 5, 6), (7, 8), "f"]
+    assert closed.is_set()
+
+
+async def test_coalesced_spaces_merged_items_and_passes_errors_on_after_the_items() -> None:
+    from services.common.streams import coalesced
+
+    async def ticking():
+        for n in range(20):
+            await asyncio.sleep(0.005)
+            yield n
+        raise Unavailable("the generator went away")
+
+    got, times = [], []
+    out = coalesced(ticking(), mergeable=lambda x: True, merge=lambda xs: xs[-1], interval_s=0.03)
+    with pytest.raises(Unavailable):
+        async for item in out:
+            got.append(item)
+            times.append(time.monotonic())
+    assert got[0] == 0 and got[-1] == 19 and len(got) < 10  # merged, none lost at the end
+    assert all(b - a >= 0.025 for a, b in itertools.pairwise(times))
+
+
+async def test_closing_coalesced_stops_its_source() -> None:
+    from services.common.streams import closing, coalesced
+
+    cancelled = asyncio.Event()
+
+    async def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+                await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with closing(coalesced(endless(), mergeable=lambda x: True, merge=lambda xs: xs)) as out:
+        await anext(out)
+    assert cancelled.is_set()

@@ -576,8 +576,10 @@ async def test_output_that_stops_being_json_is_cut_where_it_breaks() -> None:
 async def test_client_cancel_cancels_the_generator_call() -> None:
     async with edge_stack(generator=FakeGenerator(hang_after=2)) as stack:
         call = stack.stub.GenerateTil(til_request())
-        seen = [await call.read() for _ in range(3)]
-        assert [r.WhichOneof("event") for r in seen] == ["started", "delta", "delta"]
+        seen = [await call.read()]
+        while sum(r.delta.token_count for r in seen) < 2:  # two deltas, maybe merged into one message
+            seen.append(await call.read())
+        assert {r.WhichOneof("event") for r in seen[1:]} == {"delta"}
         call.cancel()
         await asyncio.wait_for(stack.generator.cancelled.wait(), 5.0)
     assert stack.cacher.puts == []

@@ -1,0 +1,233 @@
+"""The edge hop on CPU: cache hits under many callers, and pass-through of many streams.
+
+Starts the cacher (private redis-server), the generator's fake engine (no model: a schema-shaped TIL at
+a fixed pace) and the edge (retrieval off, so that only the edge's own path is measured), then:
+
+- `hit`: seeds one cached TIL per distinct diff, then keeps `--concurrency` callers asking for them
+  (closed loop); reports time to the first message and to the end of the stream, p50 / p99, and the
+  edge's CPU time per hit.
+- `stream`: `--concurrency` streams at a time with the cache bypassed, each `--tokens` tokens long
+  (`ignore_eos`), the fake engine emitting one token every `--token-interval-ms`; reports tokens per
+  message the caller received and the edge's CPU time per token.
+
+The edge's CPU time is read from /proc (user + system, the edge and its worker processes). Prints one
+JSON line per run and appends it to `--out`. Example:
+
+    python -m bench.edge_hit --mode hit --concurrency 100 --requests 2000
+    python -m bench.edge_hit --mode stream --concurrency 100 --requests 300 --edge-env EDGE_COALESCE_MS=5
+    python -m bench.edge_hit --mode hit --profile /tmp/edge.svg   # py-spy record of the edge meanwhile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from til.v1 import edge_pb2, edge_pb2_grpc
+
+from services.stack import SERVICES, LocalStack, free_port
+
+DATE = "2026-11-24"
+
+
+def diff(i: int) -> str:
+    return (
+        f"diff --git a/app/cache_{i}.py b/app/cache_{i}.py\n--- a/app/cache_{i}.py\n+++ b/app/cache_{i}.py\n"
+        f"@@ -1,2 +1,3 @@ def configure():\n     client = connect()\n+    ttl_{i} = {60 * (i + 1)}\n"
+        "     return client\n"
+    )
+
+
+def request(i: int, args: argparse.Namespace) -> edge_pb2.GenerateTilRequest:
+    r = edge_pb2.GenerateTilRequest(diff=diff(i), commit_messages=[f"Cache TTL {i}"], date=DATE)
+    if args.mode == "stream":
+        r.cache_policy = edge_pb2.CACHE_POLICY_BYPASS
+        r.generation.max_tokens = args.tokens
+        r.generation.ignore_eos = True
+    return r
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and of its children (edge workers), living or reaped."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime (fields 14-17 of stat; after the name they start at index 11)
+        total += sum(int(x) for x in fields[11:15]) / ticks
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def one(stub: edge_pb2_grpc.EdgeServiceStub, req: edge_pb2.GenerateTilRequest) -> dict[str, Any]:
+    began = time.perf_counter()
+    first = None
+    messages = tokens = 0
+    status = -1
+    async for message in stub.GenerateTil(req, timeout=120):
+        if first is None:
+            first = time.perf_counter() - began
+        kind = message.WhichOneof("event")
+        if kind == "started":
+            status = message.started.cache_status
+        elif kind == "delta":
+            messages += 1
+            tokens += message.delta.token_count
+    return {"first_s": first, "total_s": time.perf_counter() - began, "deltas": messages, "tokens": tokens,
+            "cache_status": status}  # fmt: skip
+
+
+async def closed_loop(stub: Any, args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    todo = iter(range(count))
+
+    async def caller() -> None:
+        for i in todo:
+            results.append(await one(stub, request(i % args.distinct, args)))
+
+    await asyncio.gather(*(caller() for _ in range(args.concurrency)))
+    return results
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    services = ("cacher", "generator", "edge")
+    ports = {name: free_port() for name in SERVICES}
+    edge_env = {
+        "EDGE_RETRIEVAL_TOP_K": "0",
+        "EDGE_QUESTION_HISTORY_K": "0",
+        "EDGE_INDEX_TILS": "false",
+        "EDGE_ALLOW_IGNORE_EOS": "true",
+        "EDGE_MAX_ACTIVE": "1024",
+        "EDGE_MAX_WAITING": "4096",
+        "EDGE_SHARE_IDENTICAL": "false",
+        "EDGE_LOG_LEVEL": "WARNING",
+        **dict(item.split("=", 1) for item in args.edge_env),
+    }
+    stack = LocalStack(
+        data_dir=Path(tempfile.mkdtemp(prefix="edge-bench-")),
+        ports=ports,
+        metrics_ports={name: free_port() for name in SERVICES},
+        services=services,
+        env={
+            "edge": edge_env,
+            "generator": {
+                "GENERATOR_BACKEND": "fake",
+                "GENERATOR_FAKE_TOKEN_INTERVAL_S": str(args.token_interval_ms / 1000),
+                "GENERATOR_MAX_ACTIVE_REQUESTS": "1024",
+                "GENERATOR_MAX_WAITING_REQUESTS": "4096",
+                "GENERATOR_LOG_LEVEL": "WARNING",
+            },
+        },
+    )
+    await stack.start(timeout_s=120)
+    edge_pid = stack.processes["edge"].process.pid  # type: ignore[union-attr]
+    profiler = None
+    try:
+        async with grpc.aio.insecure_channel(stack.address("edge")) as channel:
+            stub = edge_pb2_grpc.EdgeServiceStub(channel)
+            if args.mode == "hit":  # seed: one miss per distinct diff, then every call is a hit
+                seeded = [await one(stub, request(i, args)) for i in range(args.distinct)]
+                await asyncio.sleep(1.0)  # background cache writes
+                check = await one(stub, request(0, args))
+                if check["cache_status"] != edge_pb2.CACHE_STATUS_HIT:
+                    raise SystemExit(f"the seed did not make a cache hit: {seeded[0]} / {check}")
+            await closed_loop(stub, args, min(args.requests, 2 * args.concurrency))  # warm-up
+            if args.profile:
+                profiler = subprocess.Popen(  # noqa: ASYNC220 (started once, before the timing)
+                    [shutil.which("py-spy") or "py-spy", "record", "--subprocesses", "--nonblocking",
+                     "--format", "raw" if args.profile.endswith(".txt") else "flamegraph",
+                     "-o", args.profile, "-p", str(edge_pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(1.0)
+            cpu_before, wall_before = cpu_seconds(edge_pid), time.perf_counter()
+            results = await closed_loop(stub, args, args.requests)
+            wall = time.perf_counter() - wall_before
+            cpu = cpu_seconds(edge_pid) - cpu_before
+    finally:
+        if profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait(timeout=60)
+        stack.stop()
+    firsts = [r["first_s"] * 1000 for r in results]
+    totals = [r["total_s"] * 1000 for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    deltas = sum(r["deltas"] for r in results)
+    row: dict[str, Any] = {
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+        "requests": len(results),
+        "edge_env": {
+            k: v for k, v in edge_env.items() if k in ("EDGE_COALESCE_MS", "EDGE_WORKERS", "EDGE_UVLOOP")
+        },
+        "first_message_ms_p50": round(percentile(firsts, 0.5), 2),
+        "first_message_ms_p99": round(percentile(firsts, 0.99), 2),
+        "total_ms_p50": round(percentile(totals, 0.5), 2),
+        "total_ms_p99": round(percentile(totals, 0.99), 2),
+        "requests_per_s": round(len(results) / wall, 1),
+        "edge_cpu_s": round(cpu, 3),
+        "edge_cpu_ms_per_request": round(1000 * cpu / len(results), 3),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+    }
+    if args.mode == "stream":
+        row |= {
+            "tokens_per_request": round(tokens / len(results), 1),
+            "tokens_per_message": round(tokens / max(deltas, 1), 2),
+            "edge_cpu_us_per_token": round(1e6 * cpu / max(tokens, 1), 1),
+            "token_interval_ms": args.token_interval_ms,
+            "mean_tokens_per_s_per_stream": round(
+                statistics.mean(r["tokens"] / r["total_s"] for r in results), 1
+            ),
+        }
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("hit", "stream"), default="hit")
+    p.add_argument("--concurrency", type=int, default=100)
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--distinct", type=int, default=20, help="distinct diffs (hit: cached TILs)")
+    p.add_argument("--tokens", type=int, default=256, help="stream: output tokens per request")
+    p.add_argument("--token-interval-ms", type=float, default=5.0, help="stream: the fake engine's pace")
+    p.add_argument("--edge-env", action="append", default=[], help="NAME=VALUE for the edge (repeatable)")
+    p.add_argument(
+        "--profile",
+        help="py-spy record of the edge while measuring: a flame graph (.svg) or collapsed stacks (.txt)",
+    )
+    p.add_argument("--out", default="bench/results/edge_cpu.jsonl")
+    args = p.parse_args()
+    row = asyncio.run(run(args))
+    row["command"] = "python -m bench.edge_hit " + " ".join(sys.argv[1:])
+    print(json.dumps(row, ensure_ascii=False))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Running a service: its event loop (asyncio or uvloop), and several worker processes on one port.
+
+Workers are forked before any gRPC object exists (gRPC's threads do not survive a fork); each then
+builds its own server, and the kernel spreads connections over them (gRPC listens with SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]], *, uvloop: bool = False) -> None:
+    """Runs `main()` to completion on a new event loop: uvloop's when asked, else asyncio's."""
+    if uvloop:
+        import uvloop as uv
+
+        uv.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when its parent dies (and exits now if it already has)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def run_workers(count: int, work: Callable[[int], None]) -> int:
+    """Forks `count` processes, each running `work(index)`; returns once all have exited.
+
+    SIGTERM and SIGINT are passed on to every worker (each drains by itself). A worker that exits
+    with an error stops the others: the service is then restarted whole, by whatever supervises it.
+    Returns the first non-zero exit code, else 0.
+    """
+    parent = os.getpid()
+    workers: dict[int, int] = {}
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which leaves through os._exit
+            code = 1
+            try:
+                _die_with_parent(parent)
+                work(index)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        workers[pid] = index
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in workers:
+            os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    result = 0
+    while workers:
+        pid, status = os.wait()
+        if pid not in workers:
+            continue
+        index = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and result == 0:
+            result = code if code > 0 else 1
+            print(f"edge worker {index} (pid {pid}) exited with {code}; stopping the others", file=sys.stderr)
+            for other in workers:
+                os.kill(other, signal.SIGTERM)
+    return result
