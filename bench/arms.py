@@ -128,7 +128,7 @@ class EngineTilArm:
     """A_til: the edge's request for a diff, straight into AsyncLLM.
 
     The chat template ran when the prompt was made (D's edge and generator do theirs inside the clock);
-    the schema goes through the backend's `prepared_schema`, as the generator sends it.
+    the schema is the one the generator would hand vLLM (prepared when the prompt was made).
     """
 
     name = "engine-til"
@@ -142,19 +142,17 @@ class EngineTilArm:
         pass
 
     def _sampling(self, til: TilRequest, output_len: int) -> Any:
-        key = (til.request().output.json_schema, output_len, til.ignore_eos)
+        key = (til.prepared_schema, output_len, til.ignore_eos)
         if key not in self._params:
             from vllm import SamplingParams
             from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-            from services.generator.vllm_engine import prepared_schema
 
             self._params[key] = SamplingParams(
                 max_tokens=output_len,
                 ignore_eos=til.ignore_eos,
                 temperature=0.0,
                 output_kind=RequestOutputKind.DELTA,
-                structured_outputs=StructuredOutputsParams(json=prepared_schema(til.schema())),
+                structured_outputs=StructuredOutputsParams(json=json.loads(til.prepared_schema)),
             )
         return self._params[key]
 
@@ -259,8 +257,6 @@ class OpenAIArm:
         }
         if not self._til:
             return {**body, "prompt": prompt.text, "ignore_eos": True}
-        from services.generator.vllm_engine import prepared_schema
-
         til = _til(prompt)
         # The schema as our generator hands it to vLLM (lengths folded into patterns), so that both
         # pay the same grammar cost.
@@ -270,7 +266,7 @@ class OpenAIArm:
             "ignore_eos": til.ignore_eos,
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": "til", "schema": prepared_schema(til.schema())},
+                "json_schema": {"name": "til", "schema": json.loads(til.prepared_schema)},
             },
         }
 

@@ -23,6 +23,7 @@ edge computes for the request, through the cacher's own API.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ class TilRequest:
     diff: str
     # generator_pb2.GenerateRequest, serialized (it travels to client processes): what the edge sends.
     generate_request: bytes
+    # Its JSON Schema as the generator hands it to llguidance (services.generator.vllm_inputs), as JSON.
+    prepared_schema: str = "{}"
 
     def request(self) -> Any:
         from til.v1 import generator_pb2
@@ -143,15 +146,15 @@ class _RecordingGenerator:
 
         if self._stub is not None:
             return await self._stub.Tokenize(request, timeout=30.0)
-        results = []
-        for item in request.inputs:
-            if item.WhichOneof("input") == "chat":
-                turns = [{"role": m.role, "content": m.content} for m in item.chat.messages]
-                count = len(chat_tokens(self._tok, turns))
-            else:
-                count = len(self._tok.encode(item.text, add_special_tokens=False))
-            # No offsets: the benchmark's prompts fit the context by construction, so nothing is cut.
-            results.append(generator_pb2.TokenizeResult(token_count=count))
+        from services.generator.vllm_inputs import count_tokens
+
+        # What the vLLM generator's Tokenize answers, computed here with the same function.
+        inputs = [
+            item.text if item.WhichOneof("input") == "text" else tuple(item.chat.messages)
+            for item in request.inputs
+        ]
+        counts = count_tokens(self._tok, inputs, request.return_offsets)
+        results = [generator_pb2.TokenizeResult(token_count=c.count, offsets=c.offsets or ()) for c in counts]
         return generator_pb2.TokenizeResponse(results=results, max_model_len=self._info.max_model_len)
 
     async def model_info(self, *, timeout: float | None = None) -> Any:
@@ -199,12 +202,6 @@ async def edge_generate_request(
     raise RuntimeError("the edge's pipeline finished without calling the generator")
 
 
-def chat_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids as the generator makes them (template, then encode without extra specials)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 class TilWorkload:
     """Makes TIL prompts: diffs of fresh random words whose edge chat has `target_tokens` tokens.
 
@@ -249,8 +246,10 @@ class TilWorkload:
         request = await edge_generate_request(
             diff, self.output_len, self._info, self._settings, self._tok, self._stub
         )
+        from services.generator.vllm_inputs import chat_tokens
+
         til = TilRequest(diff=diff, generate_request=request.SerializeToString())
-        ids = chat_tokens(self._tok, til.messages())
+        ids = chat_tokens(self._tok, request.chat.messages)
         return Prompt(text=diff, token_ids=tuple(ids), til=til), len(ids)
 
     async def _start_words(self) -> int:
@@ -297,8 +296,15 @@ class TilWorkload:
         return abs(count - self.target_tokens), count > self.target_tokens
 
     async def item(self, index: int) -> Prompt:
+        from services.generator.vllm_inputs import prepared_schema
+
         while len(self._items) <= index:
-            self._items.append(await self._make())
+            prompt = await self._make()
+            assert prompt.til is not None
+            # The schema as the generator hands it to llguidance, prepared once for every arm.
+            prepared = prepared_schema(prompt.til.schema())
+            til = dataclasses.replace(prompt.til, prepared_schema=json.dumps(prepared, ensure_ascii=False))
+            self._items.append(dataclasses.replace(prompt, til=til))
         return self._items[index]
 
 

@@ -42,6 +42,11 @@ class WordTokenizer:
             out.append(self.ids[word])
         return out
 
+    def __call__(self, text: str, **kwargs: Any) -> dict[str, Any]:
+        """The fast-tokenizer call the generator's token counting makes (ids and character spans)."""
+        spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        return {"input_ids": self.encode(text), "offset_mapping": spans}
+
     def apply_chat_template(
         self, messages: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
     ) -> str:
@@ -150,8 +155,12 @@ async def test_prompts_have_the_exact_length_and_every_arm_the_same_diffs_in_ord
     first_b = await b.take(2) + await b.take(2)
     assert [p.til.diff for p in first_a] == [p.til.diff for p in first_b]  # type: ignore[union-attr]
     assert len({p.til.diff for p in first_a}) == 4  # type: ignore[union-attr]  # fresh diffs within an arm
+    from services.generator.vllm_inputs import prepared_schema
+
     for prompt in first_a:
         assert len(prompt.token_ids) == 650
+        # A_til and B_til send the schema as the generator hands it to vLLM.
+        assert json.loads(prompt.til.prepared_schema) == prepared_schema(prompt.til.schema())  # type: ignore[union-attr]
         assert prompt.token_ids == tuple(
             tokenizer.encode(
                 tokenizer.apply_chat_template(
