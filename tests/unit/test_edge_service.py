@@ -669,6 +669,21 @@ async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorte
     assert generator.requests == [] and len(generator.tokenized) == 1
 
 
+async def test_a_revision_too_long_for_the_context_is_refused_before_the_generator() -> None:
+    generator = FakeGenerator(max_model_len=8192, default_max_tokens=1024)
+    turns = [
+        edge_pb2.ConversationTurn(role=role, content="캐시 설명을 더 자세히 " * 900)
+        for _ in range(10)
+        for role in ("user", "assistant")
+    ]
+    async with edge_stack(generator=generator) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            [r async for r in stack.stub.ReviseTil(revise_request(history=turns), timeout=30)]
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "shorten the history or the TIL" in (raised.value.details() or "")
+    assert generator.requests == [] and len(generator.tokenized) == 1
+
+
 async def test_an_empty_owner_is_an_owner_of_its_own() -> None:
     """With auth off, owner "" sees only what was written with owner "", whatever the retriever returns."""
     async with edge_stack(generator=questions_generator()) as stack:
