@@ -358,7 +358,26 @@ class GeneratorClient:
     async def tokenize(
         self, request: generator_pb2.TokenizeRequest, *, timeout: float | None
     ) -> generator_pb2.TokenizeResponse:
-        return await self.replicas.pick().stub.Tokenize(request, timeout=timeout)
+        """Counts on a usable replica; UNAVAILABLE is tried again on another, as a generation is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tried: list[Replica] = []
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_any(stop_after_attempt(self._retry.attempts), _stop_at_deadline(deadline)),
+            wait=wait_random_exponential(multiplier=self._retry.backoff_s, max=self._retry.max_backoff_s),
+            reraise=True,
+        ):
+            with attempt:
+                replica = self.replicas.pick(exclude=tried)
+                tried.append(replica)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                try:
+                    return await replica.stub.Tokenize(request, timeout=remaining)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        self.replicas.failed(replica)
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def model_info(self, *, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
         if self._info is None:

@@ -27,6 +27,7 @@ from tests.unit.test_edge_service import (
     FakeGenerator,
     chunks,
     edge_stack,
+    free_port,
     questions_request,
     service,
     split,
@@ -347,3 +348,22 @@ async def test_the_callers_deadline_ends_the_stream_promptly_and_reaches_the_gen
     (remaining,) = generator.time_remaining
     # Not more than the caller had (grpc-timeout is sent in whole units and rounded up: allow 10 ms).
     assert remaining is not None and remaining <= 0.5 + 0.01
+
+
+async def test_token_counting_moves_to_a_live_replica_when_one_is_gone() -> None:
+    """Tokenize, like a generation before its first token, is tried again on another replica."""
+    from services.edge.clients import GeneratorReplicas
+
+    fake = FakeGenerator()
+    name, add = "til.v1.GeneratorService", generator_pb2_grpc.add_GeneratorServiceServicer_to_server
+    async with in_process_server([service(name, add, fake)]) as (running, _):
+        replicas = GeneratorReplicas.from_addr(
+            f"127.0.0.1:{free_port()},127.0.0.1:{running.port}", open_channel
+        )
+        client = GeneratorClient(replicas, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+        request = generator_pb2.TokenizeRequest(inputs=[generator_pb2.TokenizeInput(text="캐시 cache")])
+        try:
+            counts = [(await client.tokenize(request, timeout=5)).results[0].token_count for _ in range(4)]
+        finally:
+            await replicas.close()
+    assert counts == [4, 4, 4, 4] and len(fake.tokenized) == 4
