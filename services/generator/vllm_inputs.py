@@ -17,6 +17,7 @@ from services.generator.engine import ChatTurn, InvalidRequest, PromptTooLong, T
 from services.generator.json_grammar import fold_lengths_into_patterns, json_schema_to_grammar
 
 _SCHEMA_CACHE_SIZE = 64
+_CHAT_CACHE_SIZE = 512
 
 
 @functools.lru_cache(maxsize=_SCHEMA_CACHE_SIZE)
@@ -43,8 +44,15 @@ def chat_tokens(tokenizer: Any, turns: Sequence[ChatTurn]) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja2 TemplateError, or ValueError for a model with no template
         raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
+    return list(_rendered_chat_tokens(tokenizer, text))
+
+
+# The edge counts a chat with Tokenize, then sends the same chat to Generate: the second
+# tokenization, on the engine's one tokenizer thread, comes from here.
+@functools.lru_cache(maxsize=_CHAT_CACHE_SIZE)
+def _rendered_chat_tokens(tokenizer: Any, text: str) -> tuple[int, ...]:
     # The template writes the special tokens (BOS) itself.
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 def count_tokens(tokenizer: Any, inputs: list[TokenizeInput], offsets: bool) -> list[TokenCount]:

@@ -138,3 +138,21 @@ async def test_prepare_checks_everything_before_a_slot_and_generate_reuses_it() 
     events = [event async for event in engine.generate(prepared)]
     assert len(tok.calls) == calls  # generate did not tokenize again
     assert llm.requests[0][0] == [1, 13, 13, 15] and events[-1].completion_tokens == 1
+
+
+async def test_a_chat_counted_by_tokenize_is_not_tokenized_again_by_prepare() -> None:
+    tok = PieceTokenizer()
+    engine = engine_with(tok)
+    chat = (ChatTurn("system", "rules"), ChatTurn("user", "a diff nobody sent before"))
+    (counted,) = await engine.tokenize([chat], offsets=False)
+    encodes = [c for c in tok.calls if "encode" in c]
+    prepared = VllmEngine._prepare(tok, request_for(chat))
+    assert [c for c in tok.calls if "encode" in c] == encodes  # the rendered chat came from the cache
+    assert len(prepared[0]) == counted.count
+    other = PieceTokenizer()  # another model's tokenizer never shares the cache
+    assert len(VllmEngine._prepare(other, request_for(chat))[0]) == counted.count
+    assert [c for c in other.calls if "encode" in c]
+
+
+def request_for(chat: tuple[ChatTurn, ...]) -> EngineRequest:
+    return EngineRequest(request_id="r", prompt=None, messages=chat, max_tokens=4)
