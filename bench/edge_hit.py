@@ -3,7 +3,7 @@
 Starts the cacher (private redis-server), the generator's fake engine (no model: a schema-shaped TIL at
 a fixed pace) and the edge (retrieval off, so that only the edge's own path is measured), then:
 
-- `hit`: seeds one cached TIL per distinct diff, then keeps `--concurrency` callers asking for them
+- `hit`: seeds one cached TIL per distinct diff (under the key the edge computes), then keeps `--concurrency` callers asking for them
   (closed loop); reports time to the first message and to the end of the stream, p50 / p99, and the
   edge's CPU time per hit.
 - `stream`: `--concurrency` streams at a time with the cache bypassed, each `--tokens` tokens long
@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from til.v1 import edge_pb2, edge_pb2_grpc
+from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2, edge_pb2, edge_pb2_grpc
 
+from bench.til_workload import cache_seed, edge_request
 from services.stack import SERVICES, LocalStack, free_port
-
-DATE = "2026-11-24"
 
 
 def diff(i: int) -> str:
@@ -51,13 +50,28 @@ def diff(i: int) -> str:
     )
 
 
+SAMPLING = common_pb2.SamplingParams(temperature=0.0)
+HIT_TOKENS = 64
+
+
 def request(i: int, args: argparse.Namespace) -> edge_pb2.GenerateTilRequest:
-    r = edge_pb2.GenerateTilRequest(diff=diff(i), commit_messages=[f"Cache TTL {i}"], date=DATE)
     if args.mode == "stream":
-        r.cache_policy = edge_pb2.CACHE_POLICY_BYPASS
-        r.generation.max_tokens = args.tokens
-        r.generation.ignore_eos = True
-    return r
+        return edge_request(diff(i), args.tokens, SAMPLING, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=True)
+    return edge_request(diff(i), HIT_TOKENS, SAMPLING, edge_pb2.CACHE_POLICY_UNSPECIFIED)
+
+
+async def seed(cacher_addr: str, args: argparse.Namespace) -> None:
+    """Stores a TIL under the edge's own key for each distinct diff, through the cacher's API."""
+    async with grpc.aio.insecure_channel(cacher_addr) as channel:
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        for i in range(args.distinct):
+            entry = cache_seed(diff(i), HIT_TOKENS, "fake", SAMPLING)
+            await stub.PutEntry(
+                cacher_pb2.PutEntryRequest(
+                    namespace=entry.namespace, key=entry.key, value_json=entry.value_json
+                ),
+                timeout=30,
+            )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,15 +114,16 @@ async def one(stub: edge_pb2_grpc.EdgeServiceStub, req: edge_pb2.GenerateTilRequ
             "cache_status": status}  # fmt: skip
 
 
-async def closed_loop(stub: Any, args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
+async def closed_loop(stubs: list[Any], args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
+    """`--concurrency` callers spread over the channels, until `count` calls have been made."""
     results: list[dict[str, Any]] = []
     todo = iter(range(count))
 
-    async def caller() -> None:
+    async def caller(stub: Any) -> None:
         for i in todo:
             results.append(await one(stub, request(i % args.distinct, args)))
 
-    await asyncio.gather(*(caller() for _ in range(args.concurrency)))
+    await asyncio.gather(*(caller(stubs[n % len(stubs)]) for n in range(args.concurrency)))
     return results
 
 
@@ -146,15 +161,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     edge_pid = stack.processes["edge"].process.pid  # type: ignore[union-attr]
     profiler = None
     try:
-        async with grpc.aio.insecure_channel(stack.address("edge")) as channel:
-            stub = edge_pb2_grpc.EdgeServiceStub(channel)
-            if args.mode == "hit":  # seed: one miss per distinct diff, then every call is a hit
-                seeded = [await one(stub, request(i, args)) for i in range(args.distinct)]
-                await asyncio.sleep(1.0)  # background cache writes
+        # Channels with connections of their own (edge workers balance connections, not calls).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(stack.address("edge"), options=own) for _ in range(args.channels)
+        ]
+        stubs = [edge_pb2_grpc.EdgeServiceStub(channel) for channel in channels]
+        stub = stubs[0]
+        try:
+            if args.mode == "hit":  # every call is a hit
+                await seed(stack.address("cacher"), args)
                 check = await one(stub, request(0, args))
                 if check["cache_status"] != edge_pb2.CACHE_STATUS_HIT:
-                    raise SystemExit(f"the seed did not make a cache hit: {seeded[0]} / {check}")
-            await closed_loop(stub, args, min(args.requests, 2 * args.concurrency))  # warm-up
+                    raise SystemExit(f"the seed did not make a cache hit: {check}")
+            await closed_loop(stubs, args, min(args.requests, 2 * args.concurrency))  # warm-up
             if args.profile:
                 profiler = subprocess.Popen(  # noqa: ASYNC220 (started once, before the timing)
                     [shutil.which("py-spy") or "py-spy", "record", "--subprocesses", "--nonblocking",
@@ -164,9 +184,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
                 await asyncio.sleep(1.0)
             cpu_before, wall_before = cpu_seconds(edge_pid), time.perf_counter()
-            results = await closed_loop(stub, args, args.requests)
+            results = await closed_loop(stubs, args, args.requests)
             wall = time.perf_counter() - wall_before
             cpu = cpu_seconds(edge_pid) - cpu_before
+        finally:
+            for channel in channels:
+                await channel.close()
     finally:
         if profiler is not None:
             profiler.send_signal(2)
@@ -210,6 +233,7 @@ def main() -> int:
     p.add_argument("--mode", choices=("hit", "stream"), default="hit")
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--channels", type=int, default=8, help="client channels, each with its own connection")
     p.add_argument("--distinct", type=int, default=20, help="distinct diffs (hit: cached TILs)")
     p.add_argument("--tokens", type=int, default=256, help="stream: output tokens per request")
     p.add_argument("--token-interval-ms", type=float, default=5.0, help="stream: the fake engine's pace")

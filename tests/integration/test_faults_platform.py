@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from til.v1 import cacher_pb2, cacher_pb2_grpc, edge_pb2, edge_pb2_grpc
 
 from services.stack import LocalStack, free_port
@@ -230,3 +232,55 @@ async def test_a_redis_given_by_url_that_goes_away_is_reconnected(cacher: Any, r
             assert time.monotonic() - went_down < 30, "not SERVING again"
             await asyncio.sleep(0.1)
     report("redis by URL restarted", put_get_again_after_s=round(recovered_s, 2))
+
+
+# --- edge workers -----------------------------------------------------------------------------------
+
+
+def handled(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "GenerateTil"
+    )
+
+
+async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("cacher", "retriever", "generator", "edge")}
+    metrics = {name: free_port() for name in ports}
+    stack = LocalStack(
+        data_dir=tmp_path,
+        ports=ports,
+        metrics_ports=metrics,
+        services=("cacher", "generator", "edge"),
+        env={
+            "generator": {"GENERATOR_BACKEND": "fake", "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.001"},
+            "edge": {"EDGE_WORKERS": "2", "EDGE_RETRIEVAL_TOP_K": "0", "EDGE_INDEX_TILS": "false"},
+        },
+    )
+    await stack.start(timeout_s=120)
+    try:
+        edge = stack.processes["edge"].process
+        assert edge is not None
+        children = Path(f"/proc/{edge.pid}/task/{edge.pid}/children")
+        workers = [int(p) for p in children.read_text().split()]  # noqa: ASYNC240
+        assert len(workers) == 2
+
+        async def til(n: int) -> Any:  # a connection of its own: the kernel picks a worker for each
+            own = [("grpc.use_local_subchannel_pool", 1)]  # else channels in one process share one
+            async with grpc.aio.insecure_channel(stack.address("edge"), options=own) as channel:
+                stub = edge_pb2_grpc.EdgeServiceStub(channel)
+                return split(await read_all(stub.GenerateTil(til_request(f"w{n}"), timeout=60)))[2]
+
+        finished = await asyncio.gather(*(til(n) for n in range(24)))
+        per_worker = [handled(metrics["edge"]), handled(metrics["edge"] + 1)]
+        report("2 edge workers on one port", tils=len(finished), handled_per_worker=per_worker)
+        assert all(f.til_json for f in finished)
+        assert sum(per_worker) == 24 and min(per_worker) > 0  # both workers took calls
+        edge.send_signal(signal.SIGTERM)
+        assert edge.wait(timeout=30) == 0
+        assert all(state(pid) == "gone" for pid in workers)
+    finally:
+        stack.stop()
