@@ -54,8 +54,8 @@ def generator_env(base: dict[str, str], index: int, replicas: int, gpus_per_repl
     return env
 
 
-def generator_addresses(replicas: int) -> list[str]:
-    return [f"127.0.0.1:{DEFAULT_PORTS['generator'] + i * PORT_STRIDE}" for i in range(replicas)]
+def generator_addresses(replicas: int, offset: int = 0) -> list[str]:
+    return [f"127.0.0.1:{DEFAULT_PORTS['generator'] + offset + i * PORT_STRIDE}" for i in range(replicas)]
 
 
 def build(args: argparse.Namespace) -> tuple[list[LocalStack], LocalStack]:
@@ -68,7 +68,8 @@ def build(args: argparse.Namespace) -> tuple[list[LocalStack], LocalStack]:
             raise SystemExit(f"--env {item!r}: expected GENERATOR_/EDGE_/CACHER_NAME=VALUE")
         env[service][key] = value
     data = Path(args.data)
-    addresses = generator_addresses(args.replicas)
+    offset = getattr(args, "port_offset", 0)
+    addresses = generator_addresses(args.replicas, offset)
     generators = []
     for i, address in enumerate(addresses):
         port = int(address.rsplit(":", 1)[1])
@@ -76,7 +77,7 @@ def build(args: argparse.Namespace) -> tuple[list[LocalStack], LocalStack]:
             LocalStack(
                 data / f"generator-{i}" if args.replicas > 1 else data,
                 ports={"generator": port},
-                metrics_ports={"generator": DEFAULT_METRICS_PORTS["generator"] + i * PORT_STRIDE},
+                metrics_ports={"generator": DEFAULT_METRICS_PORTS["generator"] + offset + i * PORT_STRIDE},
                 env={"generator": generator_env(env["generator"], i, args.replicas, args.gpus_per_replica)},
                 services=("generator",),
                 python=sys.executable,
@@ -85,6 +86,8 @@ def build(args: argparse.Namespace) -> tuple[list[LocalStack], LocalStack]:
     edge_env = {"EDGE_GENERATOR_ADDR": ",".join(addresses), **env["edge"]}
     front = LocalStack(
         data,
+        ports={name: port + offset for name, port in DEFAULT_PORTS.items()},
+        metrics_ports={name: port + offset for name, port in DEFAULT_METRICS_PORTS.items()},
         env={"cacher": env["cacher"], "edge": edge_env},
         services=("cacher", "edge"),
         python=sys.executable,
@@ -118,7 +121,8 @@ async def run(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            (Path(args.data) / "ready").write_text(",".join(generator_addresses(args.replicas)) + "\n")
+            ready = ",".join(generator_addresses(args.replicas, args.port_offset))
+            (Path(args.data) / "ready").write_text(ready + "\n")
             print("holding until SIGTERM", flush=True)
             await stop.wait()
     finally:
@@ -137,6 +141,9 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=1, help="generator processes, each on its own GPUs")
     p.add_argument("--gpus-per-replica", type=int, default=1, help="more than 1: tensor parallelism")
     p.add_argument("--hold", action="store_true", help="stay up after the commands until SIGTERM")
+    p.add_argument(
+        "--port-offset", type=int, default=0, help="added to every default port (another stack on this host)"
+    )
     p.add_argument("--start-timeout-s", type=float, default=400.0)
     args = p.parse_args()
     if args.replicas < 1 or args.gpus_per_replica < 1:

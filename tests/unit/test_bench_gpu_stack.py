@@ -47,3 +47,17 @@ def test_replicas_behind_one_edge(tmp_path: Path) -> None:
     assert edge["EDGE_MAX_ACTIVE"] == "512"
     assert front.processes["cacher"].env["CACHER_REDIS_SERVER_BIN"] == "/x"
     assert set(front.processes) == {"cacher", "edge"}
+
+
+def test_a_port_offset_moves_every_service_off_another_stacks_ports(tmp_path: Path) -> None:
+    args = argparse.Namespace(env=[], data=str(tmp_path), replicas=1, gpus_per_replica=1, port_offset=700)
+    (generator,), front = build(args)
+    assert generator.processes["generator"].port == 50752
+    assert front.processes["edge"].port == 50751 and front.processes["cacher"].port == 50754
+    assert front.processes["edge"].env["EDGE_GENERATOR_ADDR"] == "127.0.0.1:50752"
+    assert front.processes["edge"].env["EDGE_CACHER_ADDR"] == "127.0.0.1:50754"
+    assert {p.metrics_port for p in (*generator.processes.values(), *front.processes.values())} == {
+        9792,
+        9791,
+        9794,
+    }
