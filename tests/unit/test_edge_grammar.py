@@ -192,6 +192,7 @@ def test_building_the_schema_for_a_5000_line_diff_is_fast_and_bounded() -> None:
 
 
 @pytest.mark.model
+@pytest.mark.timeout(900)  # a few hundred tokens on a busy 2-core machine
 def test_the_packaged_model_quotes_only_lines_of_the_diff() -> None:
     """SmolLM2 through the generator's llama.cpp engine, constrained by the per-request schema."""
     import asyncio
@@ -202,7 +203,7 @@ def test_the_packaged_model_quotes_only_lines_of_the_diff() -> None:
     from services.generator.llama_cpp_engine import LlamaCppEngine
 
     diff = (Path(__file__).parents[2] / "examples" / "sample.diff").read_text()
-    budget = 900
+    budget = 500
     schema = til_schema(DATE, budget, diff=diff, language="python")
     chat = til_chat(diff=diff, date=DATE, language="python", commit_messages=["Cache answers in Redis"])
 
