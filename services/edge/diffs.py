@@ -184,7 +184,8 @@ def fit_diff(diff: str, max_chars: int) -> FittedDiff:
 QUOTE_MAX_LINES = 200
 QUOTE_MAX_BYTES = 12 * 1024
 QUOTE_MAX_LINE_CHARS = 120
-_FENCE_START = re.compile(r"^[ \t]*(?:```|~~~)")
+# A line that starts (after its indentation) with a backtick or tilde could open or close a fence.
+_FENCE_START = re.compile(r"^[ \t]*[`~]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _HUNK_COUNTS = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 
@@ -199,7 +200,7 @@ def quotable_lines(
     """The lines of the diff's hunks a TIL may quote in a code block: added, removed and context lines
     without their marker, trailing whitespace and carriage return, each once.
 
-    Blank lines, lines that would open or close a Markdown fence, lines with control characters other
+    Blank lines, lines that start with a backtick or tilde (they could open or close a fence), lines with control characters other
     than tab, and lines over `max_line_chars` are left out. Within `max_lines` lines and `max_bytes`
     UTF-8 bytes, added lines come first, then removed, then context lines, each in diff order.
     """

@@ -38,7 +38,7 @@ SENTENCE_UNITS = 60
 CLOSING_CHARS = 240
 INDENT_MAX = 16
 # Bumped whenever the way a schema is built from a request changes (it is part of the prompt version).
-LAYOUT_VERSION = "layout-3"
+LAYOUT_VERSION = "layout-4"
 
 
 # The title's characters: not JSON-escaped, not digits, no line breaks; the text never holds "TIL".
@@ -188,7 +188,7 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
     if lines is None:
         line_max = 160
         code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
-        code_line = "[^\\n`~][^\\n]{0,159}"
+        code_line = f"[ \\t]{{0,{INDENT_MAX}}}[^\\s`~][^\\n]{{0,{160 - INDENT_MAX - 1}}}"
     elif lines:
         # A line of the diff at any indentation (up to INDENT_MAX spaces or tabs): models dedent code.
         stripped = tuple(dict.fromkeys(line.lstrip(" \t") for line in lines))
@@ -324,28 +324,33 @@ def repeated_phrase(text: str) -> str | None:
     return None
 
 
-def layout_problem(content: str, layout: Layout, lines: tuple[str, ...] | None) -> str | None:
-    """Why `content` does not follow `layout` (None when it does), as specific as can be said."""
+def layout_problem(content: str, layout: Layout, quoted: frozenset[str] | None) -> str | None:
+    """Why `content` does not follow `layout` or quotes a line (indentation aside) not in `quoted`; None
+    when it does neither."""
+    stray = []
+    if quoted is not None:
+        for block in _FENCED.finditer(content):
+            for line in block.group(0).split("\n")[1:-1]:
+                if line.lstrip(" \t") not in quoted and not line.lstrip().startswith(("```", "~~~")):
+                    stray.append(line)
+    if stray:
+        return f"a code block quotes a line that is not in the diff: {stray[0][:80]!r}"
     if re.fullmatch(layout.pattern[1:-1], content, flags=re.DOTALL) is not None:
         return None
     if not _TOP_BULLET.search(content):
         return "content has no bullet list of the key changes"
-    if lines is not None and layout.code_lines:
-        quoted = set(lines)
-        for block in _FENCED.finditer(content):
-            body = block.group(0).split("\n")[1:-1]
-            stray = [
-                line for line in body if line not in quoted and not line.lstrip().startswith(("```", "~~~"))
-            ]
-            if stray:
-                return f"a code block quotes a line that is not in the diff: {stray[0][:80]!r}"
     return (
         f"content must be '{content.split(chr(10), 1)[0][:40]}...' followed by a blank line and 1 to "
         f"{layout.items} items, each a bullet of one Korean sentence ending in a period"
         + (" followed by a fenced code block" if layout.code_lines else "")
-        + (" of lines from the diff" if layout.code_lines and lines is not None else "")
         + ", then optionally one closing paragraph"
     )
+
+
+def diff_lines(diff: str) -> frozenset[str]:
+    """Every line a code block may quote from `diff` (indentation aside), with no bound on how many."""
+    every = quotable_lines(diff, max_lines=1 << 30, max_bytes=1 << 40, max_line_chars=1 << 30)
+    return frozenset(line.lstrip(" \t") for line in every)
 
 
 def check_til(
@@ -420,9 +425,16 @@ def check_til(
     elif len(content) > CONTENT_MAX_CHARS:
         broken(f"content has {len(content)} characters; at most {CONTENT_MAX_CHARS}", enforced=True)
     else:
-        lines = None if diff is None else quotable_lines(diff)
-        layout = til_layout(date, content_max_chars, diff=diff, language=language)
-        problem = layout_problem(content, layout, lines)
+        # The layout with free code lines, and each code line looked up in the whole diff: the schema's
+        # quoted lines are a bounded part of the diff (or of the part the prompt showed).
+        if language is None and diff is not None:
+            language = guess_language(changed_files(diff))
+        if diff is None or quotable_lines(diff, max_lines=1):
+            layout = til_layout(date, content_max_chars, language=language)
+        else:  # nothing to quote: bullets without code blocks
+            layout = til_layout(date, content_max_chars, diff=diff, language=language)
+        quoted = None if diff is None else diff_lines(diff)
+        problem = layout_problem(content, layout, quoted)
         if problem:
             broken(problem, enforced=True)
     text = prose(content)
