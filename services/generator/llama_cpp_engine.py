@@ -8,9 +8,9 @@ ended) or the request's deadline passes, generation stops within one decode step
 request starts.
 
 Text is decoded incrementally (`TextStream`), so a Korean syllable split across tokens is sent
-whole. Chat messages are rendered with the GGUF's own chat template. A JSON Schema becomes a GBNF
-grammar (`json_grammar`), compiled once per schema text and checked by llama.cpp's parser before
-use. Unset sampling fields take llama.cpp's defaults: temperature 0.8, top_k 40, top_p 0.95,
+whole. Chat messages are rendered with the GGUF's own chat template. A JSON Schema is compiled by
+llguidance (`guidance`, with the semantics `json_grammar` defines for both engines), once per
+schema, in `prepare`; a logits processor masks every sampling step. Unset sampling fields take llama.cpp's defaults: temperature 0.8, top_k 40, top_p 0.95,
 min_p 0.05, no repetition penalty; a request without a seed draws a random one.
 """
 
@@ -22,12 +22,10 @@ import contextlib
 import ctypes
 import functools
 import itertools
-import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,8 +33,9 @@ from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LlamaGrammar
+from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llguidance import LLMatcher
 
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
@@ -56,14 +55,14 @@ from services.generator.engine import (
     TokenCount,
     TokenizeInput,
 )
-from services.generator.json_grammar import json_schema_to_grammar
+from services.generator.guidance import Grammars, TokenMask
+from services.generator.json_grammar import SchemaError
 from services.generator.models import packaged_gguf
 from services.generator.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 8192
-_GRAMMAR_CACHE_SIZE = 64
 _WARMUP_SCHEMA = {"type": "boolean"}
 
 
@@ -73,7 +72,7 @@ class _Job:
 
     request: EngineRequest
     tokens: list[int]
-    grammar: LlamaGrammar | None
+    matcher: LLMatcher | None
     arrived: float
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[EngineEvent | BaseException] = field(default_factory=asyncio.Queue)
@@ -94,8 +93,7 @@ class LlamaCppEngine:
         self._llama: Llama | None = None
         self._chat: Jinja2ChatFormatter | None = None
         self._pieces: dict[int, bytes] = {}
-        self._grammars: OrderedDict[str, LlamaGrammar] = OrderedDict()
-        self._grammars_lock = threading.Lock()
+        self._grammars: Grammars | None = None
         # Every llama.cpp call on the context runs on this one thread.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
         self._pending = 0  # jobs submitted and not finished, the running one included
@@ -148,6 +146,7 @@ class LlamaCppEngine:
             verbose=False,
         )
         vocab = self._vocab(llama)
+        self._grammars = Grammars(vocab)
         template = llama.metadata.get("tokenizer.chat_template")
         if template:
             self._chat = Jinja2ChatFormatter(
@@ -171,7 +170,7 @@ class LlamaCppEngine:
                 "n_batch": str(llama.n_batch),
                 "n_threads": str(threads),
                 "chat_template": "gguf" if template else "none",
-                "structured_output": "gbnf",
+                "structured_output": "llguidance",
                 "max_concurrent_generations": "1",
             },
         )
@@ -228,14 +227,14 @@ class LlamaCppEngine:
 
     async def prepare(self, request: EngineRequest) -> EngineRequest:
         self._require_loaded()
-        tokens, grammar = await asyncio.to_thread(self._prepare, request)
+        tokens, matcher = await asyncio.to_thread(self._prepare, request)
         context = self.info.max_model_len
         if len(tokens) + request.max_tokens > context:
             raise PromptTooLong(
                 f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
                 f"for, but the model's context holds {context} tokens"
             )
-        return replace(request, prepared=Prepared(prompt_tokens=tuple(tokens), constraint=grammar))
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(tokens), constraint=matcher))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         self._require_loaded()
@@ -247,7 +246,7 @@ class LlamaCppEngine:
         job = _Job(
             request=request,
             tokens=list(request.prepared.prompt_tokens),
-            grammar=request.prepared.constraint,
+            matcher=request.prepared.constraint,
             arrived=arrived,
             loop=loop,
         )
@@ -290,7 +289,7 @@ class LlamaCppEngine:
 
     # -- preparation (any thread) -------------------------------------------------------------
 
-    def _prepare(self, request: EngineRequest) -> tuple[list[int], LlamaGrammar | None]:
+    def _prepare(self, request: EngineRequest) -> tuple[list[int], LLMatcher | None]:
         llama = self._require_loaded()
         if request.messages is not None:
             tokens = self._chat_tokens(request.messages)
@@ -300,8 +299,14 @@ class LlamaCppEngine:
             tokens = []
         if not tokens:
             raise InvalidRequest("the prompt is empty")
-        grammar = self._grammar(request.json_schema) if request.json_schema is not None else None
-        return tokens, grammar
+        matcher = None
+        if request.json_schema is not None:
+            assert self._grammars is not None
+            try:
+                matcher = self._grammars.matcher(request.json_schema)
+            except SchemaError as exc:
+                raise InvalidRequest(f"output.json_schema: {exc}") from exc
+        return tokens, matcher
 
     def _chat_tokens(self, turns: Sequence[ChatTurn]) -> list[int]:
         llama = self._require_loaded()
@@ -314,34 +319,6 @@ class LlamaCppEngine:
             raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
         # The template writes the special tokens (BOS, turn markers) itself.
         return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-    def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-        with self._grammars_lock:
-            cached = self._grammars.get(key)
-            if cached is not None:
-                self._grammars.move_to_end(key)
-                return cached
-        try:
-            gbnf = json_schema_to_grammar(schema)
-        except ValueError as exc:
-            raise InvalidRequest(f"output.json_schema: {exc}") from exc
-        # llama.cpp's sampler would crash on a grammar its parser rejects, so parse it once here.
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            self._vocab(self._require_loaded()), gbnf.encode(), b"root"
-        )
-        if not sampler:
-            raise InvalidRequest(
-                "output.json_schema: llama.cpp cannot compile the grammar for this schema "
-                "(very large repetition counts or deeply nested bounds are the usual cause)"
-            )
-        llama_cpp.llama_sampler_free(sampler)
-        grammar = LlamaGrammar.from_string(gbnf, verbose=False)
-        with self._grammars_lock:
-            self._grammars[key] = grammar
-            while len(self._grammars) > _GRAMMAR_CACHE_SIZE:
-                self._grammars.popitem(last=False)
-        return grammar
 
     # -- the worker thread ----------------------------------------------------------------------
 
@@ -405,6 +382,7 @@ class LlamaCppEngine:
         text = TextStream(request.stop)
         completion_tokens = 0
         finish: Literal["stop", "length"] | None = None
+        mask = TokenMask(job.matcher, llama.n_vocab()) if job.matcher is not None else None
         # The prompt is already evaluated, so generate() starts sampling at once.
         tokens = llama.generate(
             job.tokens,
@@ -413,13 +391,18 @@ class LlamaCppEngine:
             top_p=s.top_p if s.top_p is not None else 0.95,
             min_p=0.05,
             repeat_penalty=s.repetition_penalty if s.repetition_penalty is not None else 1.0,
-            grammar=job.grammar,
+            frequency_penalty=s.frequency_penalty if s.frequency_penalty is not None else 0.0,
+            presence_penalty=s.presence_penalty if s.presence_penalty is not None else 0.0,
+            logits_processor=LogitsProcessorList([mask]) if mask is not None else None,
         )
         try:
             for token in tokens:
                 if job.stop.is_set():
                     return None, completion_tokens
-                if not request.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+                # Past a complete document only end-of-sequence is allowed, ignore_eos or not.
+                if llama_cpp.llama_vocab_is_eog(vocab, token) and (
+                    not request.ignore_eos or mask is not None
+                ):
                     finish = "stop"
                     break
                 completion_tokens += 1
@@ -434,6 +417,11 @@ class LlamaCppEngine:
                     break
         finally:
             tokens.close()
+            if mask is not None and mask.masks:
+                log.debug(
+                    "request %s: %d token masks, %.0f us each",
+                    request.request_id, mask.masks, mask.mask_s / mask.masks * 1e6,
+                )  # fmt: skip
         delta, count = text.flush()
         if delta:
             job.emit(EngineDelta(text=delta, token_count=count))
