@@ -301,22 +301,41 @@ def _chunk_text(choice: dict[str, Any]) -> str:
 
 
 class _GrpcArm:
+    """A gRPC arm. Every stream in flight has a connection of its own, as separate users would (and as
+    the HTTP arm has), from a pool that grows to the level's concurrency during its warm-up."""
+
     def __init__(self, spec: ArmSpec) -> None:
         self._target = spec.target
-        self._channel: Any = None
+        self._channels: list[Any] = []
+        self._free: list[Any] = []
         self._ids = itertools.count()
 
-    async def open(self) -> None:
+    def _stub_for(self, channel: Any) -> Any:
+        raise NotImplementedError
+
+    async def _connect(self) -> Any:
         import grpc
 
-        self._channel = grpc.aio.insecure_channel(
-            self._target, options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)]
-        )
-        await self._channel.channel_ready()
+        options = [
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            # Its own TCP connection, not one shared with every channel to the same target.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        channel = grpc.aio.insecure_channel(self._target, options=options)
+        await channel.channel_ready()
+        self._channels.append(channel)
+        return self._stub_for(channel)
+
+    async def open(self) -> None:
+        self._free.append(await self._connect())
+
+    async def _take(self) -> Any:
+        """A connection no stream is using (a new one if every one is busy), before the clock starts."""
+        return self._free.pop() if self._free else await self._connect()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
 
 class GeneratorArm(_GrpcArm):
@@ -328,11 +347,10 @@ class GeneratorArm(_GrpcArm):
         self.name = spec.name
         self._til = spec.name == "generator-til"
 
-    async def open(self) -> None:
+    def _stub_for(self, channel: Any) -> Any:
         from til.v1 import generator_pb2_grpc
 
-        await super().open()
-        self._stub = generator_pb2_grpc.GeneratorServiceStub(self._channel)
+        return generator_pb2_grpc.GeneratorServiceStub(channel)
 
     def _request(self, prompt: Prompt, output_len: int) -> Any:
         from til.v1 import common_pb2, generator_pb2
@@ -354,10 +372,11 @@ class GeneratorArm(_GrpcArm):
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         request = self._request(prompt, output_len)
+        stub = await self._take()
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:
-            async for message in self._stub.Generate(request, timeout=_RPC_TIMEOUT_S):
+            async for message in stub.Generate(request, timeout=_RPC_TIMEOUT_S):
                 kind = message.WhichOneof("event")
                 if kind == "delta":
                     record.message_times.append(time.monotonic())
@@ -374,6 +393,7 @@ class GeneratorArm(_GrpcArm):
         except Exception as exc:
             record.error = _error_name(exc)
         record.end = time.monotonic()
+        self._free.append(stub)
         return record
 
 
@@ -387,11 +407,10 @@ class EdgeArm(_GrpcArm):
         self._hit = spec.name == "edge-hit"
         self._seeded: dict[int, str] = {}
 
-    async def open(self) -> None:
+    def _stub_for(self, channel: Any) -> Any:
         from til.v1 import edge_pb2_grpc
 
-        await super().open()
-        self._stub = edge_pb2_grpc.EdgeServiceStub(self._channel)
+        return edge_pb2_grpc.EdgeServiceStub(channel)
 
     async def _seed(self, prompt: Prompt, output_len: int) -> str:
         """Stores a TIL under the edge's key for this prompt's diff (untimed); returns the diff."""
@@ -429,10 +448,11 @@ class EdgeArm(_GrpcArm):
             request = edge_request(
                 til.diff, output_len, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=til.ignore_eos
             )
+        stub = await self._take()
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:
-            async for message in self._stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S):
+            async for message in stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S):
                 kind = message.WhichOneof("event")
                 if kind == "delta":
                     record.message_times.append(time.monotonic())
@@ -450,6 +470,7 @@ class EdgeArm(_GrpcArm):
         except Exception as exc:
             record.error = _error_name(exc)
         record.end = time.monotonic()
+        self._free.append(stub)
         return record
 
 
