@@ -17,7 +17,8 @@
 # Every engine: 8B-shaped dummy weights, bf16, max_model_len 4096, max_num_seqs 256, prefix caching OFF
 # (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
 # prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
-# (more EDGE_NAME=VALUE words for the edge and the benchmark alike), SKIP_SERVE (no vllm serve), INPUT_LEN.
+# (more EDGE_NAME=VALUE words for the edge and the benchmark alike), EDGE_WORKERS (edge processes on one
+# port, 4; their metrics from port 9100 up, clear of the other services), SKIP_SERVE (no vllm serve), INPUT_LEN.
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
 out=${OUT:-/tmp/til-out}
@@ -39,7 +40,7 @@ OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata 
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.
 EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
-  EDGE_MAX_ACTIVE=512 ${EDGE_EXTRA:-})
+  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-4} EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
 GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
   GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
