@@ -24,48 +24,53 @@ from services.edge.diffs import changed_files, guess_language, quotable_lines
 HANGUL = "가-힣"
 # Characters a JSON string must escape: kept out of title and keyword patterns (see above).
 _JSON_ESCAPED = '"\\\\\\x00-\\x1f'
-TITLE_PART_MAX = 24  # units (1 to 5 characters, see _no_til) before and after the title's first Hangul
-KEYWORD_PART_MAX = 15
-# No digits: a keyword is never a date or a number, and the title never repeats the date.
-KEYWORD_SYMBOLS = "A-Za-z .+#/_-"
+TITLE_WORD_MAX = 16  # units (1 to 5 characters, see _unit) of the title's optional leading Latin word
+TITLE_PART_MAX = 30  # units after the title's first Hangul character
+KEYWORD_WORD_MAX = 12
 MAX_KEYWORDS = 3
 CONTENT_MAX_CHARS = 8000
 # The document's layout: at most this many items (a bullet and its code block), code lines per block,
 # characters per bullet sentence (units, see _SENTENCE) and per closing paragraph.
 MAX_ITEMS = 5
 MAX_CODE_LINES = 8
-SENTENCE_UNITS = 60
+SENTENCE_UNITS = 80
 CLOSING_CHARS = 240
 INDENT_MAX = 16
+_INDENT = f"(?: {{0,{INDENT_MAX}}}|\\t{{1,4}})"  # spaces or tabs, not a mix of both
 # Bumped whenever the way a schema is built from a request changes (it is part of the prompt version).
-LAYOUT_VERSION = "layout-4"
+LAYOUT_VERSION = "layout-5"
 
 
-# The title's characters: not JSON-escaped, not digits, no line breaks; the text never holds "TIL".
-_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9#*|<>\\[\\]{{}}\\u2028\\u2029"
+# The title's characters after its first Hangul character: no digits (the date is never repeated), no
+# markup or URL punctuation, no line breaks; the text never spells "TIL".
+_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9#*|<>\\[\\]{{}}()/:;=@_~^$%&!?'`\\u2028\\u2029"
 
 
 def _unit(excluded: str) -> str:
-    """One unit of title text: a character outside `excluded` that is not T, or T(T|IT)? and a
-    character that does not make "TIL"; `excluded` is a negated class body."""
+    """One unit of title text over the negated class body `excluded`: a character that is not T, or
+    T(T|IT)? and a character that does not make "TIL" (a DFA for the substring: grammars have no lookahead)."""
     return f"(?:[^T{excluded}]|T(?:T|IT)?(?:[^TI{excluded}]|I[^TL{excluded}]))"
 
 
 _TITLE_END = "(?:T(?:T|IT)?I?)?"  # the text may end in the middle of such a run
+# An optional leading Latin word ("Redis 캐시 ..."), spelled with the same units so it is never "TIL".
+_LATIN_UNIT = "(?:[A-SU-Za-z.+#-]|T(?:T|IT)?(?:[A-HJ-SU-Za-z.+#-]|I[A-KM-SU-Za-z.+#-]))"
 TITLE_TAIL = (
-    f"{_unit(_TITLE_EXCLUDED + HANGUL)}{{0,{TITLE_PART_MAX}}}{_TITLE_END}[{HANGUL}]"
+    f"(?:{_LATIN_UNIT}{{1,{TITLE_WORD_MAX}}}{_TITLE_END} )?[{HANGUL}]"
     f"{_unit(_TITLE_EXCLUDED)}{{0,{TITLE_PART_MAX}}}{_TITLE_END}"
 )
-KEYWORD_PATTERN = f"^[{KEYWORD_SYMBOLS}]{{0,{KEYWORD_PART_MAX}}}[{HANGUL}][{HANGUL}{KEYWORD_SYMBOLS}]{{0,{KEYWORD_PART_MAX}}}$"
-
-# A bullet's one sentence: no line break, periods only inside words (`a.b`), at least one Hangul
-# character, and a final period. The text before the first Hangul character holds none.
-_SENTENCE_UNIT = "(?:[^\\x00-\\x1f.{h}]|\\.[^\\s.{h}])"
-_SENTENCE = (
-    f"{_SENTENCE_UNIT.format(h=HANGUL)}{{0,{SENTENCE_UNITS // 2}}}[{HANGUL}]"
-    f"{_SENTENCE_UNIT.format(h='')}{{0,{SENTENCE_UNITS}}}\\."
+# One or two words, the last starting with Hangul: "캐시", "Redis 캐시", "비동기 처리". No digits.
+KEYWORD_PATTERN = (
+    f"^(?:[A-Za-z][A-Za-z.+#-]{{0,{KEYWORD_WORD_MAX - 1}}} |[{HANGUL}]{{1,{KEYWORD_WORD_MAX}}} )?"
+    f"[{HANGUL}][{HANGUL}A-Za-z]{{0,{KEYWORD_WORD_MAX - 1}}}$"
 )
-_SENTENCE_MAX = 2 * (SENTENCE_UNITS // 2) + 1 + 2 * SENTENCE_UNITS + 1
+KEYWORD_MAX_CHARS = 2 * KEYWORD_WORD_MAX + 1
+
+# A bullet's one sentence: it starts with Hangul (after at most one `code` span), has no control
+# characters, periods only inside words (`a.b`), and ends with a period.
+_SENTENCE_UNIT = "(?:[^\\x00-\\x1f.]|\\.[^\\s.])"
+_SENTENCE = f"(?:`[^`\\n]{{1,40}}` ?)?[{HANGUL}]{_SENTENCE_UNIT}{{0,{SENTENCE_UNITS}}}\\."
+_SENTENCE_MAX = 43 + 1 + 2 * SENTENCE_UNITS + 1
 # A closing paragraph: one line with Hangul that does not start a list, heading, quote or code.
 _CLOSING = (
     f"(?:[{HANGUL}]|[^\\s`*+#>0-9{HANGUL}-][^\\x00-\\x1f`{HANGUL}]{{0,40}}[{HANGUL}])"
@@ -88,9 +93,10 @@ _UNIT_MAX = 5  # T, IT, then a character or I and a character
 # Most characters the title and keywords can take (prefix + pattern bounds), plus the JSON around them.
 TITLE_AND_KEYWORDS_MAX_CHARS = (
     len("YYYY-MM-DD TIL - ")
-    + 2 * (TITLE_PART_MAX * _UNIT_MAX + 3)
-    + 1
-    + MAX_KEYWORDS * (2 * KEYWORD_PART_MAX + 1)
+    + (TITLE_WORD_MAX + TITLE_PART_MAX) * _UNIT_MAX
+    + 2 * 3
+    + 2
+    + MAX_KEYWORDS * (KEYWORD_MAX_CHARS + 4)
     + 40
 )
 
@@ -188,7 +194,7 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
     if lines is None:
         line_max = 160
         code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
-        code_line = f"[ \\t]{{0,{INDENT_MAX}}}[^\\s`~][^\\n]{{0,{160 - INDENT_MAX - 1}}}"
+        code_line = f"{_INDENT}[^\\s`~][^\\n]{{0,{160 - INDENT_MAX - 1}}}"
     elif lines:
         # A line of the diff at any indentation (up to INDENT_MAX spaces or tabs): models dedent code.
         stripped = tuple(dict.fromkeys(line.lstrip(" \t") for line in lines))
@@ -200,7 +206,7 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
                 break
             line_max = INDENT_MAX + max(len(line) for line in fitting)
             code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
-            code_line = f"[ \\t]{{0,{INDENT_MAX}}}{lines_alternation(fitting)}"
+            code_line = f"{_INDENT}{lines_alternation(fitting)}"
             if code_room // (line_max + 1) >= 3:
                 break
     item_max = bullet_max + (block_overhead + code_lines * (line_max + 1) if code_line else 0)
@@ -404,7 +410,7 @@ def check_til(
         if bad:
             shown = ", ".join(repr(k) for k in bad[:3])
             broken(
-                f"keywords must be short terms containing Korean and no digits ({2 * KEYWORD_PART_MAX + 1} "
+                f"keywords must be short terms containing Korean and no digits ({KEYWORD_MAX_CHARS} "
                 f"characters at most): {shown}",
                 enforced=True,
             )

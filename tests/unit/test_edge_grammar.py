@@ -234,6 +234,7 @@ def test_the_packaged_model_quotes_only_lines_of_the_diff() -> None:
     ]
     assert enforced == [], document
     blocks = re.findall(r"```python\n(.*?)```", document["content"], re.DOTALL)
-    code = [line for block in blocks for line in block.splitlines()]
-    diff_lines = {line[1:].rstrip() for line in diff.splitlines() if line[:1] in "+- "}
+    code = [line.lstrip(" \t") for block in blocks for line in block.splitlines()]
+    # Indentation aside (models dedent), every code line is a line of the diff without its marker.
+    diff_lines = {line[1:].strip() for line in diff.splitlines() if line[:1] in "+- "}
     assert code and all(line in diff_lines for line in code), code
