@@ -5,7 +5,7 @@
 
 Checks: streamed chat text, a JSON-schema request that parses, cancellation (one and several
 streams) freeing the engine within a second, a deadline ending a stream with TimeoutError,
-PromptTooLong before any event, a bad schema as InvalidArgument, and token counts that add up.
+PromptTooLong before any event, a bad schema as InvalidRequest, and token counts that add up.
 Prints PASS/FAIL per check, writes them as JSON, and exits non-zero if any failed.
 """
 
@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.serving import EngineSettings
-from services.common.errors import InvalidArgument
 from services.generator.engine import (
     ChatTurn,
     EngineDelta,
@@ -31,6 +30,7 @@ from services.generator.engine import (
     EngineLoad,
     EngineRequest,
     EngineStarted,
+    InvalidRequest,
     PromptTooLong,
     Sampling,
 )
@@ -214,7 +214,7 @@ async def run_checks(engine: VllmEngine) -> dict[str, Any]:
         request = chat("bad", "x", json_schema={"type": "object", "properties": {"a": {"type": "nonsense"}}})
         try:
             await collect(engine, request)
-        except InvalidArgument as exc:
+        except InvalidRequest as exc:
             return str(exc)[:200]
         raise AssertionError("an invalid schema was accepted")
 

@@ -6,20 +6,17 @@ With `GENERATOR_STRUCTURED_OUTPUT_PARALLEL_*` set, `start()` hands them to our v
 (`vllm_plugin`) in the engine core process and refuses to start unless they are in force there.
 
 How a request flows: `prepare` renders the chat, tokenizes it, checks it fits and readies the
-schema (`vllm_inputs`) on a worker thread, before the request takes a slot (a long diff must not
+schema (`vllm_inputs`) on worker threads, before the request takes a slot (a long diff must not
 stall the event loop); `generate` sends the token ids to `AsyncLLM.generate()` with
 `RequestOutputKind.DELTA`, and each `RequestOutput` becomes at most one `EngineDelta`. `tokenize`
 counts with the same tokenizer and the same chat rendering. Engine errors are `engine.EngineError`s.
 
-JSON schemas go to llguidance (vLLM's `guidance` structured-outputs backend), which matches a
-`pattern` against the decoded string as JSON Schema says, as the llama.cpp backend's grammar does.
-xgrammar, vLLM's default, matches it against the raw JSON text (`\\n` in a pattern then asks for a
-raw newline, which no JSON string holds) and forbids every escape in a string with maxLength. A
-schema is checked as the llama.cpp backend checks it, so both refuse the same schemas with the same
-message, and a string's pattern and length bounds are folded into one pattern, which llguidance
-matches ~15x faster per token than the pair. Cancelling the consuming task aborts
-the request inside vLLM (`AsyncLLM.generate` catches `CancelledError` and calls `abort`); a
-deadline aborts it explicitly through a timer, so no per-token clock check is needed.
+JSON schemas go to llguidance (vLLM's `guidance` structured-outputs backend) as the llama.cpp
+engine compiles them (`json_grammar.llguidance_schema`: the same library, limits, refusals,
+JSON-safe classes, folded length bounds and bounded whitespace), so a schema means the same on
+both. Cancelling the consuming task aborts the request inside vLLM (`AsyncLLM.generate` catches
+`CancelledError` and calls `abort`); a deadline aborts it explicitly through a timer, so no
+per-token clock check is needed.
 """
 
 from __future__ import annotations
@@ -51,7 +48,7 @@ from services.generator.engine import (
     TokenizeInput,
 )
 from services.generator.vllm_compat import SchedulerCounts
-from services.generator.vllm_inputs import chat_tokens, check_fits, count_tokens, prepared_schema
+from services.generator.vllm_inputs import check_fits, count_tokens, prepared_schema, prompt_ids
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
 if TYPE_CHECKING:
@@ -63,8 +60,8 @@ log = logging.getLogger(__name__)
 # as `vllm serve` does.
 _STATS_LOG_INTERVAL_S = 10.0
 
-# vLLM's StructuredOutputsConfig. Compact JSON and no properties beyond those listed, as the
-# llama.cpp backend's grammar allows (its `space` is at most one blank; listed properties only).
+# vLLM's StructuredOutputsConfig. Each schema carries its own whitespace rule (`x-guidance`, as on
+# llama.cpp); no properties beyond those listed, as on llama.cpp.
 STRUCTURED_OUTPUTS: dict[str, Any] = {
     "backend": "guidance",
     "disable_any_whitespace": True,
@@ -244,6 +241,7 @@ class VllmEngine:
         # shared mutable state, and the GIL serializes the work anyway; the point is only to keep
         # a long chat template off the event loop.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._schema_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schema")
         self.info = ModelInfo(
             model=settings.model_id,
             backend="vllm",
@@ -331,17 +329,26 @@ class VllmEngine:
             self._loaded.llm.shutdown()
             self._loaded = None
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self._schema_thread.shutdown(wait=False, cancel_futures=True)
 
     async def prepare(self, request: EngineRequest) -> EngineRequest:
         loaded = self._require_loaded()
-        prompt_ids, schema = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_thread, self._prepare, loaded.tokenizer, request
+        loop = asyncio.get_running_loop()
+        # Tokenizing (Rust) and readying the schema (mostly Python) overlap on their own threads.
+        ids = loop.run_in_executor(
+            self._tokenizer_thread, prompt_ids, loaded.tokenizer, request.prompt, request.messages
         )
-        if not prompt_ids:
+        schema = None
+        try:
+            if request.json_schema is not None:
+                schema = await loop.run_in_executor(self._schema_thread, prepared_schema, request.json_schema)
+        finally:
+            prompt = await ids  # awaited even when the schema is refused, so no failure goes unseen
+        if not prompt:
             raise InvalidRequest("the prompt is empty")
-        check_fits(len(prompt_ids), request.max_tokens, loaded.max_model_len)
+        check_fits(len(prompt), request.max_tokens, loaded.max_model_len)
         self._sampling_params(request, schema)  # vLLM's own validation of the parameters
-        return replace(request, prepared=Prepared(prompt_tokens=tuple(prompt_ids), constraint=schema))
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(prompt), constraint=schema))
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         llm = self._require_loaded().llm
@@ -410,14 +417,6 @@ class VllmEngine:
             return vllm_compat.sampling_params(kwargs, schema)
         except ValueError as exc:
             raise InvalidRequest(f"invalid generation parameters: {exc}") from exc
-
-    @staticmethod
-    def _prepare(tokenizer: Any, request: EngineRequest) -> tuple[list[int], dict[str, Any] | None]:
-        """The prompt's token ids and the schema for vLLM: the CPU work before a request is sent."""
-        schema = prepared_schema(request.json_schema) if request.json_schema is not None else None
-        if request.messages is None:
-            return list(tokenizer.encode(request.prompt or "")), schema
-        return chat_tokens(tokenizer, request.messages), schema
 
     def _arm_deadline(
         self, llm: AsyncLLM, engine_request_id: str, deadline: float | None, now: float

@@ -1,9 +1,8 @@
 """What a request's input becomes before vLLM sees it: token ids, token counts, the JSON Schema.
 
-CPU work only (the engine runs it on its tokenizer thread); the tokenizer is vLLM's, a Hugging Face
-one. The schema is checked as the llama.cpp backend checks it, so both refuse the same schemas with
-the same message, and a string's pattern and length bounds are folded into one pattern, which
-llguidance matches ~15x faster per token than the pair.
+CPU work only (the engine runs it on worker threads); the tokenizer is vLLM's, a Hugging Face one.
+The schema becomes what the llama.cpp engine compiles (`json_grammar.llguidance_schema`: the same
+library, so the same semantics, refusals and messages on both engines).
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from llguidance import LLMatcher
+
 from services.generator.engine import ChatTurn, InvalidRequest, PromptTooLong, TokenCount, TokenizeInput
-from services.generator.json_grammar import fold_lengths_into_patterns, json_schema_to_grammar
+from services.generator.json_grammar import SchemaError, llguidance_schema
 
 _SCHEMA_CACHE_SIZE = 64
 _CHAT_CACHE_SIZE = 512
@@ -22,19 +23,31 @@ _CHAT_CACHE_SIZE = 512
 
 @functools.lru_cache(maxsize=_SCHEMA_CACHE_SIZE)
 def _prepared_schema(schema_json: str) -> str:
-    schema = json.loads(schema_json)
     try:
-        json_schema_to_grammar(schema)  # refuses what the llama.cpp backend refuses
-        return json.dumps(fold_lengths_into_patterns(schema), ensure_ascii=False)
-    except ValueError as exc:
+        # What the llama.cpp engine compiles too (limits, named refusals, JSON-safe classes, folded
+        # lengths, bounded whitespace in `x-guidance`), compiled and checked by llguidance here so
+        # that a bad schema is refused before the request takes a slot.
+        schema = llguidance_schema(json.loads(schema_json))
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+        if error:
+            raise SchemaError(f"unsupported JSON schema: {error}")
+    except SchemaError as exc:
         raise InvalidRequest(f"output.json_schema: {exc}") from exc
+    return json.dumps(schema, ensure_ascii=False)
 
 
 def prepared_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """The JSON Schema as llguidance gets it (see the module's docstring); InvalidRequest if refused."""
+    """The JSON Schema as vLLM's llguidance backend gets it; InvalidRequest if refused."""
     key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # A copy each time: vLLM edits the schema it is given (additionalProperties).
     return json.loads(_prepared_schema(key))
+
+
+def prompt_ids(tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:
+    """The token ids `generate` sends: a raw prompt with the tokenizer's special tokens, or the chat."""
+    if turns is None:
+        return list(tokenizer.encode(prompt or ""))
+    return chat_tokens(tokenizer, turns)
 
 
 def chat_tokens(tokenizer: Any, turns: Sequence[ChatTurn]) -> list[int]:

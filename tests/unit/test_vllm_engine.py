@@ -32,6 +32,7 @@ from services.generator.vllm_engine import (
     sampling_kwargs,
     split_load,
 )
+from services.generator.vllm_inputs import prompt_ids
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,12 @@ class ChatTokenizer:
 
 def test_raw_prompts_get_special_tokens_and_chats_get_them_from_the_template() -> None:
     tok = ChatTokenizer()
-    assert VllmEngine._prepare(tok, request(prompt="ab"))[0] == [1, ord("a"), ord("b")]
+    assert prompt_ids(tok, "ab", None) == [1, ord("a"), ord("b")]
     chat = request(prompt=None, messages=(ChatTurn("user", "x"),))
-    assert VllmEngine._prepare(tok, chat)[0] == [ord(c) for c in "<user>x<assistant>"]
+    assert prompt_ids(tok, None, chat.messages) == [ord(c) for c in "<user>x<assistant>"]
 
 
 def test_a_chat_the_template_rejects_is_invalid_argument() -> None:
     chat = request(prompt=None, messages=(ChatTurn("tool", "x"),))
     with pytest.raises(InvalidRequest, match="unknown role"):
-        VllmEngine._prepare(ChatTokenizer(), chat)
+        prompt_ids(ChatTokenizer(), None, chat.messages)

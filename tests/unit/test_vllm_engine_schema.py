@@ -4,6 +4,7 @@ string's pattern and length bounds folded into one pattern that accepts exactly 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.generator.engine import InvalidRequest
-from services.generator.json_grammar import fold_lengths_into_patterns
+from services.generator.json_grammar import fold_lengths_into_patterns, llguidance_schema
 from services.generator.vllm_engine import prepared_schema
 
 
@@ -87,18 +88,17 @@ def test_strings_without_both_a_pattern_and_a_bound_are_left_alone() -> None:
     assert folded["properties"]["c"] == {"type": "string", "pattern": "^x"}
 
 
-def test_the_til_schema_keeps_its_heading_rule_and_length_in_one_pattern() -> None:
-    from services.edge.til_format import CONTENT_MAX_CHARS, content_heading, til_schema
+def test_the_til_schema_reaches_vllm_as_llama_cpp_compiles_it() -> None:
+    from services.edge.til_format import til_schema
 
-    schema = til_schema("2026-11-24")
-    content = prepared_schema(schema)["properties"]["content"]
-    # The layout pattern already implies maxLength, so the bare pattern is what llguidance gets.
-    assert content == {"type": "string", "pattern": schema["properties"]["content"]["pattern"]}
-    heading = content_heading("2026-11-24") + "\n\n"
-    good = heading + "- `x`를 1로 둔다.\n```python\nx = 1\n```\n"
-    assert ecma_search(content["pattern"], good)
-    assert not ecma_search(content["pattern"], "# 2026-11-24 TIL no newline")
-    assert not ecma_search(content["pattern"], good + "가" * CONTENT_MAX_CHARS)
+    diff = (Path(__file__).resolve().parents[2] / "examples" / "sample.diff").read_text()
+    schema = til_schema("2026-11-24", diff=diff)
+    sent = prepared_schema(schema)
+    assert sent == llguidance_schema(schema)  # the llama.cpp engine compiles llguidance_schema too
+    assert sent["x-guidance"]["whitespace_pattern"]  # bounded whitespace, as on llama.cpp
+    content = sent["properties"]["content"]
+    assert set(content) == {"type", "pattern"}  # no length bound beside the pattern
+    assert content["pattern"].startswith("^# 2026-11-24 TIL")
 
 
 @pytest.mark.parametrize(

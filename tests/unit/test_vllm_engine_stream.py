@@ -27,6 +27,7 @@ from services.generator.engine import (
     InvalidRequest,
     PromptTooLong,
 )
+from services.generator.json_grammar import llguidance_schema
 from services.generator.vllm_engine import VllmEngine, _Loaded
 from tests.unit.test_vllm_engine import Settings
 
@@ -138,7 +139,9 @@ async def test_a_stream_is_started_deltas_finished_with_token_counts() -> None:
     ]
     prompt_ids, params, _ = llm.requests[0]
     assert prompt_ids == [ord(c) for c in "hello"]
-    assert params.output_kind == "delta" and params.structured_outputs.json == {"type": "object"}
+    assert params.output_kind == "delta" and params.structured_outputs.json == llguidance_schema(
+        {"type": "object"}
+    )
 
 
 async def test_callers_request_ids_need_not_be_unique() -> None:
@@ -230,10 +233,10 @@ async def test_the_schema_reaches_vllm_folded_and_a_refused_one_never_does() -> 
     llm = ScriptedLLM([output("{}", 1, finish="stop")])
     schema = {"type": "string", "pattern": "^# T\\n", "maxLength": 40}
     await events_of(engine_with(llm), request(json_schema=schema))
-    assert llm.requests[0][1].structured_outputs.json == {
-        "type": "string",
-        "pattern": "^(?:# T\\n)[\\s\\S]{0,36}$",
-    }
+    sent = llm.requests[0][1].structured_outputs.json
+    # Exactly what the llama.cpp engine compiles for it: the bound folded into the pattern.
+    assert sent == llguidance_schema(schema) and "maxLength" not in sent
+    assert sent["pattern"].startswith("^(?:# T\\n)") and sent["pattern"].endswith("{0,36}$")
     with pytest.raises(InvalidRequest, match="lookarounds"):
         await events_of(engine_with(llm), request(json_schema={"type": "string", "pattern": "(?!x)"}))
     assert len(llm.requests) == 1

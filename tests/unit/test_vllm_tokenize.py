@@ -15,7 +15,7 @@ import pytest
 
 from services.generator.engine import ChatTurn, EngineRequest, InvalidRequest, PromptTooLong, TokenCount
 from services.generator.vllm_engine import VllmEngine, _Loaded
-from services.generator.vllm_inputs import count_tokens, token_ends
+from services.generator.vllm_inputs import count_tokens, prompt_ids, token_ends
 from tests.unit.test_vllm_engine import Settings
 from tests.unit.test_vllm_engine_stream import ScriptedLLM, output, vllm_names  # noqa: F401  (a fixture)
 
@@ -146,13 +146,9 @@ async def test_a_chat_counted_by_tokenize_is_not_tokenized_again_by_prepare() ->
     chat = (ChatTurn("system", "rules"), ChatTurn("user", "a diff nobody sent before"))
     (counted,) = await engine.tokenize([chat], offsets=False)
     encodes = [c for c in tok.calls if "encode" in c]
-    prepared = VllmEngine._prepare(tok, request_for(chat))
+    prepared = prompt_ids(tok, None, chat)
     assert [c for c in tok.calls if "encode" in c] == encodes  # the rendered chat came from the cache
-    assert len(prepared[0]) == counted.count
+    assert len(prepared) == counted.count
     other = PieceTokenizer()  # another model's tokenizer never shares the cache
-    assert len(VllmEngine._prepare(other, request_for(chat))[0]) == counted.count
+    assert len(prompt_ids(other, None, chat)) == counted.count
     assert [c for c in other.calls if "encode" in c]
-
-
-def request_for(chat: tuple[ChatTurn, ...]) -> EngineRequest:
-    return EngineRequest(request_id="r", prompt=None, messages=chat, max_tokens=4)
