@@ -63,6 +63,10 @@ class GeneratorSettings(ServerSettings):
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens llama.cpp evaluates per step.")
 
+    schema_compile_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a request's JSON Schema may take to compile before INVALID_ARGUMENT."
+    )
+
     fake_token_interval_s: float = Field(
         0.01, ge=0, description="fake backend: seconds between two streamed tokens."
     )

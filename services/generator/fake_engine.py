@@ -26,12 +26,14 @@ from services.generator.engine import (
     EngineLoad,
     EngineRequest,
     EngineStarted,
+    InvalidRequest,
     ModelInfo,
     Prepared,
     PromptTooLong,
     TokenCount,
     TokenizeInput,
 )
+from services.generator.json_grammar import SchemaError, json_schema_to_grammar
 
 CHARS_PER_TOKEN = 4
 ECHO_CHARS = 240
@@ -89,6 +91,11 @@ class FakeEngine:
                 f"the prompt has {prompt_tokens} tokens and {request.max_tokens} output tokens were asked "
                 f"for, but the model's context holds {self.info.max_model_len} tokens"
             )
+        if request.json_schema is not None:  # refused as the real engines refuse it
+            try:
+                await asyncio.to_thread(json_schema_to_grammar, request.json_schema)
+            except SchemaError as exc:
+                raise InvalidRequest(f"output.json_schema: {exc}") from exc
         # The fake's "tokens" are 4-character chunks; only their number matters.
         return replace(request, prepared=Prepared(prompt_tokens=tuple(range(prompt_tokens))))
 

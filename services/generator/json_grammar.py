@@ -135,13 +135,19 @@ def llguidance_schema(schema: dict[str, Any]) -> dict[str, Any]:
     rewritten = _rewrite(schema)
     if not isinstance(rewritten, dict):  # pragma: no cover - _rewrite keeps a dict a dict
         raise SchemaError("must be a JSON object")
-    return {**rewritten, "x-guidance": {**COMPILE_OPTIONS, **rewritten.get("x-guidance", {})}}
+    # The compile options are the server's: a caller's own `x-guidance` is replaced.
+    return {**rewritten, "x-guidance": dict(COMPILE_OPTIONS)}
 
 
 def json_schema_to_grammar(schema: dict[str, Any], *, validate: bool = True) -> str:
     """The llguidance grammar for `schema` (see `llguidance_schema`); with `validate`, llguidance
     checks it too (a SchemaError names what it refuses)."""
-    grammar = LLMatcher.grammar_from_json_schema(llguidance_schema(schema))
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(llguidance_schema(schema))
+    except (TypeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, SchemaError):
+            raise
+        raise SchemaError(f"unsupported JSON schema: {exc}") from exc
     if validate:
         error = LLMatcher.validate_grammar(grammar)
         if error:

@@ -96,6 +96,10 @@ class LlamaCppEngine:
         self._grammars: Grammars | None = None
         # Every llama.cpp call on the context runs on this one thread.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
+        # Tokenizing and compiling schemas (prepare), beside the worker and bounded apart from it.
+        self._preparer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="llama-prepare"
+        )
         self._pending = 0  # jobs submitted and not finished, the running one included
         self._pending_lock = threading.Lock()
         self._running: _Job | None = None
@@ -221,19 +225,33 @@ class LlamaCppEngine:
             running.stop.set()
         # Queued jobs are cancelled; `_job_done` tells their consumers.
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._preparer.shutdown(wait=False, cancel_futures=True)
         if self._llama is not None:
             self._llama.close()
             self._llama = None
 
     async def prepare(self, request: EngineRequest) -> EngineRequest:
         self._require_loaded()
-        tokens, matcher = await asyncio.to_thread(self._prepare, request)
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(self._preparer, self._prompt_tokens, request)
         context = self.info.max_model_len
         if len(tokens) + request.max_tokens > context:
             raise PromptTooLong(
                 f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
                 f"for, but the model's context holds {context} tokens"
             )
+        matcher = None
+        if request.json_schema is not None:
+            timeout = self._settings.schema_compile_timeout_s
+            compiling = loop.run_in_executor(self._preparer, self._matcher, request.json_schema)
+            try:
+                matcher = await asyncio.wait_for(compiling, timeout)
+            except TimeoutError:
+                # llguidance's own limits bound the work left in the thread.
+                raise InvalidRequest(
+                    f"output.json_schema: compiling it took more than {timeout:g} s "
+                    "(GENERATOR_SCHEMA_COMPILE_TIMEOUT_S); simplify the schema"
+                ) from None
         return replace(request, prepared=Prepared(prompt_tokens=tuple(tokens), constraint=matcher))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
@@ -289,7 +307,7 @@ class LlamaCppEngine:
 
     # -- preparation (any thread) -------------------------------------------------------------
 
-    def _prepare(self, request: EngineRequest) -> tuple[list[int], LLMatcher | None]:
+    def _prompt_tokens(self, request: EngineRequest) -> list[int]:
         llama = self._require_loaded()
         if request.messages is not None:
             tokens = self._chat_tokens(request.messages)
@@ -299,14 +317,14 @@ class LlamaCppEngine:
             tokens = []
         if not tokens:
             raise InvalidRequest("the prompt is empty")
-        matcher = None
-        if request.json_schema is not None:
-            assert self._grammars is not None
-            try:
-                matcher = self._grammars.matcher(request.json_schema)
-            except SchemaError as exc:
-                raise InvalidRequest(f"output.json_schema: {exc}") from exc
-        return tokens, matcher
+        return tokens
+
+    def _matcher(self, schema: dict[str, Any]) -> LLMatcher:
+        assert self._grammars is not None
+        try:
+            return self._grammars.matcher(schema)
+        except SchemaError as exc:
+            raise InvalidRequest(f"output.json_schema: {exc}") from exc
 
     def _chat_tokens(self, turns: Sequence[ChatTurn]) -> list[int]:
         llama = self._require_loaded()

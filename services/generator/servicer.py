@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -41,6 +40,7 @@ from services.generator.engine import (
     Sampling,
     TokenizeInput,
 )
+from services.generator.json_grammar import SchemaError, parse_schema
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 raise InvalidArgument(
                     f"stopping.max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit}"
                 )
+            context = self._engine.info.max_model_len
+            if max_tokens >= context:
+                raise InvalidArgument(
+                    f"stopping.max_tokens is {max_tokens}; the model's context holds {context} tokens, "
+                    "prompt included"
+                )
         if len(stopping.stop) > limits.max_stop_strings:
             raise InvalidArgument(
                 f"stopping.stop has {len(stopping.stop)} strings; at most {limits.max_stop_strings}"
@@ -380,14 +386,11 @@ def _sampling(params: common_pb2.SamplingParams) -> Sampling:
 
 
 def _json_schema(text: str) -> dict[str, Any] | None:
+    """The parsed schema, within `json_grammar.LIMITS` (size, depth, counts); compiling it is the
+    engine's `prepare`."""
     if not text:
         return None
     try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"output.json_schema is not valid JSON: {exc}") from exc
-    if not isinstance(schema, dict):
-        raise InvalidArgument(
-            f"output.json_schema must be a JSON object (a JSON Schema), not a JSON {type(schema).__name__}"
-        )
-    return schema
+        return parse_schema(text)
+    except SchemaError as exc:
+        raise InvalidArgument(f"output.json_schema: {exc}") from exc

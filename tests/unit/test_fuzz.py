@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -397,6 +398,81 @@ def test_an_error_that_quotes_a_huge_input_is_cut_to_fit_in_a_header(
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("namespace is") and details.endswith("…")
     assert len(quote(details.encode(), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")) <= 4096
+
+
+# --- the generator's schemas ----------------------------------------------------------------------
+
+SCHEMA_KEYWORDS = [
+    "type", "properties", "items", "enum", "const", "pattern", "minLength", "maxLength", "minItems",
+    "maxItems", "required", "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties", "format",
+    "minimum", "maximum", "x-guidance",
+]  # fmt: skip
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["string", "object", "array", "integer", "number", "boolean", "null", "#", "#/$defs/a"]),
+    # Regular-expression soup: anchors, groups, classes, quantifiers, escapes, lookarounds, Hangul.
+    st.text(alphabet='ab^$.*+?()[]{}|\\-,0123456789dwsbBku<>=!:P가\n\t"', max_size=24),
+)
+_SCHEMA_LIKE = st.recursive(
+    _LEAVES,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.one_of(st.sampled_from(SCHEMA_KEYWORDS), st.text(max_size=6)), children, max_size=5
+        ),
+    ),
+    max_leaves=40,
+)
+HOSTILE_SCHEMAS = [
+    '{"type": "array", "items": ' * 5000 + "{}" + "}" * 5000,
+    json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
+    json.dumps({"enum": list(range(100_000))}),
+    json.dumps({"type": "string", "pattern": "(" * 2000 + ")" * 2000}),
+    json.dumps({"type": "string", "pattern": "(a|" * 300 + "b" + ")" * 300}),
+    json.dumps({"type": "string", "pattern": "^(a{1,1000}){1,1000}$"}),
+    json.dumps({"type": "string", "minLength": 16_000, "maxLength": 16_384}),
+    json.dumps({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
+    json.dumps({"anyOf": [{"type": "string", "pattern": f"^{i}"} for i in range(256)]}),
+]
+_SCHEMA_TEXTS = st.one_of(
+    _SCHEMA_LIKE.map(json.dumps),
+    _SCHEMA_LIKE.map(lambda v: json.dumps({"type": "object", "properties": {"a": v}})),
+    st.sampled_from(HOSTILE_SCHEMAS),
+    st.text(max_size=40),
+)
+
+
+@settings(
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+@given(schema=_SCHEMA_TEXTS, max_tokens=st.integers(1, 2**32 - 1), tokenize=st.booleans())
+def test_a_thousand_fuzzed_schemas_and_token_counts_get_clear_statuses(
+    channels: dict[str, grpc.Channel], schema: str, max_tokens: int, tokenize: bool
+) -> None:
+    service = SERVICES["generator"]
+    if tokenize:
+        method = service.methods_by_name["Tokenize"]
+        # Past the input-count limit only with small texts: 4 MB is the transport's own limit.
+        count = 65 if len(schema) < 1000 and max_tokens % 5 == 0 else 1 + max_tokens % 4
+        request: Any = generator_pb2.TokenizeRequest(
+            inputs=[generator_pb2.TokenizeInput(text=schema)] * count, return_offsets=True
+        )
+    else:
+        method = service.methods_by_name["Generate"]
+        request = generator_pb2.GenerateRequest(
+            prompt="Write JSON.",
+            stopping=common_pb2.StoppingCriteria(
+                max_tokens=max_tokens % 600 + 1 if max_tokens % 3 else max_tokens
+            ),
+            output=generator_pb2.OutputFormat(json_schema=schema),
+        )
+    started = time.perf_counter()
+    code, details = call(channels["generator"], service, method, request.SerializeToString())
+    assert code in ACCEPTED, f"{method.name} -> {code.name}: {details}"
+    assert time.perf_counter() - started < 5.0
 
 
 # --- redaction --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.generator.json_grammar import MAX_ITEMS, MAX_LENGTH, json_schema_to_grammar
+from services.generator.json_grammar import (
+    MAX_ITEMS,
+    MAX_LENGTH,
+    SchemaError,
+    json_depth,
+    json_schema_to_grammar,
+    parse_schema,
+)
 from services.generator.models import packaged_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -228,3 +236,63 @@ def test_keywords_used_as_property_names_are_not_read_as_bounds(accepts: Accepts
     }
     json_schema_to_grammar(schema)  # "pattern" is a property here, not a string's pattern
     assert accepts(schema, dumps({"pattern": "(", "maxLength": -1}))
+
+
+def _deep(depth: int) -> str:
+    return '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+
+
+HOSTILE = {
+    "5,000 levels deep": (_deep(5000), "nests 5001 levels deep; at most 64"),
+    "10k optional properties": (
+        json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
+        "an object has 10000 properties; at most 256",
+    ),
+    "an enum of 100k values": (
+        json.dumps({"enum": list(range(100_000))}),
+        "an enum has 100000 values; at most 1000",
+    ),
+    "2 MB of schema": (json.dumps({"description": "x" * 2_000_000}), "bytes; at most 1048576"),
+    "a 300k-character pattern": (
+        json.dumps({"type": "string", "pattern": "a" * 300_000}),
+        "a pattern has 300000 characters; at most 262144",
+    ),
+    "30k values in all": (
+        json.dumps({"type": "object", "properties": {"a": {"default": list(range(30_000))}}}),
+        "more than 20000 JSON values",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "says"), list(HOSTILE.values()), ids=list(HOSTILE))
+def test_hostile_schemas_are_refused_fast_naming_the_limit(text: str, says: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(SchemaError, match=re.escape(says)):
+        parse_schema(text)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_depth_counts_brackets_outside_strings_only() -> None:
+    assert json_depth('{"a": "[[[[{{{{", "b": [1, [2]]}') == 3
+    assert json_depth('"\\"[[["') == 0
+    assert parse_schema(_deep(62)) == json.loads(_deep(62))
+
+
+def test_a_schema_is_compiled_once_and_reused() -> None:
+    llama = llama_cpp.Llama(model_path=str(packaged_gguf()), vocab_only=True, verbose=False)
+    grammars = Grammars(llama_cpp.llama_model_get_vocab(llama.model), cache_size=2)
+    schema = {"type": "string", "pattern": "^a+$"}
+    started = time.perf_counter()
+    grammars.matcher(schema)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    second = grammars.matcher(dict(reversed(list(schema.items()))))  # same schema, keys reordered
+    again = time.perf_counter() - started
+    assert len(grammars) == 1 and again < first
+    assert second.consume_tokens(llama.tokenize(b'"aa"', add_bos=False, special=False))
+    for i in range(3):  # bounded: the oldest goes
+        grammars.matcher({"type": "string", "maxLength": i})
+    assert len(grammars) == 2
+    with pytest.raises(SchemaError, match="missing"):
+        grammars.matcher({"type": "string", "pattern": "("})
+    llama.close()

@@ -388,6 +388,58 @@ async def test_tokenize_does_not_wait_for_a_running_generation(
     await until_load(engine, IDLE, within_s=2.0)
 
 
+def _deep_schema(depth: int) -> str:
+    return '{"type": "array", "items": ' * depth + "{}" + "}" * depth
+
+
+BAD_WHILE_BUSY = {
+    "max_tokens 2^32-1": (request(prompt="Hi", max_tokens=2**32 - 1), "stopping.max_tokens is 4294967295"),
+    "pattern (": (request(prompt="Hi", schema={"type": "string", "pattern": "("}), "missing ')'"),
+    "prompt over the context": (request(prompt="word " * 2500), "the prompt has"),
+    "65 chat turns": (request(chat=[("user", "x" * 100)] * 65), "at most 64"),
+    "5,000-deep schema": (
+        generator_pb2.GenerateRequest(
+            prompt="Hi", output=generator_pb2.OutputFormat(json_schema=_deep_schema(5000))
+        ),
+        "nests 5001 levels deep; at most 64",
+    ),
+    "10k optional properties": (
+        request(prompt="Hi", schema={"type": "object", "properties": {f"p{i}": {} for i in range(10_000)}}),
+        "an object has 10000 properties; at most 256",
+    ),
+    "enum of 100k values": (
+        request(prompt="Hi", schema={"enum": list(range(100_000))}),
+        "an enum has 100000 values; at most 1000",
+    ),
+    "lookaround": (request(prompt="Hi", schema={"type": "string", "pattern": "^(?=a)"}), "lookarounds"),
+}
+
+
+async def test_invalid_requests_are_refused_within_a_second_while_the_engine_is_busy(
+    served: tuple[LlamaCppEngine, GeneratorServiceStub],
+) -> None:
+    engine, stub = served
+    long = stub.Generate(request(prompt="Once upon a time", max_tokens=1500, ignore_eos=True))
+    assert (await long.read()).WhichOneof("event") == "started"
+    assert (await long.read()).WhichOneof("event") == "delta"
+    try:
+        for name, (message, says) in BAD_WHILE_BUSY.items():
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await collect(stub, message)
+            elapsed = time.monotonic() - started
+            print(f"{name}: {error.value.code().name} in {elapsed * 1000:.0f} ms")
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert says in (error.value.details() or ""), (name, error.value.details())
+            assert elapsed < 1.0, (name, elapsed)
+            # The long generation kept its slot, and nothing queued behind it.
+            assert engine.load() == EngineLoad(running=1, waiting=0), name
+        assert (await long.read()).WhichOneof("event") == "delta"
+    finally:
+        long.cancel()
+    await until_load(engine, IDLE, within_s=2.0)
+
+
 async def test_python_m_services_generator_turns_serving_and_drains() -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),
