@@ -86,6 +86,19 @@ def sampling_params(kwargs: dict[str, Any], json_schema: dict[str, Any] | None) 
     return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, structured_outputs=structured)
 
 
+def guidance_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`json_grammar.llguidance_schema`'s output as vLLM 0.25's llguidance reads it as intended.
+
+    vLLM 0.25 pins llguidance < 1.8, which lets any amount of whitespace through where
+    `x-guidance.whitespace_pattern` asks for at most one blank or one indented newline (1.9 bounds
+    it); without the option, vLLM's `disable_any_whitespace` writes compact JSON, which is one of
+    the texts the llama.cpp engine's bounded whitespace allows.
+    """
+    options = {k: v for k, v in schema.get("x-guidance", {}).items() if k != "whitespace_pattern"}
+    stripped = {k: v for k, v in schema.items() if k != "x-guidance"}
+    return {**stripped, "x-guidance": options} if options else stripped
+
+
 def tokens_prompt(token_ids: list[int]) -> Any:
     from vllm import TokensPrompt
 

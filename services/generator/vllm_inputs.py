@@ -2,7 +2,8 @@
 
 CPU work only (the engine runs it on worker threads); the tokenizer is vLLM's, a Hugging Face one.
 The schema becomes what the llama.cpp engine compiles (`json_grammar.llguidance_schema`: the same
-library, so the same semantics, refusals and messages on both engines).
+library, so the same semantics, refusals and messages on both engines), but for whitespace, which
+vLLM's llguidance writes compact (`vllm_compat.guidance_schema` says why).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
+from services.generator import vllm_compat
 from services.generator.engine import ChatTurn, InvalidRequest, PromptTooLong, TokenCount, TokenizeInput
 from services.generator.json_grammar import SchemaError, llguidance_schema
 
@@ -25,9 +27,9 @@ _CHAT_CACHE_SIZE = 512
 def _prepared_schema(schema_json: str) -> str:
     try:
         # What the llama.cpp engine compiles too (limits, named refusals, JSON-safe classes, folded
-        # lengths, bounded whitespace in `x-guidance`), compiled and checked by llguidance here so
+        # lengths; whitespace as vllm_compat says), compiled and checked by llguidance here so
         # that a bad schema is refused before the request takes a slot.
-        schema = llguidance_schema(json.loads(schema_json))
+        schema = vllm_compat.guidance_schema(llguidance_schema(json.loads(schema_json)))
         error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
         if error:
             raise SchemaError(f"unsupported JSON schema: {error}")

@@ -88,14 +88,16 @@ def test_strings_without_both_a_pattern_and_a_bound_are_left_alone() -> None:
     assert folded["properties"]["c"] == {"type": "string", "pattern": "^x"}
 
 
-def test_the_til_schema_reaches_vllm_as_llama_cpp_compiles_it() -> None:
+def test_the_til_schema_reaches_vllm_as_llama_cpp_compiles_it_but_compact() -> None:
     from services.edge.til_format import til_schema
 
     diff = (Path(__file__).resolve().parents[2] / "examples" / "sample.diff").read_text()
     schema = til_schema("2026-11-24", diff=diff)
     sent = prepared_schema(schema)
-    assert sent == llguidance_schema(schema)  # the llama.cpp engine compiles llguidance_schema too
-    assert sent["x-guidance"]["whitespace_pattern"]  # bounded whitespace, as on llama.cpp
+    # What the llama.cpp engine compiles, but for its whitespace option (vllm_compat.guidance_schema)
+    compiled = llguidance_schema(schema)
+    assert compiled["x-guidance"]["whitespace_pattern"]
+    assert sent == {k: v for k, v in compiled.items() if k != "x-guidance"}
     content = sent["properties"]["content"]
     assert set(content) == {"type", "pattern"}  # no length bound beside the pattern
     assert content["pattern"].startswith("^# 2026-11-24 TIL")
@@ -122,3 +124,23 @@ def test_each_call_gets_its_own_copy() -> None:
     first = prepared_schema(schema)
     first["additionalProperties"] = False  # what vLLM's guidance backend does to the schema it gets
     assert "additionalProperties" not in prepared_schema(schema)
+
+
+@pytest.mark.parametrize(
+    ("options", "kept"),
+    [
+        ({"whitespace_pattern": " ?"}, None),
+        ({"whitespace_pattern": " ?", "coerce_one_of": True}, {"coerce_one_of": True}),
+        (None, None),
+    ],
+)
+def test_only_the_whitespace_option_is_dropped_for_vllm(
+    options: dict[str, Any] | None, kept: dict[str, Any] | None
+) -> None:
+    from services.generator.vllm_compat import guidance_schema
+
+    schema: dict[str, Any] = {"type": "string"}
+    if options is not None:
+        schema["x-guidance"] = options
+    expected = {"type": "string", **({"x-guidance": kept} if kept else {})}
+    assert guidance_schema(schema) == expected

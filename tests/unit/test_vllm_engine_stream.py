@@ -28,6 +28,7 @@ from services.generator.engine import (
     PromptTooLong,
 )
 from services.generator.json_grammar import llguidance_schema
+from services.generator.vllm_compat import guidance_schema
 from services.generator.vllm_engine import VllmEngine, _Loaded
 from tests.unit.test_vllm_engine import Settings
 
@@ -139,9 +140,8 @@ async def test_a_stream_is_started_deltas_finished_with_token_counts() -> None:
     ]
     prompt_ids, params, _ = llm.requests[0]
     assert prompt_ids == [ord(c) for c in "hello"]
-    assert params.output_kind == "delta" and params.structured_outputs.json == llguidance_schema(
-        {"type": "object"}
-    )
+    assert params.output_kind == "delta"
+    assert params.structured_outputs.json == guidance_schema(llguidance_schema({"type": "object"}))
 
 
 async def test_callers_request_ids_need_not_be_unique() -> None:
@@ -235,7 +235,7 @@ async def test_the_schema_reaches_vllm_folded_and_a_refused_one_never_does() -> 
     await events_of(engine_with(llm), request(json_schema=schema))
     sent = llm.requests[0][1].structured_outputs.json
     # Exactly what the llama.cpp engine compiles for it: the bound folded into the pattern.
-    assert sent == llguidance_schema(schema) and "maxLength" not in sent
+    assert sent == guidance_schema(llguidance_schema(schema)) and "maxLength" not in sent
     assert sent["pattern"].startswith("^(?:# T\\n)") and sent["pattern"].endswith("{0,36}$")
     with pytest.raises(InvalidRequest, match="lookarounds"):
         await events_of(engine_with(llm), request(json_schema={"type": "string", "pattern": "(?!x)"}))
