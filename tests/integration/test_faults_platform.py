@@ -33,38 +33,46 @@ CACHER = "til.v1.CacherService"
 
 
 ENGINES = {
-    "llama_cpp": {},  # the packaged model
-    # No model: a TIL-shaped document at a fixed pace, long enough to outlive the age.
-    "fake": {"GENERATOR_BACKEND": "fake", "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.3"},
+    # The packaged model: TILs of up to 384 tokens.
+    "llama_cpp": ({}, edge_pb2.GenerationOverrides(max_tokens=384)),
+    # No model: a TIL-shaped document at a fixed pace, run on to 50 tokens (15 s), past the age.
+    "fake": (
+        {"GENERATOR_BACKEND": "fake", "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.3"},
+        edge_pb2.GenerationOverrides(max_tokens=50, ignore_eos=True),
+    ),
 }
 
 
 @pytest.fixture(scope="module", params=[pytest.param("llama_cpp", marks=pytest.mark.model), "fake"])
-async def aging_stack(stack_factory: Any, request: pytest.FixtureRequest) -> AsyncIterator[LocalStack]:
+async def aging_stack(
+    stack_factory: Any, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[LocalStack, edge_pb2.GenerationOverrides]]:
     """The edge and the generator send GOAWAY after 5 s; the grace is the default."""
+    generator_env, generation = ENGINES[request.param]
     stack = stack_factory(
-        edge={"EDGE_MAX_CONNECTION_AGE_S": "5"},
+        edge={"EDGE_MAX_CONNECTION_AGE_S": "5", "EDGE_ALLOW_IGNORE_EOS": "true"},
         generator={
             "GENERATOR_MAX_CONNECTION_AGE_S": "5",
             "GENERATOR_MAX_WAITING_REQUESTS": "16",
-            **ENGINES[request.param],
+            **generator_env,
         },
     )
     await stack.start(timeout_s=240)
-    yield stack
+    yield stack, generation
     stack.stop()
 
 
 async def test_four_concurrent_tils_on_one_channel_outlive_a_five_second_connection_age(
-    aging_stack: LocalStack,
+    aging_stack: tuple[LocalStack, edge_pb2.GenerationOverrides],
 ) -> None:
-    async with grpc.aio.insecure_channel(aging_stack.address("edge")) as channel:
+    stack, generation = aging_stack
+    async with grpc.aio.insecure_channel(stack.address("edge")) as channel:
         edge = edge_pb2_grpc.EdgeServiceStub(channel)
         began = time.monotonic()
 
         async def til(n: int) -> tuple[float, Any]:
             request = til_request(
-                f"age-{n}", generation=tokens(384), cache_policy=edge_pb2.CACHE_POLICY_BYPASS
+                f"age-{n}", generation=generation, cache_policy=edge_pb2.CACHE_POLICY_BYPASS
             )
             messages = await read_all(edge.GenerateTil(request, timeout=300))
             return time.monotonic() - began, split(messages)[2]
