@@ -67,6 +67,7 @@ class EngineSettings:
     structured_output_parallel_threshold: int | None = None
     structured_output_parallel_workers: int | None = None
     structured_output_parallel_batch_size: int | None = None
+    schema_compile_timeout_s: float = 10.0  # GENERATOR_SCHEMA_COMPILE_TIMEOUT_S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -108,6 +108,8 @@ class VllmSettings(Protocol):
     @property
     def trust_remote_code(self) -> bool: ...
     @property
+    def schema_compile_timeout_s(self) -> float: ...
+    @property
     def structured_output_parallel_threshold(self) -> int | None: ...
     @property
     def structured_output_parallel_workers(self) -> int | None: ...
@@ -341,7 +343,7 @@ class VllmEngine:
         schema = None
         try:
             if request.json_schema is not None:
-                schema = await loop.run_in_executor(self._schema_thread, prepared_schema, request.json_schema)
+                schema = await self._compiled(loop, request.json_schema)
         finally:
             prompt = await ids  # awaited even when the schema is refused, so no failure goes unseen
         if not prompt:
@@ -349,6 +351,18 @@ class VllmEngine:
         check_fits(len(prompt), request.max_tokens, loaded.max_model_len)
         self._sampling_params(request, schema)  # vLLM's own validation of the parameters
         return replace(request, prepared=Prepared(prompt_tokens=tuple(prompt), constraint=schema))
+
+    async def _compiled(self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]) -> dict[str, Any]:
+        timeout = self._settings.schema_compile_timeout_s
+        compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
+        try:
+            return await asyncio.wait_for(compiling, timeout)
+        except TimeoutError:
+            # llguidance's own limits bound the work left in the thread.
+            raise InvalidRequest(
+                f"output.json_schema: compiling it took more than {timeout:g} s "
+                "(GENERATOR_SCHEMA_COMPILE_TIMEOUT_S); simplify the schema"
+            ) from None
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         llm = self._require_loaded().llm

@@ -25,16 +25,18 @@ _CHAT_CACHE_SIZE = 512
 
 @functools.lru_cache(maxsize=_SCHEMA_CACHE_SIZE)
 def _prepared_schema(schema_json: str) -> str:
+    # What the llama.cpp engine compiles too (limits, named refusals, JSON-safe classes, folded
+    # lengths; whitespace as vllm_compat says), compiled and checked by llguidance here so that a
+    # bad schema is refused before the request takes a slot, with the llama.cpp engine's messages.
     try:
-        # What the llama.cpp engine compiles too (limits, named refusals, JSON-safe classes, folded
-        # lengths; whitespace as vllm_compat says), compiled and checked by llguidance here so
-        # that a bad schema is refused before the request takes a slot.
         schema = vllm_compat.guidance_schema(llguidance_schema(json.loads(schema_json)))
         error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
-        if error:
-            raise SchemaError(f"unsupported JSON schema: {error}")
     except SchemaError as exc:
         raise InvalidRequest(f"output.json_schema: {exc}") from exc
+    except (TypeError, ValueError, RecursionError) as exc:  # llguidance's own refusals
+        raise InvalidRequest(f"output.json_schema: unsupported JSON schema: {exc}") from exc
+    if error:
+        raise InvalidRequest(f"output.json_schema: unsupported JSON schema: {error}")
     return json.dumps(schema, ensure_ascii=False)
 
 

@@ -152,3 +152,28 @@ async def test_a_chat_counted_by_tokenize_is_not_tokenized_again_by_prepare() ->
     other = PieceTokenizer()  # another model's tokenizer never shares the cache
     assert len(prompt_ids(other, None, chat)) == counted.count
     assert [c for c in other.calls if "encode" in c]
+
+
+@pytest.mark.usefixtures("vllm_names")
+async def test_a_schema_that_compiles_too_long_is_refused_at_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from services.generator import vllm_engine
+
+    def slow(schema: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.3)
+        return schema
+
+    monkeypatch.setattr(vllm_engine, "prepared_schema", slow)
+    engine = VllmEngine(Settings(schema_compile_timeout_s=0.05))
+    engine._loaded = _Loaded(llm=None, tokenizer=PieceTokenizer(), max_model_len=64, model_defaults={})  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest, match="GENERATOR_SCHEMA_COMPILE_TIMEOUT_S"):
+        await engine.prepare(
+            EngineRequest(
+                request_id="r", prompt="x", messages=None, max_tokens=4, json_schema={"type": "object"}
+            )
+        )
+    assert time.monotonic() - started < 0.25
