@@ -163,7 +163,7 @@ async def test_a_schema_that_compiles_too_long_is_refused_at_the_bound(
     from services.generator import vllm_engine
 
     def slow(schema: dict[str, Any]) -> dict[str, Any]:
-        time.sleep(0.3)
+        time.sleep(2.0)
         return schema
 
     monkeypatch.setattr(vllm_engine, "prepared_schema", slow)
@@ -176,4 +176,4 @@ async def test_a_schema_that_compiles_too_long_is_refused_at_the_bound(
                 request_id="r", prompt="x", messages=None, max_tokens=4, json_schema={"type": "object"}
             )
         )
-    assert time.monotonic() - started < 0.25
+    assert time.monotonic() - started < 1.5  # not waiting for the compilation
