@@ -366,10 +366,9 @@ def check_til(
     truncated: bool = False,
     diff: str | None = None,
     language: str | None = None,
-    content_max_chars: int = CONTENT_MAX_CHARS,
 ) -> list[Violation]:
-    """Every rule of the TIL format that `document` (parsed JSON) breaks. With `diff` (and `language`), the
-    content is checked against the same layout the schema for that diff enforced."""
+    """Every rule of the TIL format that `document` (parsed JSON) breaks. The content is checked against the
+    layout at its largest (any budget's schema allows less) and, with `diff`, each code line against the diff."""
     found: list[Violation] = []
 
     def broken(message: str, *, enforced: bool) -> None:
@@ -436,9 +435,9 @@ def check_til(
         if language is None and diff is not None:
             language = guess_language(changed_files(diff))
         if diff is None or quotable_lines(diff, max_lines=1):
-            layout = til_layout(date, content_max_chars, language=language)
+            layout = til_layout(date, language=language)
         else:  # nothing to quote: bullets without code blocks
-            layout = til_layout(date, content_max_chars, diff=diff, language=language)
+            layout = til_layout(date, diff=diff, language=language)
         quoted = None if diff is None else diff_lines(diff)
         problem = layout_problem(content, layout, quoted)
         if problem:

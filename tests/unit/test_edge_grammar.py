@@ -229,9 +229,7 @@ def test_the_packaged_model_quotes_only_lines_of_the_diff() -> None:
             await engine.close()
 
     document = json.loads(asyncio.run(run()))
-    enforced = [
-        v.message for v in check_til(document, date=DATE, diff=diff, content_max_chars=budget) if v.enforced
-    ]
+    enforced = [v.message for v in check_til(document, date=DATE, diff=diff) if v.enforced]
     assert enforced == [], document
     blocks = re.findall(r"```python\n(.*?)```", document["content"], re.DOTALL)
     code = [line.lstrip(" \t") for block in blocks for line in block.splitlines()]
