@@ -237,7 +237,7 @@ async def run_checks(engine: VllmEngine) -> dict[str, Any]:
         tokenizer = engine._require_loaded().tokenizer
         as_control = len(tokenizer.encode(text, add_special_tokens=False))
         assert plain.count > as_control, (plain.count, as_control)  # the marker counted as text
-        pieces = [text[a:b] for a, b in zip((0, *plain.offsets), plain.offsets, strict=True)]
+        pieces = [text[a:b] for a, b in zip((0, *plain.offsets[:-1]), plain.offsets, strict=True)]
         return {"count": plain.count, "chat": chat_count.count, "pieces": pieces[:12]}
 
     for name, body in [
