@@ -1,5 +1,6 @@
-"""What the per-request TIL grammar costs: schema build on the edge, conversion to the llama.cpp grammar, and
-(with --tokens N) the generator's time per token with and without it.
+"""What the per-request TIL grammar costs: schema build on the edge, the generator's grammar build (schema ->
+checked llguidance grammar, `json_schema_to_grammar`), and (with --tokens N) the generator's time to first
+token and per token with and without it, on the packaged model through the llama.cpp engine.
 
     python -m bench.quality.grammar_cost --tokens 64 --out bench/results/quality/grammar_cost.json
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from bench.quality.run import load_corpus
 from services.edge.diffs import quotable_lines
-from services.edge.til_format import _cached_layout, til_schema
+from services.edge.til_format import _cached_layout, _quotable, til_schema
 
 
 def synthetic(lines: int) -> str:
@@ -33,6 +34,7 @@ def build_costs(diffs: list[tuple[str, str]], budget: int) -> list[dict[str, Any
     rows = []
     for name, diff in diffs:
         _cached_layout.cache_clear()
+        _quotable.cache_clear()
         t0 = time.perf_counter()
         schema = til_schema("2026-11-29", budget, diff=diff)
         cold = time.perf_counter() - t0
@@ -50,8 +52,8 @@ def build_costs(diffs: list[tuple[str, str]], budget: int) -> list[dict[str, Any
                 "content_pattern_chars": len(schema["properties"]["content"]["pattern"]),
                 "schema_build_ms_cold": round(cold * 1000, 2),
                 "schema_build_ms_warm": round(warm * 1000, 3),
-                "gbnf_convert_ms": round(gbnf * 1000, 1),
-                "gbnf_chars": len(grammar),
+                "generator_grammar_ms": round(gbnf * 1000, 1),
+                "generator_grammar_chars": len(grammar),
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in (
                 "schema_build_ms_cold",
                 "schema_build_ms_warm",
-                "gbnf_convert_ms",
+                "generator_grammar_ms",
                 "content_pattern_chars",
             )
         },

@@ -220,6 +220,12 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
     return Layout(items, code_lines, closing, pattern + "$", max_chars)
 
 
+@functools.lru_cache(maxsize=32)
+def _quotable(diff: str) -> tuple[str, ...]:
+    """`quotable_lines` of a diff seen recently (the schema and the check of one request read it twice)."""
+    return quotable_lines(diff)
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_layout(date: str, language: str, lines: tuple[str, ...] | None, content_max_chars: int) -> Layout:
     return _layout(date, language, lines, content_max_chars)
@@ -234,7 +240,7 @@ def til_layout(
 ) -> Layout:
     """The document layout for a TIL of `diff` (None: code lines are free) in `language` (None: guessed
     from the diff's files). Cached per (date, language, quotable lines, budget): what shapes the grammar."""
-    lines = None if diff is None else quotable_lines(diff)
+    lines = None if diff is None else _quotable(diff)
     if language is None:
         fence = fence_language(guess_language(changed_files(diff))) if diff is not None else _ANY_LANGUAGE
     else:
