@@ -71,13 +71,18 @@ logs_to_out() {  # the tails of every log of the run into $out/logs.txt
 
 case "$step" in
 stage1)
+  if PYTHONPATH=$SITE python3 -c 'import vllm' 2>/dev/null; then echo "the kit is installed already"; exit 0; fi
   bash .vk/vkit_append.sh .vk1/kit.tar.xz.part00
   ;;
 stage2)
   set -e
-  bash .vk/vkit_append.sh .vk3/kit.tar.xz.part01
-  bash .vk/remote_install.sh >/tmp/vkit-install.log 2>&1 || { tail -30 /tmp/vkit-install.log; exit 1; }
-  grep -E '^(==|python|torch|  ERROR|WARNING|triton)' /tmp/vkit-install.log
+  if PYTHONPATH=$SITE python3 -c 'import vllm' 2>/dev/null; then
+    echo "the kit is installed already (a machine still warm)"
+  else
+    bash .vk/vkit_append.sh .vk3/kit.tar.xz.part01
+    bash .vk/remote_install.sh >/tmp/vkit-install.log 2>&1 || { tail -30 /tmp/vkit-install.log; exit 1; }
+    grep -E '^(==|python|torch|  ERROR|WARNING|triton)' /tmp/vkit-install.log
+  fi
   mkdir -p /tmp/vkit_models && cp -a .dm/llama3-8b-shape-smollm2-tok-dummy /tmp/vkit_models/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl
   # tilserve's metadata (entry points: the vLLM plugin) without installing the package over the tree.
