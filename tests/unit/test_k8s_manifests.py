@@ -37,7 +37,7 @@ K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 NAMESPACE = "tilserve"
 
-OVERLAYS = ("dev", "gpu")
+OVERLAYS = ("dev", "gpu", "gpu-tp2")
 COMPONENTS = tuple(
     sorted(p.name for p in (K8S / "components").iterdir() if (p / "kustomization.yaml").is_file())
 )
@@ -56,7 +56,10 @@ CUSTOM_KINDS = {
 
 SERVICES = ("edge", "generator", "retriever", "cacher")
 # Variables a manifest may set that are not tilserve settings, and why.
-THIRD_PARTY_ENV = {"OMP_NUM_THREADS": "torch sizes its thread pool from it"}
+THIRD_PARTY_ENV = {
+    "OMP_NUM_THREADS": "torch sizes its thread pool from it",
+    "NCCL_NVLS_ENABLE": "NCCL reads it: NVLink multicast off for tensor parallelism",
+}
 
 
 def _kubectl() -> str | None:
@@ -313,6 +316,7 @@ def test_overlays_render_alike_with_the_oldest_supported_and_the_users_kubectl(
 
 CUSTOM_KINDS_BY_TARGET = {
     ("gpu", None): {"ScaledObject"},
+    ("gpu-tp2", None): {"ScaledObject"},
     ("dev", "keda-generator-autoscaling"): {"ScaledObject"},
     ("dev", "servicemonitors"): {"ServiceMonitor", "PodMonitor"},
 }
@@ -427,6 +431,24 @@ def test_overlays_pick_the_right_generator_backend(settings_from: Any) -> None:
     pod = gpu.get("Deployment", "generator")["spec"]["template"]["spec"]
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert pod["nodeSelector"]
+
+
+@pytest.mark.parametrize(("overlay", "gpus"), [("gpu", 1), ("gpu-tp2", 2)])
+def test_each_generator_replica_gets_as_many_gpus_as_it_splits_the_model_over(
+    overlay: str, gpus: int, settings_from: Any
+) -> None:
+    """The two GPU layouts: one replica per GPU (gpu), or one replica over two GPUs of a node (gpu-tp2).
+    vLLM needs exactly tensor_parallel_size GPUs visible; a mismatch fails at start or strands a GPU."""
+    out = rendered(overlay)
+    settings = settings_from(service_code("generator"), out.env("generator"))
+    resources = out.container("generator")["resources"]
+    assert settings.tensor_parallel_size == gpus
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == str(gpus)
+    if gpus > 1:
+        assert out.env("generator").get("NCCL_NVLS_ENABLE") == "0"
+        volumes = out.get("Deployment", "generator")["spec"]["template"]["spec"]["volumes"]
+        (shm,) = [v for v in volumes if v["name"] == "dshm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
 
 
 def test_autoscaling_metric_is_one_the_generator_exports() -> None:
