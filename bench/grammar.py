@@ -24,7 +24,7 @@ from llama_cpp import LogitsProcessorList
 from services.edge.til_format import lines_alternation, regex_literal, til_schema
 from services.generator.guidance import Grammars, TokenMask
 from services.generator.json_grammar import json_schema_to_grammar
-from services.generator.llama_cpp_engine import load_llama
+from services.generator.llama_model import load_llama
 from services.generator.models import packaged_gguf
 
 DATE = "2026-11-24"

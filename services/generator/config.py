@@ -63,6 +63,17 @@ class GeneratorSettings(ServerSettings):
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens llama.cpp evaluates per step.")
 
+    chat_format: str = Field(
+        "",
+        description="How chat turns become a prompt (llama_cpp): empty for the GGUF's own template (plain text "
+        "when it has none), 'plain' for a base model, or a llama-cpp-python chat format (chatml, gemma, llama-3...).",
+    )
+    # Repetition control (llama_cpp), for requests that leave these SamplingParams unset.
+    default_repetition_penalty: float = Field(1.15, gt=0, description="1 is off.")
+    default_frequency_penalty: float = Field(0.0, ge=-2, le=2, description="0 is off.")
+    default_presence_penalty: float = Field(0.0, ge=-2, le=2, description="0 is off.")
+    penalty_last_n: int = Field(64, ge=0, description="Generated tokens the penalties look back on.")
+
     schema_compile_timeout_s: float = Field(
         10.0, gt=0, description="Longest a request's JSON Schema may take to compile before INVALID_ARGUMENT."
     )
@@ -122,6 +133,15 @@ class GeneratorSettings(ServerSettings):
             except FileNotFoundError as exc:
                 raise ValueError(str(exc)) from None
         return model
+
+    @field_validator("chat_format")
+    @classmethod
+    def _known_chat_format(cls, value: str, info: ValidationInfo) -> str:
+        if value and info.data.get("backend") == "llama_cpp":
+            from services.generator.chat_format import check_format
+
+            check_format(value)
+        return value
 
     @field_validator("max_tokens_limit")
     @classmethod

@@ -39,7 +39,7 @@ MAX_LENGTH = 16_384
 MAX_ITEMS = 1_000
 
 # Between JSON tokens: nothing, a space, or a newline and some indentation.
-WHITESPACE = "(?: |\\n[ \\t]{0,20})?"
+WHITESPACE = "(?: |\\n {0,8})?"
 COMPILE_OPTIONS: dict[str, Any] = {"whitespace_pattern": WHITESPACE}
 
 

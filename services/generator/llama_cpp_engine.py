@@ -21,9 +21,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import functools
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -34,9 +32,9 @@ from typing import Any, Literal
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama, LogitsProcessorList
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llguidance import LLMatcher
 
+from services.generator.chat_format import RenderedChat, Renderer, chat_renderer, render_plain
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
     ChatTurn,
@@ -57,7 +55,9 @@ from services.generator.engine import (
 )
 from services.generator.guidance import Grammars, TokenMask
 from services.generator.json_grammar import SchemaError
+from services.generator.llama_model import Vocabulary, default_threads, load_llama
 from services.generator.models import packaged_gguf
+from services.generator.repetition import RepetitionPenalty
 from services.generator.text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ class LlamaCppEngine:
     def __init__(self, settings: GeneratorSettings) -> None:
         self._settings = settings
         self._llama: Llama | None = None
-        self._chat: Jinja2ChatFormatter | None = None
-        self._pieces: dict[int, bytes] = {}
+        self._render: Renderer = render_plain
+        self._vocabulary: Vocabulary | None = None
         self._grammars: Grammars | None = None
         # Every llama.cpp call on the context runs on this one thread.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
@@ -139,7 +139,7 @@ class LlamaCppEngine:
         path = Path(settings.model) if settings.model else packaged_gguf()
         if not path.is_file():
             raise FileNotFoundError(f"GENERATOR_MODEL: no GGUF file at {path}")
-        threads = settings.n_threads or _default_threads()
+        threads = settings.n_threads or default_threads()
         llama = load_llama(
             model_path=str(path),
             n_ctx=settings.max_model_len or DEFAULT_CONTEXT,
@@ -149,16 +149,14 @@ class LlamaCppEngine:
             n_threads_batch=threads,
             verbose=False,
         )
-        vocab = self._vocab(llama)
-        self._grammars = Grammars(vocab)
-        template = llama.metadata.get("tokenizer.chat_template")
-        if template:
-            self._chat = Jinja2ChatFormatter(
-                template=template,
-                eos_token=_token_text(vocab, llama_cpp.llama_vocab_eos(vocab)),
-                bos_token=_token_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
-                add_generation_prompt=True,
-            )
+        vocabulary = self._vocabulary = Vocabulary(llama)
+        self._grammars = Grammars(vocabulary.vocab)
+        chat_format, self._render = chat_renderer(
+            settings.chat_format,
+            template=llama.metadata.get("tokenizer.chat_template"),
+            eos_token=vocabulary.text(llama_cpp.llama_vocab_eos(vocabulary.vocab)),
+            bos_token=vocabulary.text(llama_cpp.llama_vocab_bos(vocabulary.vocab)),
+        )
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(llama.model, desc, len(desc))
         self._llama = llama
@@ -173,7 +171,11 @@ class LlamaCppEngine:
                 "n_ctx_train": str(llama_cpp.llama_model_n_ctx_train(llama.model)),
                 "n_batch": str(llama.n_batch),
                 "n_threads": str(threads),
-                "chat_template": "gguf" if template else "none",
+                "chat_format": chat_format,
+                "repetition_penalty": str(settings.default_repetition_penalty),
+                "frequency_penalty": str(settings.default_frequency_penalty),
+                "presence_penalty": str(settings.default_presence_penalty),
+                "penalty_last_n": str(settings.penalty_last_n),
                 "structured_output": "llguidance",
                 "max_concurrent_generations": "1",
             },
@@ -189,29 +191,11 @@ class LlamaCppEngine:
         for item in inputs:
             if isinstance(item, str):
                 tokens = llama.tokenize(item.encode("utf-8"), add_bos=False, special=False) if item else []
-                ends = self._offsets(item, tokens) if offsets else None
+                ends = self._vocabulary_().end_offsets(item, tokens) if offsets else None
                 counts.append(TokenCount(len(tokens), ends))
             else:
                 counts.append(TokenCount(len(self._chat_tokens(item))))
         return counts
-
-    def _offsets(self, text: str, tokens: list[int]) -> tuple[int, ...]:
-        """The end of each token in `text`, in code points (see `GenerationEngine.tokenize`)."""
-        data = text.encode("utf-8")
-        vocab = self._vocab(self._require_loaded())
-        ends = np.fromiter(
-            itertools.accumulate(len(self._piece(vocab, t)) for t in tokens),
-            dtype=np.int64,
-            count=len(tokens),
-        )
-        if ends.size and ends[-1] > len(data):  # SentencePiece vocabularies add a leading space
-            ends -= ends[-1] - len(data)
-        ends = np.clip(ends, 0, len(data))
-        starts = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80  # first bytes of characters
-        chars_before = np.concatenate(([0], np.cumsum(starts)))
-        # A token that ends inside a character counts up to that character's start.
-        inside = np.append(~starts, False)[ends]
-        return tuple(int(n) for n in chars_before[ends] - inside)
 
     def load(self) -> EngineLoad:
         running = 1 if self._running is not None else 0
@@ -234,12 +218,6 @@ class LlamaCppEngine:
         self._require_loaded()
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._preparer, self._prompt_tokens, request)
-        context = self.info.max_model_len
-        if len(tokens) + request.max_tokens > context:
-            raise PromptTooLong(
-                f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
-                f"for, but the model's context holds {context} tokens"
-            )
         matcher = None
         if request.json_schema is not None:
             timeout = self._settings.schema_compile_timeout_s
@@ -308,15 +286,29 @@ class LlamaCppEngine:
     # -- preparation (any thread) -------------------------------------------------------------
 
     def _prompt_tokens(self, request: EngineRequest) -> list[int]:
+        """The prompt's tokens; PromptTooLong when they cannot fit with the output (from the text's
+        size alone when that already says so, before tokenizing a huge prompt)."""
         llama = self._require_loaded()
         if request.messages is not None:
-            tokens = self._chat_tokens(request.messages)
-        elif request.prompt:
-            tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+            rendered = self._rendered(request.messages)
         else:
-            tokens = []
+            rendered = RenderedChat(request.prompt or "", add_bos=True, special=False)
+        data = rendered.text.encode("utf-8")
+        room = self.info.max_model_len - request.max_tokens
+        at_least = -(-len(data) // self._vocabulary_().max_piece_bytes)
+        if at_least > room:
+            raise PromptTooLong(
+                f"the prompt has at least {at_least} tokens ({len(data)} bytes) and {request.max_tokens} "
+                f"output tokens were asked for, but the model's context holds {self.info.max_model_len} tokens"
+            )
+        tokens = llama.tokenize(data, add_bos=rendered.add_bos, special=rendered.special) if data else []
         if not tokens:
             raise InvalidRequest("the prompt is empty")
+        if len(tokens) > room:
+            raise PromptTooLong(
+                f"the prompt has {len(tokens)} tokens and {request.max_tokens} output tokens were asked "
+                f"for, but the model's context holds {self.info.max_model_len} tokens"
+            )
         return tokens
 
     def _matcher(self, schema: dict[str, Any]) -> LLMatcher:
@@ -327,16 +319,16 @@ class LlamaCppEngine:
             raise InvalidRequest(f"output.json_schema: {exc}") from exc
 
     def _chat_tokens(self, turns: Sequence[ChatTurn]) -> list[int]:
-        llama = self._require_loaded()
-        if self._chat is None:
-            raise InvalidRequest("this model has no chat template; send a prompt instead of chat messages")
-        messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
+        rendered = self._rendered(turns)
+        return self._require_loaded().tokenize(
+            rendered.text.encode("utf-8"), add_bos=rendered.add_bos, special=rendered.special
+        )
+
+    def _rendered(self, turns: Sequence[ChatTurn]) -> RenderedChat:
         try:
-            text = self._chat(messages=messages).prompt
+            return self._render(turns)
         except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
-            raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
-        # The template writes the special tokens (BOS, turn markers) itself.
-        return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            raise InvalidRequest(f"the chat cannot be rendered with the model's chat format: {exc}") from exc
 
     # -- the worker thread ----------------------------------------------------------------------
 
@@ -392,7 +384,7 @@ class LlamaCppEngine:
         """Samples tokens until end of sequence, a stop string or max_tokens; (None, n) when stopped."""
         llama = self._model
         request = job.request
-        vocab = self._vocab(llama)
+        vocabulary = self._vocabulary_()
         s = request.sampling
         llama.set_seed(
             s.seed % llama_cpp.LLAMA_DEFAULT_SEED if s.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
@@ -401,6 +393,15 @@ class LlamaCppEngine:
         completion_tokens = 0
         finish: Literal["stop", "length"] | None = None
         mask = TokenMask(job.matcher, llama.n_vocab()) if job.matcher is not None else None
+        settings = self._settings
+        penalty = RepetitionPenalty(
+            vocabulary.words,
+            repetition=_or(s.repetition_penalty, settings.default_repetition_penalty),
+            frequency=_or(s.frequency_penalty, settings.default_frequency_penalty),
+            presence=_or(s.presence_penalty, settings.default_presence_penalty),
+            last_n=settings.penalty_last_n,
+        )
+        processors = [p for p in (mask, penalty if penalty.active else None) if p is not None]
         # The prompt is already evaluated, so generate() starts sampling at once.
         tokens = llama.generate(
             job.tokens,
@@ -408,23 +409,20 @@ class LlamaCppEngine:
             top_k=s.top_k if s.top_k is not None else 40,
             top_p=s.top_p if s.top_p is not None else 0.95,
             min_p=0.05,
-            repeat_penalty=s.repetition_penalty if s.repetition_penalty is not None else 1.0,
-            frequency_penalty=s.frequency_penalty if s.frequency_penalty is not None else 0.0,
-            presence_penalty=s.presence_penalty if s.presence_penalty is not None else 0.0,
-            logits_processor=LogitsProcessorList([mask]) if mask is not None else None,
+            # Penalties are RepetitionPenalty's: llama.cpp's own would weigh the JSON syntax too.
+            repeat_penalty=1.0,
+            logits_processor=LogitsProcessorList(processors) if processors else None,
         )
         try:
             for token in tokens:
                 if job.stop.is_set():
                     return None, completion_tokens
                 # Past a complete document only end-of-sequence is allowed, ignore_eos or not.
-                if llama_cpp.llama_vocab_is_eog(vocab, token) and (
-                    not request.ignore_eos or mask is not None
-                ):
+                if vocabulary.is_end(token) and (not request.ignore_eos or mask is not None):
                     finish = "stop"
                     break
                 completion_tokens += 1
-                delta, count = text.push(self._piece(vocab, token))
+                delta, count = text.push(vocabulary.pieces[token])
                 if delta:
                     job.emit(EngineDelta(text=delta, token_count=count))
                 if text.stopped:
@@ -445,20 +443,6 @@ class LlamaCppEngine:
             job.emit(EngineDelta(text=delta, token_count=count))
         return finish, completion_tokens
 
-    def _piece(self, vocab: Any, token: int) -> bytes:
-        """The bytes of one token (a special token has none)."""
-        piece = self._pieces.get(token)
-        if piece is None:
-            size = 64
-            while True:
-                buffer = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
-                if n >= 0:
-                    break
-                size = -n  # a negative result is the size it needs
-            piece = self._pieces[token] = buffer.raw[:n]
-        return piece
-
     # -- helpers ------------------------------------------------------------------------------
 
     @property
@@ -467,58 +451,15 @@ class LlamaCppEngine:
         assert self._llama is not None
         return self._llama
 
+    def _vocabulary_(self) -> Vocabulary:
+        assert self._vocabulary is not None
+        return self._vocabulary
+
     def _require_loaded(self) -> Llama:
         if self._llama is None or self._closed:
             raise EngineUnavailable("the llama.cpp engine is not running")
         return self._llama
 
-    @staticmethod
-    def _vocab(llama: Llama) -> Any:
-        return llama_cpp.llama_model_get_vocab(llama.model)
 
-
-_PARAMS_LOCK = threading.Lock()
-
-
-def load_llama(**kwargs: Any) -> Llama:
-    """`Llama(**kwargs)` without llama.cpp's extra buffer types (weight repacking, AMX kernels).
-
-    On an AMX-capable Xeon in a VM, a build of llama-cpp-python 0.3.36 for the host CPU segfaults
-    on the first batch of more than one token when those buffers are in use; the plain CPU buffers
-    are as fast for small models. `Llama` has no argument for it, so its default model parameters
-    are adjusted while it loads.
-    """
-    import llama_cpp.llama as llama_module
-
-    defaults = llama_module.llama_cpp.llama_model_default_params
-
-    def params() -> Any:
-        value = defaults()
-        value.use_extra_bufts = False
-        return value
-
-    with _PARAMS_LOCK:
-        llama_module.llama_cpp.llama_model_default_params = params
-        try:
-            return Llama(**kwargs)
-        finally:
-            llama_module.llama_cpp.llama_model_default_params = defaults
-
-
-def _token_text(vocab: Any, token: int) -> str:
-    if token < 0:
-        return ""
-    return (llama_cpp.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
-
-
-def _default_threads() -> int:
-    """Half the CPUs this process may run on (its affinity mask, which containers narrow).
-
-    llama.cpp's threads spin while they wait for each other; when they compete with the event loop
-    and gRPC's threads for every CPU, decoding slows down tenfold, so some CPUs are left free.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -31,7 +31,8 @@ from services.generator.servicer import GenerationLimits, GeneratorServicer
 from tests.conftest import in_process_server
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from services.generator.llama_cpp_engine import LlamaCppEngine, load_llama  # noqa: E402
+from services.generator.llama_cpp_engine import LlamaCppEngine  # noqa: E402
+from services.generator.llama_model import load_llama  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -318,7 +319,8 @@ async def test_model_info_describes_the_loaded_model(
     assert info.max_model_len == CONTEXT and info.default_max_tokens == 16
     assert info.engine_settings["n_ctx"] == str(CONTEXT)
     assert info.engine_settings["n_threads"] == "1"
-    assert info.engine_settings["chat_template"] == "gguf"
+    assert info.engine_settings["chat_format"] == "gguf"
+    assert info.engine_settings["repetition_penalty"] == "1.15"
 
 
 async def test_tokenize_counts_with_the_models_tokenizer_and_offsets_cut_whole_tokens(
