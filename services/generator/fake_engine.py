@@ -1,21 +1,28 @@
 """A deterministic stand-in for a model (GENERATOR_BACKEND=fake), for fault tests of the whole stack.
 
-It writes the smallest document the request's JSON Schema allows: objects with their properties in
-order, the fewest array items, an enum's first value, and strings that start with their pattern's
-literal prefix and go on in Korean. The first open-ended string (a pattern without `$`, or none) ends
-with the last characters of the prompt in a code block, so a test can see what the model was shown.
-The text streams in 4-character tokens, one every GENERATOR_FAKE_TOKEN_INTERVAL_S, honours max_tokens,
-deadlines and cancellation like the real engines, and counts the requests it is running.
+It drafts the smallest document the request's JSON Schema suggests (objects with their properties in
+order, the fewest array items, an enum's first value, strings that start with their pattern's literal
+prefix and go on in Korean; the first open-ended string, or one that asks for code fences, gets a bullet,
+the diff lines at the end of the prompt in a code block and the prompt's last characters in a paragraph,
+so a test can see what the model was shown), then walks the draft through the same grammar the real
+engines use (llguidance, one byte at a time): what the grammar refuses is left out and what it still
+needs is filled in, so the document always follows the schema. The text streams in 4-character tokens,
+one every GENERATOR_FAKE_TOKEN_INTERVAL_S, honours max_tokens, deadlines and cancellation like the real
+engines, and counts the requests it is running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
+
+from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from services.generator.config import GeneratorSettings
 from services.generator.engine import (
@@ -33,7 +40,7 @@ from services.generator.engine import (
     TokenCount,
     TokenizeInput,
 )
-from services.generator.json_grammar import SchemaError, json_schema_to_grammar
+from services.generator.json_grammar import SchemaError, json_schema_to_grammar, schema_key
 
 CHARS_PER_TOKEN = 4
 ECHO_CHARS = 240
@@ -145,8 +152,80 @@ def fake_output(schema: dict[str, Any] | None, *, echo: str) -> str:
     """The text the fake model writes: JSON for a schema, else a Korean sentence and the echo."""
     if schema is None:
         return f"변경 내용을 요약한다.\n\n```text\n{echo}\n```\n"
-    writer = _Writer(echo)
-    return json.dumps(writer.value(schema, 0), ensure_ascii=False)
+    draft = json.dumps(_Writer(echo).value(schema, 0), ensure_ascii=False)
+    try:
+        matcher = _byte_matcher(schema)
+    except SchemaError:
+        return draft
+    return _follow(matcher, draft)
+
+
+# The draft is written one JSON unit at a time (an escape sequence is one); a unit the grammar refuses is
+# left out, and once the draft runs out these complete the document, the first the grammar allows.
+_UNITS = re.compile(r"\\u[0-9a-fA-F]{4}|\\.|.", re.DOTALL)
+_FILLERS = ['"', "}", "]", "\\n", "\n", ".", "가", " ", "a", "`", "-", "#", ",", ":", "0", "[", "{", "t", "e"]
+_FILLERS += [chr(c) for c in range(0x21, 0x7F) if chr(c) not in _FILLERS]
+_MAX_BYTES = 20_000
+
+
+def _follow(matcher: LLMatcher, draft: str) -> str:
+    """The draft, bent to the grammar: a document it accepts (or, past _MAX_BYTES, the draft)."""
+    out: list[str] = []
+    size = 0
+    units = iter(_UNITS.findall(draft))
+    while not matcher.is_stopped() and size < _MAX_BYTES:
+        unit = next(units, None)
+        if unit is None:
+            if matcher.is_accepting():
+                break
+            unit = next((f for f in _FILLERS if _take(matcher, f)), None)
+            if unit is None:
+                return draft
+        elif not _take(matcher, unit):
+            if out and out[-1] == "\\n":  # a line the grammar refuses from its start goes whole
+                while unit not in (None, "\\n"):
+                    unit = next(units, None)
+            continue
+        out.append(unit)
+        size += len(unit.encode())
+    return "".join(out) if matcher.is_accepting() else draft
+
+
+def _take(matcher: LLMatcher, unit: str) -> bool:
+    data = list(unit.encode())
+    taken = matcher.try_consume_tokens(data)
+    if taken < len(data):
+        matcher.rollback(taken)
+        return False
+    return True
+
+
+class _Bytes:
+    """A vocabulary of the 256 bytes and an end token, for walking a grammar one byte at a time."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([b]) for b in range(256)] + [b"<eos>"]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+_BYTE_TOKENIZER = LLTokenizer(TokenizerWrapper(_Bytes()))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(key: str, schema_json: str) -> LLMatcher | SchemaError:
+    grammar = json_schema_to_grammar(json.loads(schema_json), validate=False)
+    matcher = LLMatcher(_BYTE_TOKENIZER, grammar, log_level=0)
+    return SchemaError(matcher.get_error()) if matcher.is_error() else matcher
+
+
+def _byte_matcher(schema: dict[str, Any]) -> LLMatcher:
+    compiled = _compiled(schema_key(schema), json.dumps(schema, ensure_ascii=False))
+    if isinstance(compiled, SchemaError):
+        raise compiled
+    return compiled.deep_copy()
 
 
 class _Writer:
@@ -187,14 +266,30 @@ class _Writer:
         self._strings += 1
         pattern = schema.get("pattern")
         pattern = pattern if isinstance(pattern, str) else ""
-        text = _literal_prefix(pattern) + f"항목 {self._strings}"
-        if self._echo is not None and not pattern.endswith("$"):
-            text += f"\n\n- 변경 내용을 요약한다.\n\n```text\n{self._echo}\n```\n"
+        prefix = _literal_prefix(pattern)
+        text = prefix + _NAMES[(self._strings - 1) % len(_NAMES)]
+        if self._echo is not None and (not pattern.endswith("$") or "```" in pattern):
+            # A bullet, code lines of the diff in the prompt (markers dropped), and the echo in a paragraph.
+            code = "\n".join(
+                line[1:]
+                for line in self._echo.splitlines()
+                if line[:1] in "+- " and line[1:].strip() and line[:3] not in ("+++", "---")
+            )
+            fence = re.search(r"```([A-Za-z0-9+#._-]+)\\n", pattern)
+            flat = " ".join(self._echo.split())
+            body = (
+                f"변경 내용을 요약한다.\n\n```{fence.group(1) if fence else 'text'}\n{code or self._echo}\n```\n\n"
+                f"프롬프트의 끝: {flat}"
+            )
+            text = prefix + (body if prefix.endswith("- ") else f"\n\n- {body}")
             self._echo = None
         limit = schema.get("maxLength")
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
             text = text[:limit]
         return text
+
+
+_NAMES = ["캐시 정리", "캐시", "설정 값", "변경 사항"]
 
 
 def _literal_prefix(pattern: str) -> str:
