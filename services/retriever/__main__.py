@@ -1,35 +1,55 @@
-"""`python -m services.retriever`: settings -> encoders -> Qdrant index -> servicer -> serve()."""
+"""`python -m services.retriever`: settings -> encoders -> store (Edge shard or server) -> index -> serve()."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from services.common.server import serve
 from services.common.settings import load_settings
 from services.retriever.config import RetrieverSettings
+from services.retriever.documents import VectorStore
+from services.retriever.edge_store import EdgeStore
 from services.retriever.embedding import SentenceTransformerEncoder
-from services.retriever.index import QdrantIndex, QdrantLocation
+from services.retriever.index import HybridIndex, SparseEncoder
 from services.retriever.lexical import LexicalEncoder
-from services.retriever.servicer import RequestLimits, RetrieverServicer, retriever_service
+from services.retriever.morphemes import KiwiEncoder
+from services.retriever.server_store import ServerStore
+from services.retriever.servicer import INDEX_DISK_BYTES, RequestLimits, RetrieverServicer, retriever_service
+
+
+def make_store(settings: RetrieverSettings) -> VectorStore:
+    """A Qdrant server when RETRIEVER_QDRANT_URL is set, else an Edge shard on this machine's disk."""
+    if settings.qdrant_url:
+        return ServerStore(
+            settings.qdrant_url,
+            settings.collection,
+            api_key=settings.qdrant_api_key,
+            timeout_s=settings.qdrant_timeout_s,
+        )
+    return EdgeStore(
+        Path(settings.qdrant_path) / settings.collection,
+        search_threads=settings.edge_search_threads or None,
+    )
+
+
+def make_sparse_encoder(settings: RetrieverSettings) -> SparseEncoder:
+    return KiwiEncoder() if settings.sparse_analyser == "kiwi" else LexicalEncoder()
 
 
 def main() -> None:
     settings = load_settings(RetrieverSettings)
-    index = QdrantIndex(
-        QdrantLocation(
-            url=settings.qdrant_url,
-            api_key=settings.qdrant_api_key,
-            path=settings.qdrant_path,
-            timeout_s=settings.qdrant_timeout_s,
-        ),
+    store = make_store(settings)
+    INDEX_DISK_BYTES.set_function(lambda: store.disk_bytes() or 0)
+    index = HybridIndex(
+        store,
         SentenceTransformerEncoder(
             settings.embedding_model,
             device=settings.embedding_device,
             batch_size=settings.embedding_batch,
             threads=settings.embedding_threads,
         ),
-        LexicalEncoder(),
-        collection=settings.collection,
+        make_sparse_encoder(settings),
         multilingual_embeddings=settings.embedding_multilingual,
         mmr_candidates=settings.mmr_candidates,
     )
@@ -39,6 +59,11 @@ def main() -> None:
             default_top_k=settings.default_top_k,
             max_top_k=settings.max_top_k,
             max_text_chars=settings.max_text_chars,
+            max_title_chars=settings.max_title_chars,
+            max_field_chars=settings.max_field_chars,
+            max_tags=settings.max_tags,
+            max_attributes=settings.max_attributes,
+            max_attribute_chars=settings.max_attribute_chars,
             max_batch=settings.max_batch,
         ),
     )

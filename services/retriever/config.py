@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -9,7 +11,8 @@ from services.common.settings import ServerSettings
 
 
 class RetrieverSettings(ServerSettings):
-    """Where the index lives and what a call may ask. An empty RETRIEVER_QDRANT_URL runs Qdrant in-process."""
+    """Where the index lives and what a call may ask. An empty RETRIEVER_QDRANT_URL keeps the index in a
+    Qdrant Edge shard (Qdrant's engine in the process) in RETRIEVER_QDRANT_PATH/RETRIEVER_COLLECTION."""
 
     model_config = SettingsConfigDict(env_prefix="RETRIEVER_", extra="ignore", frozen=True)
 
@@ -18,16 +21,28 @@ class RetrieverSettings(ServerSettings):
 
     qdrant_url: str = Field(
         "",
-        description="http(s)://host:6333 of a Qdrant server; empty runs Qdrant embedded in the process "
-        "(local mode: exact search, fine for development and small collections).",
+        description="http(s)://host:6333 of a Qdrant server; empty keeps the index in a Qdrant Edge shard on "
+        "this machine's disk (Qdrant's Rust engine in the process).",
     )
     qdrant_api_key: str = Field("", description="API key of the Qdrant server; empty: none.")
     qdrant_path: str = Field(
-        ".data/qdrant", min_length=1, description="Folder of the embedded Qdrant (relative to the cwd)."
+        ".data/qdrant",
+        min_length=1,
+        description="Folder of the Edge shards (relative to the cwd); the shard is its RETRIEVER_COLLECTION "
+        "subfolder, created when absent or empty.",
+    )
+    edge_search_threads: int = Field(
+        0, ge=0, le=256, description="Threads of the Edge shard's search pool; 0: one per CPU."
     )
     qdrant_timeout_s: int = Field(10, ge=1, description="Timeout of one request to the Qdrant server.")
     collection: str = Field(
         "til_documents", pattern=r"^[A-Za-z0-9_-]{1,255}$", description="Qdrant collection name."
+    )
+
+    sparse_analyser: Literal["kiwi", "lexical"] = Field(
+        "kiwi",
+        description="Korean terms of the sparse vectors: `kiwi` (morphemes from the Kiwi analyser) or "
+        "`lexical` (particle stripping and syllable n-grams). Changing it needs a re-index.",
     )
 
     embedding_model: str = Field(
@@ -55,6 +70,13 @@ class RetrieverSettings(ServerSettings):
     max_text_chars: int = Field(
         20_000, ge=1, description="Longest document text or query, in characters (code points)."
     )
+    max_title_chars: int = Field(1_000, ge=1, description="Longest document title, in characters.")
+    max_field_chars: int = Field(
+        256, ge=1, description="Longest owner, language, difficulty, tag or attribute key, in characters."
+    )
+    max_tags: int = Field(64, ge=0, description="Most tags on a document or in a search filter.")
+    max_attributes: int = Field(64, ge=0, description="Most attributes on a document.")
+    max_attribute_chars: int = Field(2_000, ge=1, description="Longest attribute value, in characters.")
     max_batch: int = Field(
         256, ge=1, description="Most documents in one UpsertDocuments or ids in one delete."
     )

@@ -114,16 +114,35 @@ class SparseTerms:
         return len(self.indices)
 
 
+# BM25's term-frequency saturation and length normalisation (Robertson's k1 and b), against a fixed
+# average length in terms: Qdrant multiplies by the IDF at query time (`Modifier.IDF`), so these values
+# make the sparse score BM25. Without them a long document that repeats common words outranks a short
+# one that names what was asked.
+BM25_K1 = 1.2
+BM25_B = 0.75
+BM25_AVG_TERMS = 256.0
+
+
+def bm25_terms(
+    terms: Iterator[str] | list[str],
+    *,
+    k1: float = BM25_K1,
+    b: float = BM25_B,
+    avg_terms: float = BM25_AVG_TERMS,
+) -> SparseTerms:
+    """The sparse vector of a text's terms: each term id weighted by BM25's saturated frequency."""
+    counts = Counter(term_id(t) for t in terms)
+    length = sum(counts.values())
+    norm = k1 * (1.0 - b + b * length / avg_terms)
+    indices = tuple(sorted(counts))
+    return SparseTerms(indices, tuple(counts[i] * (k1 + 1.0) / (counts[i] + norm) for i in indices))
+
+
 class LexicalEncoder:
-    """Sparse encoder for the lexical channel: term frequencies of `iter_terms` under `term_id`.
+    """Sparse encoder for the lexical channel: BM25-weighted frequencies of `iter_terms` under `term_id`
+    (Qdrant applies the IDF)."""
 
-    Qdrant applies IDF at query time (the collection's sparse vector uses `Modifier.IDF`), so a
-    frequency here is all a document or a query needs.
-    """
-
-    name = "lexical-v1"
+    name = "lexical-v2"
 
     def encode(self, text: str) -> SparseTerms:
-        counts = Counter(term_id(t) for t in iter_terms(text))
-        indices = tuple(sorted(counts))
-        return SparseTerms(indices, tuple(float(counts[i]) for i in indices))
+        return bm25_terms(list(iter_terms(text)))

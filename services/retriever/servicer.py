@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from til.v1 import retriever_pb2, retriever_pb2_grpc
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import Service
-from services.retriever.index import Document, DocumentIndex, SearchFilter, SearchMode, SearchQuery
+from services.retriever.documents import Document, DocumentIndex, SearchFilter, SearchMode, SearchQuery
 
 SEARCH_SECONDS = Histogram(
     "tilserve_retriever_search_seconds",
@@ -22,6 +23,10 @@ SEARCH_SECONDS = Histogram(
 )
 DOCUMENTS_UPSERTED = Counter("tilserve_retriever_documents_upserted_total", "Documents stored or replaced.")
 DOCUMENTS_DELETED = Counter("tilserve_retriever_documents_deleted_total", "Document ids asked to be deleted.")
+INDEX_DISK_BYTES = Gauge(
+    "tilserve_retriever_index_disk_bytes",
+    "Bytes the index takes on this machine's disk (the Edge shard's folder); 0 with a Qdrant server.",
+)
 
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
 MAX_ID_CHARS = 512
@@ -42,12 +47,36 @@ MODES = {
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one call may ask for (the RETRIEVER_* settings of the same names)."""
+    """What one call may ask for and one document may hold (the RETRIEVER_* settings of the same names)."""
 
     default_top_k: int = 5
     max_top_k: int = 100
     max_text_chars: int = 20_000
+    max_title_chars: int = 1_000
+    max_field_chars: int = 256
+    max_tags: int = 64
+    max_attributes: int = 64
+    max_attribute_chars: int = 2_000
     max_batch: int = 256
+
+    def chars(self, value: str, field: str, setting: str) -> str:
+        limit = getattr(self, setting)
+        if len(value) > limit:
+            raise InvalidArgument(
+                f"{field} has {len(value)} characters; at most {limit} (RETRIEVER_{setting.upper()})"
+            )
+        return value
+
+    def count(self, size: int, field: str, setting: str) -> None:
+        limit = getattr(self, setting)
+        if size > limit:
+            raise InvalidArgument(
+                f"{field} has {size} entries; at most {limit} (RETRIEVER_{setting.upper()})"
+            )
+
+    def tags(self, tags: Sequence[str], field: str) -> tuple[str, ...]:
+        self.count(len(tags), field, "max_tags")
+        return tuple(self.chars(tag, f"{field}[{i}]", "max_field_chars") for i, tag in enumerate(tags))
 
 
 def _kind(value: int, field: str) -> str:
@@ -58,12 +87,10 @@ def _kind(value: int, field: str) -> str:
     return KIND_NAMES[value]
 
 
-def _text(value: str, field: str, limit: int) -> str:
+def _text(value: str, field: str, limits: RequestLimits) -> str:
     if not value.strip():
         raise InvalidArgument(f"{field} is empty")
-    if len(value) > limit:
-        raise InvalidArgument(f"{field} has {len(value)} characters; at most {limit} are accepted")
-    return value
+    return limits.chars(value, field, "max_text_chars")
 
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
@@ -80,18 +107,22 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
             )
 
     def _document(self, doc: retriever_pb2.Document, i: int) -> Document:
-        field = f"documents[{i}]"
+        field, limits = f"documents[{i}]", self.limits
         if len(doc.id) > MAX_ID_CHARS:
             raise InvalidArgument(f"{field}.id is longer than {MAX_ID_CHARS} characters")
+        limits.count(len(doc.attributes), f"{field}.attributes", "max_attributes")
+        for key, value in doc.attributes.items():
+            limits.chars(key, f"{field}.attributes key {key[:40]!r}", "max_field_chars")
+            limits.chars(value, f"{field}.attributes[{key[:40]!r}]", "max_attribute_chars")
         return Document(
             id=doc.id,
             kind=_kind(doc.kind, f"{field}.kind"),
-            text=_text(doc.text, f"{field}.text", self.limits.max_text_chars),
-            title=doc.title,
-            owner=doc.owner,
-            language=doc.language,
-            difficulty=doc.difficulty,
-            tags=tuple(doc.tags),
+            text=_text(doc.text, f"{field}.text", limits),
+            title=limits.chars(doc.title, f"{field}.title", "max_title_chars"),
+            owner=limits.chars(doc.owner, f"{field}.owner", "max_field_chars"),
+            language=limits.chars(doc.language, f"{field}.language", "max_field_chars"),
+            difficulty=limits.chars(doc.difficulty, f"{field}.difficulty", "max_field_chars"),
+            tags=limits.tags(doc.tags, f"{field}.tags"),
             attributes=dict(doc.attributes),
         )
 
@@ -106,7 +137,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 
     def _query(self, request: retriever_pb2.SearchDocumentsRequest) -> SearchQuery:
         limits = self.limits
-        text = _text(request.query, "query", limits.max_text_chars)
+        text = _text(request.query, "query", limits)
         if request.top_k > limits.max_top_k:
             raise InvalidArgument(f"top_k is {request.top_k}; at most {limits.max_top_k}")
         if request.mode not in MODES:
@@ -123,11 +154,11 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
             top_k=request.top_k or limits.default_top_k,
             mode=MODES[request.mode],
             filter=SearchFilter(
-                kinds=tuple(_kind(k, f"filter.kinds[{i}]") for i, k in enumerate(f.kinds)),
-                owner=f.owner,
-                language=f.language,
-                difficulty=f.difficulty,
-                tags=tuple(f.tags),
+                kinds=tuple(sorted({_kind(k, f"filter.kinds[{i}]") for i, k in enumerate(f.kinds)})),
+                owner=limits.chars(f.owner, "filter.owner", "max_field_chars"),
+                language=limits.chars(f.language, "filter.language", "max_field_chars"),
+                difficulty=limits.chars(f.difficulty, "filter.difficulty", "max_field_chars"),
+                tags=limits.tags(f.tags, "filter.tags"),
             ),
             score_threshold=threshold,
             mmr_lambda=mmr_lambda,
@@ -151,9 +182,13 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
     ) -> retriever_pb2.GetDocumentResponse:
         if not request.id:
             raise InvalidArgument("id is empty")
+        if len(request.id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"id is longer than {MAX_ID_CHARS} characters")
+        owner = self.limits.chars(request.owner, "owner", "max_field_chars")
         doc = await self._index.get(request.id)
-        if doc is None:
-            raise NotFound(f"no document has id {request.id!r}")
+        # Another owner's document is answered as if it did not exist (the empty owner is an owner too).
+        if doc is None or (request.HasField("owner") and doc.owner != owner):
+            raise NotFound(f"no document has id {request.id[:MAX_ID_CHARS]!r}")
         return retriever_pb2.GetDocumentResponse(document=to_proto(doc))
 
     async def DeleteDocuments(
@@ -163,6 +198,8 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         for i, doc_id in enumerate(request.ids):
             if not doc_id:
                 raise InvalidArgument(f"ids[{i}] is empty")
+            if len(doc_id) > MAX_ID_CHARS:
+                raise InvalidArgument(f"ids[{i}] is longer than {MAX_ID_CHARS} characters")
         await self._index.delete(list(request.ids))
         DOCUMENTS_DELETED.inc(len(request.ids))
         return retriever_pb2.DeleteDocumentsResponse()

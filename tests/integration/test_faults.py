@@ -730,3 +730,115 @@ async def test_sigterm_drains_twenty_streams_then_exits_zero(secure: Secure) -> 
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     assert len(completed) == 20, [r for r in rests if not isinstance(r, list)]
     assert codes == {"edge": 0, "generator": 0}
+
+
+# --- The retriever's Edge shard: a SIGKILL mid-write, a damaged shard, its size in the metrics ---------
+
+
+def retriever_only(tmp: Path) -> LocalStack:
+    from services.stack import free_port
+
+    return LocalStack(
+        data_dir=tmp,
+        ports={"retriever": free_port()},
+        metrics_ports={"retriever": free_port()},
+        services=("retriever",),
+    )
+
+
+def shard_docs(start: int, count: int) -> list[retriever_pb2.Document]:
+    return [
+        retriever_pb2.Document(
+            id=f"kill-{n:05d}",
+            kind=retriever_pb2.DOCUMENT_KIND_TIL,
+            owner="alice",
+            text=f"트랜잭션 격리 수준 {n}번째 노트: asyncio.Queue 와 retry_with_backoff 를 정리했다.",
+        )
+        for n in range(start, start + count)
+    ]
+
+
+@pytest.mark.model
+async def test_the_retriever_shard_survives_sigkill_mid_write(tmp_path: Path) -> None:
+    stack = retriever_only(tmp_path)
+    await stack.start(timeout_s=180)
+    acknowledged: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(stack.address("retriever")) as channel:
+            stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+
+            async def write_forever() -> None:
+                n = 0
+                while True:
+                    request = retriever_pb2.UpsertDocumentsRequest(documents=shard_docs(n, 16))
+                    response = await stub.UpsertDocuments(request, timeout=30)
+                    acknowledged.extend(response.ids)
+                    n += 16
+
+            writer = asyncio.create_task(write_forever())
+            await until(lambda: len(acknowledged) >= 96, 120, "96 acknowledged documents")
+            assert metric(stack, "retriever", "tilserve_retriever_index_disk_bytes") > 0
+            stack.kill("retriever")  # SIGKILL while the writer has its next batch in flight
+            with pytest.raises(grpc.aio.AioRpcError):
+                await writer
+    finally:
+        stack.stop()
+
+    restarted = retriever_only(tmp_path)
+    await restarted.start(timeout_s=180)
+    try:
+        async with grpc.aio.insecure_channel(restarted.address("retriever")) as channel:
+            stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+            for doc_id in acknowledged:  # every write that was answered is there
+                got = await stub.GetDocument(retriever_pb2.GetDocumentRequest(id=doc_id, owner="alice"))
+                assert got.document.id == doc_id
+            search = retriever_pb2.SearchDocumentsRequest(
+                query=f"{len(acknowledged) - 1}번째 노트",
+                top_k=3,
+                filter=retriever_pb2.SearchFilter(owner="alice"),
+            )
+            hits = (await stub.SearchDocuments(search, timeout=10)).hits
+            assert hits and hits[0].document.id == acknowledged[-1]
+        report(
+            "retriever SIGKILL mid-write",
+            acknowledged=len(acknowledged),
+            found_after_restart=len(acknowledged),
+        )
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("config", "edge_config.json is missing"),
+        ("segments", "lost its segments folder"),
+        ("garbage", "cannot be loaded"),
+    ],
+)
+async def test_a_damaged_shard_stops_the_retriever_with_a_clear_message(
+    tmp_path: Path, damage: str, words: str
+) -> None:
+    stack = retriever_only(tmp_path)
+    await stack.start(timeout_s=180)
+    async with grpc.aio.insecure_channel(stack.address("retriever")) as channel:
+        await retriever_pb2_grpc.RetrieverServiceStub(channel).UpsertDocuments(
+            retriever_pb2.UpsertDocumentsRequest(documents=shard_docs(0, 4))
+        )
+    assert stack.stop() == {"retriever": 0}
+    shard = tmp_path / "qdrant" / "til_documents"
+    if damage == "config":
+        (shard / "edge_config.json").unlink()
+    elif damage == "segments":
+        shutil.rmtree(shard / "segments")
+    else:
+        for segment in (shard / "segments").iterdir():
+            for path in segment.rglob("*"):
+                if path.is_file():
+                    path.write_bytes(b"\xff" * 64)
+    again = retriever_only(tmp_path)
+    with pytest.raises(RuntimeError) as failed:
+        await again.start(timeout_s=120)
+    assert words in str(failed.value), str(failed.value)
+    assert "RETRIEVER_QDRANT_PATH" in str(failed.value) or "restore" in str(failed.value)

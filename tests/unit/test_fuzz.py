@@ -39,9 +39,10 @@ from services.common.server import Service
 from services.generator.config import GeneratorSettings
 from services.generator.fake_engine import FakeEngine
 from services.generator.servicer import GenerationLimits, GeneratorServicer
-from services.retriever.index import QdrantIndex, QdrantLocation
+from services.retriever.edge_store import EdgeStore
+from services.retriever.index import HybridIndex
 from services.retriever.lexical import LexicalEncoder
-from services.retriever.servicer import RetrieverServicer, retriever_service
+from services.retriever.servicer import RequestLimits, RetrieverServicer, retriever_service
 from tests.conftest import in_process_server
 from tests.unit.test_edge_service import (
     DATE,
@@ -63,6 +64,16 @@ ACCEPTED = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OUT_OF_RANGE,
 }
+
+# Small enough that random values cross every limit on what the retriever stores.
+RETRIEVER_LIMITS = RequestLimits(
+    max_text_chars=4_000,
+    max_title_chars=40,
+    max_field_chars=24,
+    max_tags=3,
+    max_attributes=3,
+    max_attribute_chars=40,
+)
 
 SERVICES: dict[str, ServiceDescriptor] = {
     "edge": edge_pb2.DESCRIPTOR.services_by_name["EdgeService"],
@@ -130,13 +141,11 @@ async def fleet_servers(data_dir: Path) -> AsyncIterator[dict[str, int]]:
         )
         generator_server, _ = await stack.enter_async_context(in_process_server([generator.service()]))
 
-        index = QdrantIndex(
-            QdrantLocation(path=str(data_dir / "qdrant")), HashEncoder(), LexicalEncoder(), collection="fuzz"
-        )
+        index = HybridIndex(EdgeStore(data_dir / "shard"), HashEncoder(), LexicalEncoder())
         await index.start()
         stack.push_async_callback(index.close)
         retriever_server, _ = await stack.enter_async_context(
-            in_process_server([retriever_service(RetrieverServicer(index))])
+            in_process_server([retriever_service(RetrieverServicer(index, RETRIEVER_LIMITS))])
         )
 
         cacher = CacherServicer(DictStore(), CacherSettings(port=0, metrics_port=0))
@@ -382,6 +391,66 @@ def test_random_requests_get_a_clear_status(
 
     check()
     assert_serving(channels)
+
+
+def _sized_text(limit: int) -> st.SearchStrategy[str]:
+    """Strings at, under and over `limit` characters, Hangul and ASCII."""
+    return st.integers(0, 2 * limit).flatmap(
+        lambda n: st.sampled_from(["a", "\ud7a3", " "]).map(lambda c: c * n)
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    title=_sized_text(RETRIEVER_LIMITS.max_title_chars),
+    owner=_sized_text(RETRIEVER_LIMITS.max_field_chars),
+    tags=st.lists(_sized_text(RETRIEVER_LIMITS.max_field_chars), max_size=2 * RETRIEVER_LIMITS.max_tags),
+    attributes=st.dictionaries(
+        _sized_text(RETRIEVER_LIMITS.max_field_chars),
+        _sized_text(RETRIEVER_LIMITS.max_attribute_chars),
+        max_size=2 * RETRIEVER_LIMITS.max_attributes,
+    ),
+    text=st.one_of(st.just("캐시 TTL"), _sized_text(RETRIEVER_LIMITS.max_text_chars)),
+)
+def test_the_retriever_stores_only_documents_within_its_limits(
+    channels: dict[str, grpc.Channel],
+    title: str,
+    owner: str,
+    tags: list[str],
+    attributes: dict[str, str],
+    text: str,
+) -> None:
+    doc = retriever_pb2.Document(
+        id="sized", kind=retriever_pb2.DOCUMENT_KIND_TIL, text=text, title=title, owner=owner, tags=tags,
+        attributes=attributes,
+    )  # fmt: skip
+    limits = RETRIEVER_LIMITS
+    within = (
+        bool(text.strip())
+        and len(text) <= limits.max_text_chars
+        and len(title) <= limits.max_title_chars
+        and len(owner) <= limits.max_field_chars
+        and len(tags) <= limits.max_tags
+        and all(len(t) <= limits.max_field_chars for t in tags)
+        and len(attributes) <= limits.max_attributes
+        and all(
+            len(k) <= limits.max_field_chars and len(v) <= limits.max_attribute_chars
+            for k, v in attributes.items()
+        )
+    )
+    service = SERVICES["retriever"]
+    request = retriever_pb2.UpsertDocumentsRequest(documents=[doc]).SerializeToString()
+    code, details = call(channels["retriever"], service, service.methods_by_name["UpsertDocuments"], request)
+    if within:
+        assert code is grpc.StatusCode.OK, details
+        got = retriever_pb2.GetDocumentRequest(id="sized", owner=owner).SerializeToString()
+        assert (
+            call(channels["retriever"], service, service.methods_by_name["GetDocument"], got)[0]
+            is grpc.StatusCode.OK
+        )
+    else:
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+        assert "RETRIEVER_MAX_" in details or "is empty" in details, details
 
 
 def test_an_error_that_quotes_a_huge_input_is_cut_to_fit_in_a_header(

@@ -1,4 +1,4 @@
-"""The retriever service through real stubs: the packaged MiniLM model and embedded Qdrant in tmp_path."""
+"""The retriever service through real stubs: the packaged MiniLM model, Kiwi, and a Qdrant Edge shard in tmp_path."""
 
 from __future__ import annotations
 
@@ -11,25 +11,28 @@ from typing import Any
 
 import grpc
 import pytest
+import qdrant_edge as qe
 from prometheus_client import REGISTRY
-from qdrant_client import AsyncQdrantClient, models
 from til.v1 import retriever_pb2 as pb
 from til.v1 import retriever_pb2_grpc
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.retriever.embedding import SentenceTransformerEncoder
-from services.retriever.index import (
+from services.retriever.__main__ import make_sparse_encoder
+from services.retriever.config import RetrieverSettings
+from services.retriever.documents import (
     DENSE,
     SPARSE,
     Document,
-    QdrantIndex,
-    QdrantLocation,
     SearchMode,
     SearchQuery,
+    VectorStore,
     document_id,
 )
-from services.retriever.lexical import LexicalEncoder
-from services.retriever.servicer import RequestLimits, RetrieverServicer, retriever_service
+from services.retriever.edge_store import EdgeStore
+from services.retriever.embedding import SentenceTransformerEncoder
+from services.retriever.index import HybridIndex
+from services.retriever.server_store import ServerStore
+from services.retriever.servicer import INDEX_DISK_BYTES, RequestLimits, RetrieverServicer, retriever_service
 from tests.conftest import in_process_server
 
 pytestmark = pytest.mark.model
@@ -39,28 +42,33 @@ DENSE_MODE, SPARSE_MODE, HYBRID_MODE = pb.SEARCH_MODE_DENSE, pb.SEARCH_MODE_SPAR
 LIMITS = RequestLimits(default_top_k=3, max_top_k=20, max_text_chars=2_000, max_batch=30)
 
 
+# Searches see one owner's documents: most tests work in this owner's namespace.
+OWNER = "team"
+
+
 def doc(doc_id: str, kind: int, text: str, **fields: object) -> pb.Document:
+    fields.setdefault("owner", OWNER)
     return pb.Document(id=doc_id, kind=kind, text=text, **fields)  # type: ignore[arg-type]
 
 
 CORPUS = [
     doc("til-queue", TIL, "asyncio.Queue를 쓰면 생산자와 소비자가 이벤트 루프를 막지 않고 데이터를 주고받을 수 있다.",
-        owner="alice", language="python", tags=["python", "asyncio"], title="asyncio 큐",
+        language="python", tags=["python", "asyncio"], title="asyncio 큐",
         attributes={"repo": "tilserve", "commit": "abc123"}),
     doc("til-isolation", TIL, "데이터베이스에서 트랜잭션을 격리하는 수준에 따라 팬텀 읽기가 생길 수 있다.",
-        owner="bob", language="sql", tags=["database"]),
+        language="sql", tags=["database"]),
     doc("til-parse", TIL, "parse_http_header 함수는 헤더 이름을 소문자로 바꾼 다음 값을 쉼표로 나눈다.",
-        owner="alice", language="python", tags=["http"]),
+        language="python", tags=["http"]),
     doc("q-oom", QUESTION, "Why does Kubernetes kill a container with OOMKilled when it exceeds its memory limit?",
-        owner="bob", language="en", difficulty="medium", tags=["kubernetes"]),
+        language="en", difficulty="medium", tags=["kubernetes"]),
     doc("q-rebase", QUESTION, "What is the difference between git rebase and git merge?",
-        owner="carol", language="en", difficulty="easy", tags=["git"]),
+        language="en", difficulty="easy", tags=["git"]),
     doc("doc-ttl", DOC, "Redis keys expire after their TTL; the EXPIRE command sets the time to live in seconds.",
-        owner="carol", language="en", tags=["redis", "cache"]),
+        language="en", tags=["redis", "cache"]),
     doc("doc-grpc", DOC, "A gRPC deadline tells the server how long the client is willing to wait for an answer.",
-        owner="carol", language="en", tags=["grpc"]),
+        language="en", tags=["grpc"]),
     doc("til-borrow", TIL, "Rust의 빌림 검사기는 가변 참조가 하나만 존재하도록 컴파일할 때 확인한다.",
-        owner="bob", language="rust", tags=["rust"]),
+        language="rust", tags=["rust"]),
 ]  # fmt: skip
 
 
@@ -71,20 +79,20 @@ def encoder() -> SentenceTransformerEncoder:
     return model
 
 
-def make_index(encoder: SentenceTransformerEncoder, location: QdrantLocation) -> QdrantIndex:
-    return QdrantIndex(location, encoder, LexicalEncoder(), collection="test_documents")
+def make_index(encoder: SentenceTransformerEncoder, store: VectorStore) -> HybridIndex:
+    return HybridIndex(store, encoder, make_sparse_encoder(RetrieverSettings()))
 
 
 @pytest.fixture
-async def index(encoder: SentenceTransformerEncoder, tmp_path: Path) -> AsyncIterator[QdrantIndex]:
-    idx = make_index(encoder, QdrantLocation(path=str(tmp_path / "qdrant")))
+async def index(encoder: SentenceTransformerEncoder, tmp_path: Path) -> AsyncIterator[HybridIndex]:
+    idx = make_index(encoder, EdgeStore(tmp_path / "shard"))
     await idx.start()
     yield idx
     await idx.close()
 
 
 @pytest.fixture
-async def stub(index: QdrantIndex) -> AsyncIterator[retriever_pb2_grpc.RetrieverServiceStub]:
+async def stub(index: HybridIndex) -> AsyncIterator[retriever_pb2_grpc.RetrieverServiceStub]:
     servicer = RetrieverServicer(index, LIMITS)
     async with in_process_server([retriever_service(servicer)]) as (_, channel):
         yield retriever_pb2_grpc.RetrieverServiceStub(channel)
@@ -99,6 +107,7 @@ async def corpus(stub: retriever_pb2_grpc.RetrieverServiceStub) -> retriever_pb2
 async def search(
     stub: retriever_pb2_grpc.RetrieverServiceStub, query: str, **fields: object
 ) -> list[pb.SearchHit]:
+    fields.setdefault("filter", pb.SearchFilter(owner=OWNER))
     response = await stub.SearchDocuments(pb.SearchDocumentsRequest(query=query, **fields))  # type: ignore[arg-type]
     return list(response.hits)
 
@@ -134,7 +143,7 @@ async def test_reupserting_an_id_replaces_the_document(
         "doc-ttl",
         DOC,
         "Memcached evicts the least recently used items when memory is full.",
-        owner="dave",
+        difficulty="hard",
         tags=["memcached"],
     )
     await corpus.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[changed, changed]))
@@ -144,7 +153,7 @@ async def test_reupserting_an_id_replaces_the_document(
     assert len(hits) == len(CORPUS)
     assert ids(hits).count("doc-ttl") == 1
     assert hits[0].document == changed
-    assert (await corpus.GetDocument(pb.GetDocumentRequest(id="doc-ttl"))).document.owner == "dave"
+    assert (await corpus.GetDocument(pb.GetDocumentRequest(id="doc-ttl"))).document.difficulty == "hard"
 
 
 async def test_documents_without_id_get_one_from_kind_and_text(
@@ -173,14 +182,14 @@ async def test_documents_without_id_get_one_from_kind_and_text(
 @pytest.mark.parametrize(
     ("search_filter", "expected"),
     [
-        (pb.SearchFilter(kinds=[QUESTION]), {"q-oom", "q-rebase"}),
-        (pb.SearchFilter(kinds=[QUESTION, DOC]), {"q-oom", "q-rebase", "doc-ttl", "doc-grpc"}),
-        (pb.SearchFilter(owner="alice"), {"til-queue", "til-parse"}),
-        (pb.SearchFilter(tags=["redis", "git"]), {"doc-ttl", "q-rebase"}),
-        (pb.SearchFilter(kinds=[TIL], owner="bob"), {"til-isolation", "til-borrow"}),
-        (pb.SearchFilter(language="python", tags=["http"]), {"til-parse"}),
-        (pb.SearchFilter(difficulty="easy"), {"q-rebase"}),
+        (pb.SearchFilter(kinds=[QUESTION], owner=OWNER), {"q-oom", "q-rebase"}),
+        (pb.SearchFilter(kinds=[QUESTION, DOC], owner=OWNER), {"q-oom", "q-rebase", "doc-ttl", "doc-grpc"}),
+        (pb.SearchFilter(tags=["redis", "git"], owner=OWNER), {"doc-ttl", "q-rebase"}),
+        (pb.SearchFilter(kinds=[TIL], language="rust", owner=OWNER), {"til-borrow"}),
+        (pb.SearchFilter(language="python", tags=["http"], owner=OWNER), {"til-parse"}),
+        (pb.SearchFilter(difficulty="easy", owner=OWNER), {"q-rebase"}),
         (pb.SearchFilter(owner="nobody"), set()),
+        (pb.SearchFilter(), set()),  # the empty owner's namespace: nothing was written there
     ],
 )
 @pytest.mark.parametrize("mode", [DENSE_MODE, HYBRID_MODE])
@@ -342,7 +351,77 @@ async def test_bad_input_is_invalid_argument(
     assert len(await search(corpus, "anything", top_k=20)) == len(CORPUS)
 
 
-async def test_metrics_count_upserts_and_time_searches(stub: retriever_pb2_grpc.RetrieverServiceStub) -> None:
+@pytest.mark.parametrize(
+    ("document", "detail"),
+    [
+        (doc("x", TIL, "t", title="y" * 101), "documents[0].title has 101 characters; at most 100 (RETRIEVER_MAX_TITLE_CHARS)"),
+        (doc("x", TIL, "t", owner="o" * 33), "documents[0].owner has 33 characters; at most 32 (RETRIEVER_MAX_FIELD_CHARS)"),
+        (doc("x", TIL, "t", language="l" * 33), "at most 32 (RETRIEVER_MAX_FIELD_CHARS)"),
+        (doc("x", TIL, "t", difficulty="d" * 33), "at most 32 (RETRIEVER_MAX_FIELD_CHARS)"),
+        (doc("x", TIL, "t", tags=[str(i) for i in range(5)]), "documents[0].tags has 5 entries; at most 4 (RETRIEVER_MAX_TAGS)"),
+        (doc("x", TIL, "t", tags=["a", "t" * 33]), "documents[0].tags[1] has 33 characters"),
+        (doc("x", TIL, "t", attributes={str(i): "v" for i in range(5)}), "at most 4 (RETRIEVER_MAX_ATTRIBUTES)"),
+        (doc("x", TIL, "t", attributes={"k" * 33: "v"}), "at most 32 (RETRIEVER_MAX_FIELD_CHARS)"),
+        (doc("x", TIL, "t", attributes={"k": "v" * 201}), "at most 200 (RETRIEVER_MAX_ATTRIBUTE_CHARS)"),
+    ],
+)  # fmt: skip
+async def test_every_stored_field_is_bounded(index: HybridIndex, document: pb.Document, detail: str) -> None:
+    limits = RequestLimits(
+        max_title_chars=100, max_field_chars=32, max_tags=4, max_attributes=4, max_attribute_chars=200
+    )
+    async with in_process_server([retriever_service(RetrieverServicer(index, limits))]) as (_, channel):
+        stub = retriever_pb2_grpc.RetrieverServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[document]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert detail in (err.value.details() or "")
+        for bad in (pb.SearchFilter(tags=["t"] * 5), pb.SearchFilter(owner="o" * 33)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SearchDocuments(pb.SearchDocumentsRequest(query="q", filter=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # At the limits everything is stored and read back whole.
+        full = doc(
+            "x",
+            TIL,
+            "t",
+            title="y" * 100,
+            tags=["t" * 32] * 4,
+            attributes={str(i): "v" * 200 for i in range(4)},
+        )
+        await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=[full]))
+        assert (await stub.GetDocument(pb.GetDocumentRequest(id="x"))).document == full
+    assert await index.count() == 1
+
+
+async def test_the_empty_owner_is_a_namespace_of_its_own(
+    stub: retriever_pb2_grpc.RetrieverServiceStub,
+) -> None:
+    text = "Redis 캐시의 TTL이 지나면 키가 사라진다."
+    await stub.UpsertDocuments(
+        pb.UpsertDocumentsRequest(
+            documents=[doc("alice-1", TIL, text, owner="alice"), doc("nobody-1", TIL, text, owner="")]
+        )
+    )
+    for mode in (DENSE_MODE, SPARSE_MODE, HYBRID_MODE):
+        assert ids(await search(stub, "Redis TTL", top_k=10, mode=mode, filter=pb.SearchFilter())) == [
+            "nobody-1"
+        ]
+        alice = pb.SearchFilter(owner="alice")
+        assert ids(await search(stub, "Redis TTL", top_k=10, mode=mode, filter=alice)) == ["alice-1"]
+    for owner, found in (("", "nobody-1"), ("alice", "alice-1")):
+        got = await stub.GetDocument(pb.GetDocumentRequest(id=found, owner=owner))
+        assert got.document.owner == owner
+    for doc_id, owner in (("alice-1", ""), ("alice-1", "bob"), ("nobody-1", "alice")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDocument(pb.GetDocumentRequest(id=doc_id, owner=owner))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Unset (deprecated): any owner.
+    assert (await stub.GetDocument(pb.GetDocumentRequest(id="alice-1"))).document.owner == "alice"
+
+
+async def test_metrics_count_upserts_and_time_searches(
+    index: HybridIndex, stub: retriever_pb2_grpc.RetrieverServiceStub
+) -> None:
     def sample(name: str, labels: dict[str, str] | None = None) -> float:
         return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
@@ -351,6 +430,8 @@ async def test_metrics_count_upserts_and_time_searches(stub: retriever_pb2_grpc.
     await stub.UpsertDocuments(pb.UpsertDocumentsRequest(documents=CORPUS[:3]))
     await search(stub, "asyncio", mode=SPARSE_MODE)
     assert sample("tilserve_retriever_documents_upserted_total") == upserted + 3
+    INDEX_DISK_BYTES.set_function(lambda: index.store.disk_bytes() or 0)
+    assert sample("tilserve_retriever_index_disk_bytes") > 0
     assert sample("tilserve_retriever_search_seconds_count", {"mode": "sparse"}) == searched + 1
 
 
@@ -361,7 +442,9 @@ def closed_port() -> int:
 
 
 async def test_unreachable_qdrant_is_unavailable(encoder: SentenceTransformerEncoder) -> None:
-    index = make_index(encoder, QdrantLocation(url=f"http://127.0.0.1:{closed_port()}", timeout_s=2))
+    index = make_index(
+        encoder, ServerStore(f"http://127.0.0.1:{closed_port()}", "test_documents", timeout_s=2)
+    )
     with pytest.raises(Unavailable, match="unreachable"):
         await index.start()
     servicer = RetrieverServicer(index, LIMITS)
@@ -377,7 +460,7 @@ async def test_unreachable_qdrant_is_unavailable(encoder: SentenceTransformerEnc
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "unreachable" in (err.value.details() or "")
+                assert "not open yet" in (err.value.details() or "")  # its start failed
     finally:
         await index.close()
 
@@ -385,7 +468,7 @@ async def test_unreachable_qdrant_is_unavailable(encoder: SentenceTransformerEnc
 async def test_calls_before_start_are_unavailable(
     encoder: SentenceTransformerEncoder, tmp_path: Path
 ) -> None:
-    index = make_index(encoder, QdrantLocation(path=str(tmp_path / "qdrant")))
+    index = make_index(encoder, EdgeStore(tmp_path / "shard"))
     async with in_process_server([retriever_service(RetrieverServicer(index, LIMITS))]) as (_, channel):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await retriever_pb2_grpc.RetrieverServiceStub(channel).SearchDocuments(
@@ -394,26 +477,22 @@ async def test_calls_before_start_are_unavailable(
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_a_collection_from_another_model_is_refused_at_start(
+async def test_a_shard_from_another_model_is_refused_at_start(
     encoder: SentenceTransformerEncoder, tmp_path: Path
 ) -> None:
-    path = str(tmp_path / "qdrant")
-    client = AsyncQdrantClient(path=path)
-    await client.create_collection(
-        "test_documents",
-        vectors_config={DENSE: models.VectorParams(size=8, distance=models.Distance.COSINE)},
-        sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+    config = qe.EdgeConfig(
+        vectors={DENSE: qe.EdgeVectorParams(size=8, distance=qe.Distance.Cosine)},
+        sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
     )
-    await client.close()
-    index = make_index(encoder, QdrantLocation(path=path))
+    qe.EdgeShard.create(str(tmp_path / "shard"), config).close()
+    index = make_index(encoder, EdgeStore(tmp_path / "shard"))
     with pytest.raises(FailedPrecondition, match="8-dim"):
         await index.start()
     await index.close()
 
 
 async def test_the_index_survives_a_restart(encoder: SentenceTransformerEncoder, tmp_path: Path) -> None:
-    location = QdrantLocation(path=str(tmp_path / "qdrant"))
-    first = make_index(encoder, location)
+    first = make_index(encoder, EdgeStore(tmp_path / "shard"))
     await first.start()
     await first.upsert([])
     servicer = RetrieverServicer(first, LIMITS)
@@ -423,38 +502,38 @@ async def test_the_index_survives_a_restart(encoder: SentenceTransformerEncoder,
         )
     await first.close()
 
-    second = make_index(encoder, location)
+    second = make_index(encoder, EdgeStore(tmp_path / "shard"))
     await second.start()
     try:
         got = await second.get("til-queue")
         assert got is not None and got.text == CORPUS[0].text
+        assert await second.count() == len(CORPUS)
     finally:
         await second.close()
 
 
-async def test_embedded_qdrant_works_off_the_event_loop(
-    index: QdrantIndex, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Embedded ranking and reads are CPU work; on the loop's thread they would stall every other call.
-    assert index._client is not None and index._exact is not None
-    local: Any = index._client._client
+async def test_the_shard_is_used_off_the_event_loop(index: HybridIndex) -> None:
+    # Edge calls block (ranking, disk): on the loop's thread they would stall every other call.
+    store = index.store
+    assert isinstance(store, EdgeStore) and store._shard is not None
     threads: list[str] = []
 
-    def recording(obj: Any, name: str) -> None:
-        original = getattr(obj, name)
+    class Recording:
+        def __init__(self, shard: Any) -> None:
+            self._shard = shard
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            threads.append(threading.current_thread().name)
-            return original(*args, **kwargs)
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(self._shard, name)
 
-        monkeypatch.setattr(obj, name, call)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                threads.append(threading.current_thread().name)
+                return method(*args, **kwargs)
 
-    for obj, name in [(local, "upsert"), (local, "retrieve"), (index._exact, "put")]:
-        recording(obj, name)
-    for name in ("dense_ranking", "sparse_ranking"):
-        recording(index._exact, name)
-    await index.upsert([Document("a", "til", "asyncio.Queue를 배웠다")])
+            return call
+
+    store._shard = Recording(store._shard)  # type: ignore[assignment]
+    await index.upsert([Document("a", "til", "asyncio.Queue를 배웠다", owner="")])
     hits = await index.search(SearchQuery("asyncio", 1, SearchMode.HYBRID))
     assert [h.document.id for h in hits] == ["a"]
-    assert len(threads) == 5 and all(name.startswith("embedded-qdrant") for name in threads)
-    assert threading.current_thread().name not in threads
+    assert await index.get("a") is not None
+    assert len(threads) == 3 and threading.current_thread().name not in threads

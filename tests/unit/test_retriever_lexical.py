@@ -10,6 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.retriever.lexical import (
+    BM25_AVG_TERMS,
+    BM25_B,
+    BM25_K1,
     LexicalEncoder,
     code_terms,
     iter_terms,
@@ -17,6 +20,7 @@ from services.retriever.lexical import (
     strip_particle,
     term_id,
 )
+from services.retriever.morphemes import KiwiEncoder
 
 
 def terms(text: str) -> set[str]:
@@ -110,18 +114,38 @@ def test_code_terms_of_one_token() -> None:
     assert code_terms("max-retries") == {"max-retries", "max", "retries", "maxretries"}
 
 
+def bm25(tf: int, length: int) -> float:
+    norm = BM25_K1 * (1 - BM25_B + BM25_B * length / BM25_AVG_TERMS)
+    return tf * (BM25_K1 + 1) / (tf + norm)
+
+
 def test_term_frequency_counts_each_token_once_per_occurrence() -> None:
     encoder = LexicalEncoder()
     vector = encoder.encode("queue queue 큐")
     weights = dict(zip(vector.indices, vector.values, strict=True))
-    assert weights[term_id("queue")] == 2.0
-    assert weights[term_id("큐")] == 1.0
+    assert weights[term_id("queue")] == pytest.approx(bm25(2, 3))
+    assert weights[term_id("큐")] == pytest.approx(bm25(1, 3))
     # 루프를 and 루프는 are two occurrences of the stem 루프.
     repeated = encoder.encode("루프를 루프는")
-    assert dict(zip(repeated.indices, repeated.values, strict=True)) == {term_id("루프"): 2.0}
+    assert dict(zip(repeated.indices, repeated.values, strict=True)) == {
+        term_id("루프"): pytest.approx(bm25(2, 2))
+    }
     # A two-syllable word is also its own bigram: still one count per occurrence.
     single = LexicalEncoder().encode("루프")
-    assert dict(zip(single.indices, single.values, strict=True)) == {term_id("루프"): 1.0}
+    assert dict(zip(single.indices, single.values, strict=True)) == {
+        term_id("루프"): pytest.approx(bm25(1, 1))
+    }
+
+
+def test_weights_saturate_and_long_documents_weigh_each_term_less() -> None:
+    # BM25: a repeated term gains less and less, and the same count in a longer text weighs less.
+    assert bm25(1, 10) < bm25(2, 10) < bm25(20, 10) < BM25_K1 + 1
+    short = LexicalEncoder().encode("트랜잭션 격리")
+    long = LexicalEncoder().encode("트랜잭션 격리 " + " ".join(f"word{i}" for i in range(500)))
+    assert (
+        dict(zip(short.indices, short.values, strict=True))[term_id("격리")]
+        > dict(zip(long.indices, long.values, strict=True))[term_id("격리")]
+    )
 
 
 def test_text_without_indexable_terms_gives_an_empty_vector() -> None:
@@ -145,3 +169,33 @@ def test_any_text_encodes_to_a_valid_sparse_vector(text: str) -> None:
     assert all(0 <= i < 2**32 for i in vector.indices)
     assert all(v >= 1.0 for v in vector.values)
     assert len(vector.indices) == len(vector.values)
+
+
+@pytest.fixture(scope="module")
+def kiwi() -> KiwiEncoder:
+    encoder = KiwiEncoder()
+    encoder.load()
+    return encoder
+
+
+def test_kiwi_keeps_nouns_and_stems_without_particles_or_endings(kiwi: KiwiEncoder) -> None:
+    got = set(kiwi.iter_terms("데이터베이스에서 트랜잭션을 격리하는 수준에 따라 팬텀 읽기가 생길 수 있다."))
+    assert {"데이터베이스", "트랜잭션", "격리", "수준", "팬텀", "읽", "생기"} <= got
+    assert not got & {"에서", "을", "는", "다", "있다", "트랜잭션을"}
+    # Other particles and endings give the same terms.
+    assert {"트랜잭션", "격리"} <= set(kiwi.iter_terms("트랜잭션이 격리된다"))
+
+
+def test_kiwi_splits_code_identifiers_as_the_lexical_encoder_does(kiwi: KiwiEncoder) -> None:
+    text = "asyncio.Queue를 쓰면 parse_http_header 함수는"
+    got = set(kiwi.iter_terms(text))
+    assert code_terms("asyncio.Queue") | code_terms("parse_http_header") <= got
+    assert "함수" in got and "queue를" not in got
+
+
+def test_kiwi_vectors_are_bm25_weighted_and_stable(kiwi: KiwiEncoder) -> None:
+    a, b = kiwi.encode("캐시 캐시 무효화"), kiwi.encode("캐시 캐시 무효화")
+    assert a == b and list(a.indices) == sorted(a.indices)
+    weights = dict(zip(a.indices, a.values, strict=True))
+    assert weights[term_id("캐시")] > weights[term_id("무효")] if term_id("무효") in weights else True
+    assert len(kiwi.encode("!!! ...")) == 0

@@ -32,6 +32,7 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.embedding_model, s.embedding_device) == ("", "cpu")
     assert (s.embedding_threads, s.embedding_multilingual) == (1, False)
     assert (s.default_top_k, s.max_top_k) == (5, 100)
+    assert (s.sparse_analyser, s.edge_search_threads) == ("kiwi", 0)
 
 
 def test_settings_come_from_retriever_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,5 +96,5 @@ async def test_the_process_starts_without_settings_serves_and_drains(tmp_path: P
         if process.returncode is None:
             process.kill()
             await process.wait()
-    # Embedded mode keeps its data in .data/qdrant under the working directory.
-    assert (tmp_path / ".data" / "qdrant" / "collection" / "til_documents").is_dir()
+    # Embedded mode keeps its Edge shard in .data/qdrant/<collection> under the working directory.
+    assert (tmp_path / ".data" / "qdrant" / "til_documents" / "edge_config.json").is_file()

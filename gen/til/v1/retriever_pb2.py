@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16til/v1/retriever.proto\x12\x06til.v1\"\x83\x02\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.til.v1.DocumentKind\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x12\n\ndifficulty\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x34\n\nattributes\x18\t \x03(\x0b\x32 .til.v1.Document.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x16UpsertDocumentsRequest\x12#\n\tdocuments\x18\x01 \x03(\x0b\x32\x10.til.v1.Document\"&\n\x17UpsertDocumentsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\"v\n\x0cSearchFilter\x12#\n\x05kinds\x18\x01 \x03(\x0e\x32\x14.til.v1.DocumentKind\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x12\n\ndifficulty\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\"\xd8\x01\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12$\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x14.til.v1.SearchFilter\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.til.v1.SearchMode\x12\x17\n\nmmr_lambda\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\r\n\x0b_mmr_lambda\">\n\tSearchHit\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.til.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\":\n\x17SearchDocumentsResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.til.v1.SearchHit\" \n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x13GetDocumentResponse\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.til.v1.Document\"%\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\x19\n\x17\x44\x65leteDocumentsResponse*w\n\x0c\x44ocumentKind\x12\x1d\n\x19\x44OCUMENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44OCUMENT_KIND_TIL\x10\x01\x12\x1a\n\x16\x44OCUMENT_KIND_QUESTION\x10\x02\x12\x15\n\x11\x44OCUMENT_KIND_DOC\x10\x03*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x01\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x02\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x03\x32\xd6\x02\n\x10RetrieverService\x12R\n\x0fUpsertDocuments\x12\x1e.til.v1.UpsertDocumentsRequest\x1a\x1f.til.v1.UpsertDocumentsResponse\x12R\n\x0fSearchDocuments\x12\x1e.til.v1.SearchDocumentsRequest\x1a\x1f.til.v1.SearchDocumentsResponse\x12\x46\n\x0bGetDocument\x12\x1a.til.v1.GetDocumentRequest\x1a\x1b.til.v1.GetDocumentResponse\x12R\n\x0f\x44\x65leteDocuments\x12\x1e.til.v1.DeleteDocumentsRequest\x1a\x1f.til.v1.DeleteDocumentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16til/v1/retriever.proto\x12\x06til.v1\"\x83\x02\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.til.v1.DocumentKind\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x12\n\ndifficulty\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x34\n\nattributes\x18\t \x03(\x0b\x32 .til.v1.Document.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x16UpsertDocumentsRequest\x12#\n\tdocuments\x18\x01 \x03(\x0b\x32\x10.til.v1.Document\"&\n\x17UpsertDocumentsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\"v\n\x0cSearchFilter\x12#\n\x05kinds\x18\x01 \x03(\x0e\x32\x14.til.v1.DocumentKind\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x12\n\ndifficulty\x18\x04 \x01(\t\x12\x0c\n\x04tags\x18\x05 \x03(\t\"\xd8\x01\n\x16SearchDocumentsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12$\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x14.til.v1.SearchFilter\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.til.v1.SearchMode\x12\x17\n\nmmr_lambda\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\r\n\x0b_mmr_lambda\">\n\tSearchHit\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.til.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\":\n\x17SearchDocumentsResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.til.v1.SearchHit\">\n\x12GetDocumentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\x05owner\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_owner\"9\n\x13GetDocumentResponse\x12\"\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x10.til.v1.Document\"%\n\x16\x44\x65leteDocumentsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\x19\n\x17\x44\x65leteDocumentsResponse*w\n\x0c\x44ocumentKind\x12\x1d\n\x19\x44OCUMENT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44OCUMENT_KIND_TIL\x10\x01\x12\x1a\n\x16\x44OCUMENT_KIND_QUESTION\x10\x02\x12\x15\n\x11\x44OCUMENT_KIND_DOC\x10\x03*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x01\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x02\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x03\x32\xd6\x02\n\x10RetrieverService\x12R\n\x0fUpsertDocuments\x12\x1e.til.v1.UpsertDocumentsRequest\x1a\x1f.til.v1.UpsertDocumentsResponse\x12R\n\x0fSearchDocuments\x12\x1e.til.v1.SearchDocumentsRequest\x1a\x1f.til.v1.SearchDocumentsResponse\x12\x46\n\x0bGetDocument\x12\x1a.til.v1.GetDocumentRequest\x1a\x1b.til.v1.GetDocumentResponse\x12R\n\x0f\x44\x65leteDocuments\x12\x1e.til.v1.DeleteDocumentsRequest\x1a\x1f.til.v1.DeleteDocumentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_DOCUMENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_DOCUMENTKIND']._serialized_start=1021
-  _globals['_DOCUMENTKIND']._serialized_end=1140
-  _globals['_SEARCHMODE']._serialized_start=1142
-  _globals['_SEARCHMODE']._serialized_end=1254
+  _globals['_DOCUMENTKIND']._serialized_start=1051
+  _globals['_DOCUMENTKIND']._serialized_end=1170
+  _globals['_SEARCHMODE']._serialized_start=1172
+  _globals['_SEARCHMODE']._serialized_end=1284
   _globals['_DOCUMENT']._serialized_start=35
   _globals['_DOCUMENT']._serialized_end=294
   _globals['_DOCUMENT_ATTRIBUTESENTRY']._serialized_start=245
@@ -54,13 +54,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_start=802
   _globals['_SEARCHDOCUMENTSRESPONSE']._serialized_end=860
   _globals['_GETDOCUMENTREQUEST']._serialized_start=862
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=894
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=896
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=953
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=955
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=992
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=994
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1019
-  _globals['_RETRIEVERSERVICE']._serialized_start=1257
-  _globals['_RETRIEVERSERVICE']._serialized_end=1599
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=924
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=926
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=983
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=985
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1022
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1024
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1049
+  _globals['_RETRIEVERSERVICE']._serialized_start=1287
+  _globals['_RETRIEVERSERVICE']._serialized_end=1629
 # @@protoc_insertion_point(module_scope)

@@ -115,10 +115,12 @@ class SearchDocumentsResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
 
 class GetDocumentRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetDocumentResponse(_message.Message):
     __slots__ = ("document",)
