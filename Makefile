@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo up test lint typecheck unit integration proto proto-check bench-serving bench-retrieval clean
+.PHONY: setup demo up test lint typecheck unit integration proto proto-check bench-serving bench-retrieval clean image image-smoke
 
 setup:
 	@./scripts/setup.sh
@@ -41,6 +41,12 @@ proto-check: setup  ## fail if gen/ differs from what protos/ generate
 
 bench-retrieval: setup  ## retrieval quality (recall@5, MRR) and search latency at 10k/100k documents
 	$(PY) -m bench.retrieval
+
+image:  ## the cpu image tilserve-cpu:dev with buildah, no daemon (deploy/k8s/README.md)
+	./scripts/image_build.sh
+
+image-smoke: setup  ## the four services from that image as overlays/dev runs them; streams a TIL through the edge
+	$(PY) scripts/image_smoke.py
 
 clean:
 	rm -rf .data .pytest_cache .mypy_cache .ruff_cache
