@@ -70,6 +70,10 @@ class Podman:
             raise RuntimeError(f"podman {' '.join(args[:2])}: {out.stderr.strip()}")
         return out.stdout.strip()
 
+    def logs(self, name: str, lines: int = 25) -> str:
+        out = run([*self.base, "logs", "--tail", str(lines), name])
+        return (out.stdout + out.stderr).strip()
+
     def ulimits(self) -> list[str]:
         import resource
 
@@ -142,6 +146,9 @@ def loopback_overrides(specs: dict[str, dict[str, Any]], offset: int) -> dict[st
             changes[s][f"{s.upper()}_METRICS_PORT"] = str(specs[s]["metrics_port"] + offset)
     for peer in ("generator", "retriever", "cacher"):
         changes["edge"][f"EDGE_{peer.upper()}_ADDR"] = f"127.0.0.1:{port[peer]}"
+    # Nothing enforces the pod's CPU limit here: llama.cpp takes the service's default (half of this machine's
+    # CPUs) instead of a thread per CPU of the limit, as OpenMP threads spin on an oversubscribed host.
+    changes["generator"]["GENERATOR_N_THREADS"] = "0"
     # No redis Deployment: the cacher's private redis-server (a unix socket in /tmp), shipped in the image.
     changes["cacher"]["CACHER_REDIS_URL"] = ""
     # No qdrant StatefulSet: embedded Qdrant in the pod's /cache emptyDir.
@@ -165,10 +172,14 @@ def serving(port: int, name: str) -> bool:
 @contextmanager
 def containers(podman: Podman) -> Iterator[list[str]]:
     started: list[str] = []
+    passed = False
     try:
         yield started
+        passed = True
     finally:
         for name in reversed(started):
+            if not passed:
+                print(f"--- {name}: last lines ---\n{podman.logs(name)}", file=sys.stderr)
             podman("rm", "--force", "--time", "5", name, check=False)
 
 
@@ -177,6 +188,7 @@ def main() -> int:
     parser.add_argument("--image", default=os.environ.get("IMAGE", "tilserve-cpu:dev"))
     parser.add_argument("--overlay", default="dev")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for all four to become ready")
+    parser.add_argument("--til-timeout", type=float, default=900, help="seconds for the TIL to stream")
     parser.add_argument("--storage-driver", default=os.environ.get("STORAGE_DRIVER", ""))
     parser.add_argument("--runtime", default=os.environ.get("SMOKE_RUNTIME", "runc"))
     args = parser.parse_args()
@@ -258,7 +270,6 @@ def main() -> int:
                     say(f"{s} SERVING ({FULL_NAME[s]}) after {ready[s]:.1f} s")
             for name in started:
                 if podman("inspect", "--format", "{{.State.Running}}", name) != "true":
-                    print(podman("logs", "--tail", "40", name), file=sys.stderr)
                     sys.exit(f"image-smoke: {name} exited before it was ready")
             if time.monotonic() - t0 > args.timeout:
                 sys.exit(f"image-smoke: not ready after {args.timeout:.0f} s: {set(SERVICES) - set(ready)}")
@@ -279,8 +290,8 @@ def main() -> int:
         }
         t1 = time.monotonic()
         out = grpcurl(
-            "-max-time", "600", "-d", "@", f"127.0.0.1:{specs['edge']['port'] + offset}",
-            "til.v1.EdgeService/GenerateTil", stdin=json.dumps(request), timeout=620,
+            "-emit-defaults", "-max-time", str(args.til_timeout), "-d", "@", f"127.0.0.1:{specs['edge']['port'] + offset}",
+            "til.v1.EdgeService/GenerateTil", stdin=json.dumps(request), timeout=args.til_timeout + 30,
         )  # fmt: skip
         if out.returncode != 0:
             sys.exit(f"image-smoke: GenerateTil failed: {out.stderr.strip()}")
@@ -293,14 +304,14 @@ def main() -> int:
         say(
             f"GenerateTil streamed {len(deltas)} deltas in {time.monotonic() - t1:.1f} s: "
             f"title {til.get('title')!r}, keywords {til.get('keywords')}, "
-            f"finish {finished.get('finishReason')}, usage {finished.get('usage')}, timings {finished.get('timings')}"
+            f"finish {finished.get('finishReason')}, {len(finished.get('violations') or [])} format violations, "
+            f"usage {finished.get('usage')}, timings {finished.get('timings')}"
         )
 
         for name in reversed(started):
             podman("stop", "--time", "60", name)
             code = podman("inspect", "--format", "{{.State.ExitCode}}", name)
             if code != "0":
-                print(podman("logs", "--tail", "40", name), file=sys.stderr)
                 sys.exit(f"image-smoke: {name} exited {code} on SIGTERM")
         say("stopped: all four drained and exited 0 on SIGTERM")
     print(

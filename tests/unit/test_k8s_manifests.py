@@ -410,6 +410,44 @@ def test_edge_reaches_every_replica_of_each_peer(overlay: str, peer: str, settin
     assert {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"} == {peer_settings.port}
 
 
+def _image_smoke() -> Any:
+    spec = importlib.util.spec_from_file_location("image_smoke", ROOT / "scripts" / "image_smoke.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("offset", [0, 1000])
+def test_image_smoke_runs_what_the_dev_overlay_runs(offset: int, settings_from: Any) -> None:
+    """`make image-smoke` reads each container from overlays/dev and changes only what loopback needs, with
+    variables the services read: the edge then reaches each peer on the port that peer listens on."""
+    smoke = _image_smoke()
+    out = rendered("dev")
+    specs = {s: smoke.pod_spec(list(out.docs), s) for s in SERVICES}
+    changes = smoke.loopback_overrides(specs, offset)
+    loaded = {}
+    for service in SERVICES:
+        spec, container = specs[service], out.container(service)
+        pod = out.get("Deployment", service)["spec"]["template"]["spec"]
+        assert spec["command"] == container["command"]
+        assert spec["user"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+        assert spec["read_only"] and spec["drop_all"] and spec["no_new_privileges"]
+        assert set(spec["mounts"]) == {m["mountPath"] for m in container["volumeMounts"]}
+        assert spec["env"] == out.env(service)
+        code = service_code(service)
+        for key in changes[service]:
+            assert key.removeprefix(code.prefix).lower() in code.settings_cls.model_fields, key
+        loaded[service] = settings_from(code, {**spec["env"], **changes[service]})
+        assert loaded[service].host == "127.0.0.1"
+        assert loaded[service].port == spec["port"] + offset
+    for peer in ("generator", "retriever", "cacher"):
+        assert getattr(loaded["edge"], f"{peer}_addr") == f"127.0.0.1:{loaded[peer].port}"
+    assert loaded["cacher"].redis_url == ""
+    assert loaded["retriever"].qdrant_url == ""
+    assert loaded["retriever"].qdrant_path.startswith(tuple(specs["retriever"]["mounts"]))
+
+
 def test_overlays_pick_the_right_generator_backend(settings_from: Any) -> None:
     code = service_code("generator")
     dev = rendered("dev")
