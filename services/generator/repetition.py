@@ -15,11 +15,14 @@ import numpy as np
 
 
 def word_tokens(n_vocab: int, piece: Callable[[int], bytes]) -> np.ndarray:
-    """Booleans over the vocabulary: the tokens whose text holds a letter, a digit or non-ASCII."""
+    """Booleans over the vocabulary: the tokens whose text holds a letter, a digit or non-ASCII (JSON's
+    escaped newline and tab aside: they are the document's line structure), or an escaped quote (small
+    models loop on runs of them)."""
     wordy = np.zeros(n_vocab, dtype=bool)
     for token in range(n_vocab):
         text = piece(token)
-        wordy[token] = any(b >= 0x80 or chr(b).isalnum() for b in text)
+        bare = text.replace(b"\\n", b"").replace(b"\\t", b"").replace(b"\\r", b"")
+        wordy[token] = b'\\"' in text or any(b >= 0x80 or chr(b).isalnum() for b in bare)
     return wordy
 
 

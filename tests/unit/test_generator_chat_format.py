@@ -140,3 +140,22 @@ async def test_penalty_defaults_are_reported_and_settable() -> None:
         await engine.close()
     with pytest.raises(pydantic.ValidationError, match="default_frequency_penalty"):
         GeneratorSettings(default_frequency_penalty=3.0)
+
+
+def test_penalties_weigh_repeated_words_not_syntax() -> None:
+    import numpy as np
+
+    from services.generator.repetition import RepetitionPenalty, word_tokens
+
+    pieces = [b"TIL", b"\\n", b'\\"', b'"', b"}", "캐".encode(), b"2026", b"."]
+    words = word_tokens(len(pieces), pieces.__getitem__)
+    assert words.tolist() == [True, False, True, False, False, True, True, False]
+    penalty = RepetitionPenalty(words, repetition=2.0, frequency=0.5, presence=0.25, last_n=4)
+    prompt = np.array([0, 6], dtype=np.intc)  # the prompt's own tokens are never penalized
+    scores = np.ones(len(pieces), dtype=np.single)
+    assert penalty(prompt, scores.copy()).tolist() == scores.tolist()
+    generated = np.array([0, 6, 0, 1, 1, 0, 4, 6], dtype=np.intc)  # generated: 0, 1, 1, 0, 4, 6
+    out = penalty(generated, np.array([2, 2, 2, 2, 2, 2, -2, 2], dtype=np.single))
+    # In the window (\n, TIL, }, 2026): words are divided by 2 (negative ones multiplied), then
+    # lowered by 0.5 per occurrence and 0.25 once; \n and } are syntax and keep their scores.
+    assert out.tolist() == [0.25, 2, 2, 2, 2, 2, -4.75, 2]
