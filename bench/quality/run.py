@@ -190,6 +190,7 @@ def summarize(
 
 def write_table(out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "table.json"]
+    rows = [r for r in rows if isinstance(r, dict) and "diffs" in r]  # model runs only
     header = (
         "| run | model | sampling | diffs | prompt tok/s | output tok/s | peak RSS MiB | finished | JSON parsed "
         "| contract met | bullets with quoted code | Hangul share of prose | repeated 3-gram rate "
@@ -255,8 +256,14 @@ async def run_model(
                 for label, sampling in passes:
                     run_label = f"{name}-{label}"
                     scores: list[dict[str, Any]] = []
+                    saved = args.out / f"{run_label}.json"
+                    if args.resume and saved.exists():  # keep what an interrupted run measured
+                        scores = json.loads(saved.read_text())["rows"]
+                    done = {s["id"] for s in scores}
                     began = time.monotonic()
                     for i, row in enumerate(corpus, 1):
+                        if row["id"] in done:
+                            continue
                         try:
                             finished = await one_til(stub, row, args, sampling)
                             scored = score(row, finished)
@@ -270,7 +277,8 @@ async def run_model(
                             }
                         scores.append(scored)
                         elapsed = time.monotonic() - began
-                        eta = elapsed / i * (len(corpus) - i)
+                        fresh = len(scores) - len(done)
+                        eta = elapsed / fresh * (len(corpus) - len(scores))
                         print(
                             f"[{run_label}] {i}/{len(corpus)} {row['id']} finished={scored['finished']} "
                             f"contract={scored['contract']} tokens={scored.get('completion_tokens', '-')} "
@@ -287,7 +295,7 @@ async def run_model(
                             {"path": path, **generator_env},
                         )
                         summary["command"] = args.command
-                        summary["complete"] = i == len(corpus)
+                        summary["complete"] = len(scores) == len(corpus)
                         (args.out / f"{run_label}.json").write_text(
                             json.dumps(summary, ensure_ascii=False, indent=1)
                         )
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--generator-env", action="append", default=[], help="KEY=VALUE for the generator")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
+    parser.add_argument("--resume", action="store_true", help="keep the rows an earlier run of a label wrote")
     args = parser.parse_args(argv)
     args.command = "python -m bench.quality.run " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
