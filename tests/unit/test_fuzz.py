@@ -5,14 +5,21 @@ INTERNAL, never hang, and never take a service down: health stays SERVING. The f
 in-process on loopback behind the real interceptor: the edge in front of fake peers, the generator on
 the fake engine, the retriever on an embedded Qdrant with a tiny hashing encoder, the cacher on a
 dict. Redaction, which sees every diff, is fuzzed for crashes and for slow (backtracking) inputs.
+
+Strategies reach the limits' edges: fields one past their size limits, deep and huge schemas, integer
+extremes (max_tokens 2^31, 2^32-1), owners next to "alice", repeated fields far past their counts.
+Requests per RPC and strategy: 50 by default, 1,000 with CI=true, or TILSERVE_FUZZ_EXAMPLES (the
+"tilserve-fuzz" profile); `pytest -s` prints the calls and statuses per RPC.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -54,7 +61,16 @@ from tests.unit.test_edge_service import (
     til_request,
 )
 
-EXAMPLES = 50  # per RPC and strategy: about 1200 calls in all
+
+def _examples() -> int:
+    """Requests per RPC and strategy: TILSERVE_FUZZ_EXAMPLES if set, 1,000 under CI (CI=true), else 50.
+    At 1,000 each RPC of the four services gets 1,000 random requests and 1,000 random byte strings."""
+    if value := os.environ.get("TILSERVE_FUZZ_EXAMPLES", "").strip():
+        return int(value)
+    return 1000 if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes") else 50
+
+
+EXAMPLES = _examples()
 CALL_TIMEOUT_S = 10.0
 # Statuses bad input may get. UNKNOWN and INTERNAL mean an unhandled error; DEADLINE_EXCEEDED a hang.
 ACCEPTED = {
@@ -242,11 +258,52 @@ INTERESTING_STRINGS = [
     "til-" + "0" * 32,
 ]
 
+# The issue-9 limits' edges: each limit's size plus one (owner 200, title 300, til_id 512, query 1,000,
+# search text 2,000, instruction 4,000, til_text and turns 20,000, diff 256 KiB), a ReviseTil turn of
+# 18k Hangul, deep and huge schemas, owners next to alice. Sent in any string field, one time in five.
+HOSTILE_SCHEMAS = [
+    '{"type": "array", "items": ' * 5000 + "{}" + "}" * 5000,
+    json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
+    json.dumps({"enum": list(range(100_000))}),
+    json.dumps({"type": "string", "pattern": "(" * 2000 + ")" * 2000}),
+    json.dumps({"type": "string", "pattern": "(a|" * 300 + "b" + ")" * 300}),
+    json.dumps({"type": "string", "pattern": "^(a{1,1000}){1,1000}$"}),
+    json.dumps({"type": "string", "minLength": 16_000, "maxLength": 16_384}),
+    json.dumps({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
+    json.dumps({"anyOf": [{"type": "string", "pattern": f"^{i}"} for i in range(256)]}),
+]
+EDGE_STRINGS = [
+    *("a" * n for n in (65, 201, 301, 513, 1_001, 2_001, 4_001, 20_001, 256 * 1024 + 1)),
+    *("\ud7a3" * n for n in (201, 2_001, 18_000, 20_001)),
+    *HOSTILE_SCHEMAS,
+    "bob",
+    "alice ",
+    "ALICE",
+    "alice\x00",
+    "\uff41lice",
+]
+# Repeated fields far past their counts (50 commit messages, 20 turns, 64 chat messages and Tokenize
+# inputs, 10 tags...), the element repeated; capped near 2 MB a list.
+MANY = (11, 21, 51, 65, 257, 2_001)
+# Integer extremes (max_tokens 2^31 and 2^32-1 among them).
+INT32_EDGES = (-(2**31), -1, 0, 1, 2**31 - 1)
+UINT32_EDGES = (0, 1, 2**31 - 1, 2**31, 2**32 - 1)
+INT64_EDGES = (-(2**63), -(2**31), -1, 0, 2**31, 2**32 - 1, 2**63 - 1)
+
+
+def _many(element: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    def repeat(pair: tuple[Any, int]) -> list[Any]:
+        value, count = pair
+        return [value] * max(1, min(count, 2_000_000 // max(1, len(repr(value)))))
+
+    return st.tuples(element, st.sampled_from(MANY)).map(repeat)
+
 
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
-        return st.one_of(st.text(max_size=64), st.sampled_from(INTERESTING_STRINGS))
+        small = st.one_of(st.text(max_size=64), st.sampled_from(INTERESTING_STRINGS))
+        return st.one_of(small, small, small, small, st.sampled_from(EDGE_STRINGS))
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=64)
     if kind == FieldDescriptor.TYPE_BOOL:
@@ -256,21 +313,30 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if kind == FieldDescriptor.TYPE_ENUM:
         return st.integers(-3, 12)  # known values and unknown ones (proto3 enums are open)
     if kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
-        return st.one_of(st.integers(0, 16), st.integers(0, 2**32 - 1))
+        return st.one_of(st.integers(0, 16), st.integers(0, 2**32 - 1), st.sampled_from(UINT32_EDGES))
     if kind in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64):
-        return st.one_of(st.integers(0, 16), st.integers(0, 2**64 - 1))
+        return st.one_of(st.integers(0, 16), st.integers(0, 2**64 - 1), st.sampled_from((2**64 - 1, 2**63)))
     if kind in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64):
-        return st.integers(-(2**63), 2**63 - 1)
-    return st.one_of(st.integers(-2, 16), st.integers(-(2**31), 2**31 - 1))
+        return st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from(INT64_EDGES))
+    return st.one_of(st.integers(-2, 16), st.integers(-(2**31), 2**31 - 1), st.sampled_from(INT32_EDGES))
 
 
 def message_values(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
     """Field values for a message: any subset of its fields, each with a random value."""
+    return st.fixed_dictionaries({}, optional=field_values(descriptor, depth))
+
+
+def field_values(descriptor: Descriptor, depth: int = 0) -> dict[str, st.SearchStrategy[Any]]:
+    """A strategy per field of a message (sub-messages three levels deep at most)."""
     optional: dict[str, st.SearchStrategy[Any]] = {}
     for field in descriptor.fields:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
-            optional[field.name] = st.dictionaries(_scalar(key), _scalar(value), max_size=3)
+            optional[field.name] = st.one_of(
+                st.dictionaries(_scalar(key), _scalar(value), max_size=3),
+                # Far past any count limit (the retriever's attributes).
+                st.sampled_from((65, 1_001, 20_000)).map(lambda n: {f"k{i}": f"v{i}" for i in range(n)}),
+            )
             continue
         if field.message_type is not None:
             if depth >= 3:
@@ -279,9 +345,9 @@ def message_values(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[
         else:
             value_strategy = _scalar(field)
         if field.is_repeated:
-            value_strategy = st.lists(value_strategy, max_size=4)
+            value_strategy = st.one_of(st.lists(value_strategy, max_size=4), _many(value_strategy))
         optional[field.name] = value_strategy
-    return st.fixed_dictionaries({}, optional=optional)
+    return optional
 
 
 def fill(message: Any, values: dict[str, Any]) -> Any:
@@ -339,7 +405,8 @@ VALID: dict[str, Any] = {
 
 
 def request_bytes(method: MethodDescriptor) -> st.SearchStrategy[bytes]:
-    """Requests built from nothing, and valid requests with some fields replaced."""
+    """Requests built from nothing, valid requests with some fields replaced, and valid requests with
+    one field replaced (which gets past the other fields' checks to the code behind them)."""
     cls = message_factory.GetMessageClass(method.input_type)
     base = VALID.get(method.name, cls())
 
@@ -351,22 +418,50 @@ def request_bytes(method: MethodDescriptor) -> st.SearchStrategy[bytes]:
         return fill(message, values).SerializeToString()
 
     values = message_values(method.input_type)
-    return st.one_of(values.map(lambda v: fill(cls(), v).SerializeToString()), values.map(mutated))
+    one_field = [
+        strategy.map(lambda value, name=name: {name: value})
+        for name, strategy in field_values(method.input_type).items()
+    ]
+    return st.one_of(
+        values.map(lambda v: fill(cls(), v).SerializeToString()),
+        values.map(mutated),
+        *(st.one_of(one_field).map(mutated) for _ in range(2 if one_field else 0)),
+    )
 
 
 # --- the tests --------------------------------------------------------------------------------------
 
 
+# Calls made and statuses seen per RPC, printed at the end of the module (`pytest -s`).
+SEEN: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_statuses() -> Iterator[None]:
+    yield
+    for rpc in sorted({rpc for rpc, _ in SEEN}):
+        codes = {code: n for (r, code), n in sorted(SEEN.items()) if r == rpc}
+        print(f"[fuzz] {rpc}: {sum(codes.values())} calls {codes}")
+
+
 def _check(channels: dict[str, grpc.Channel], name: str, method: MethodDescriptor, data: bytes) -> None:
     code, details = call(channels[name], SERVICES[name], method, data)
+    SEEN[(f"{name}.{method.name}", code.name)] += 1
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and len(data) > 1024 * 1024:
+        # The transport's own answer to a message above the server's max_message_bytes (1 MiB at the edge).
+        assert "larger than max" in details, details
+        return
     assert code in ACCEPTED, f"{SERVICES[name].full_name}/{method.name} -> {code.name}: {details}"
 
 
-FUZZ_SETTINGS = settings(
+# A profile of its own (not loaded globally: other modules' Hypothesis tests keep their settings).
+settings.register_profile(
+    "tilserve-fuzz",
     max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+FUZZ_SETTINGS = settings(settings.get_profile("tilserve-fuzz"))
 
 
 @pytest.mark.parametrize(("name", "method"), RPCS, ids=[f"{n}.{m.name}" for n, m in RPCS])
@@ -495,17 +590,6 @@ _SCHEMA_LIKE = st.recursive(
     ),
     max_leaves=40,
 )
-HOSTILE_SCHEMAS = [
-    '{"type": "array", "items": ' * 5000 + "{}" + "}" * 5000,
-    json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
-    json.dumps({"enum": list(range(100_000))}),
-    json.dumps({"type": "string", "pattern": "(" * 2000 + ")" * 2000}),
-    json.dumps({"type": "string", "pattern": "(a|" * 300 + "b" + ")" * 300}),
-    json.dumps({"type": "string", "pattern": "^(a{1,1000}){1,1000}$"}),
-    json.dumps({"type": "string", "minLength": 16_000, "maxLength": 16_384}),
-    json.dumps({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}),
-    json.dumps({"anyOf": [{"type": "string", "pattern": f"^{i}"} for i in range(256)]}),
-]
 _SCHEMA_TEXTS = st.one_of(
     _SCHEMA_LIKE.map(json.dumps),
     _SCHEMA_LIKE.map(lambda v: json.dumps({"type": "object", "properties": {"a": v}})),
