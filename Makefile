@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo up test lint typecheck unit integration proto proto-check bench-serving bench-retrieval clean image image-smoke
+.PHONY: setup demo up test lint typecheck unit integration proto proto-check bench-retrieval clean image image-smoke
 
 setup:
 	@./scripts/setup.sh
