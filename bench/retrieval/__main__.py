@@ -113,17 +113,19 @@ class Corpus:
     dense: np.ndarray
 
 
-def load_corpus(name: str, size: int, model: SentenceTransformerEncoder, cache: Path) -> Corpus:
+def load_corpus(
+    name: str, size: int, model: SentenceTransformerEncoder, cache: Path, *, real_up_to: int, embed_chars: int
+) -> Corpus:
     labelled = realset.load() if name == "real" else labelled_set()
     extra = list(distractors(labelled_set(), max(0, size - len(labelled.documents))))
     docs = labelled.documents + extra
     texts = [text_of(d, name == "real" and i < len(labelled.documents)) for i, d in enumerate(docs)]
-    real = min(len(texts), REAL_EMBEDDINGS_UP_TO)
+    real = min(len(texts), real_up_to)
     dense = np.stack(
         cached(
             cache,
-            "dense-minilm",
-            [t[:DENSE_CHARS] for t in texts[:real]],
+            f"dense-minilm-{embed_chars}",
+            [t[:embed_chars] for t in texts[:real]],
             lambda t: list(embed_all(model, t)),
         )
     )
@@ -253,11 +255,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for set_name in args.sets:
         for size in sorted(args.sizes):
-            corpus = load_corpus(set_name, size, model, args.cache_dir)
+            corpus = load_corpus(
+                set_name,
+                size,
+                model,
+                args.cache_dir,
+                real_up_to=args.real_embeddings_up_to,
+                embed_chars=args.embed_chars,
+            )
             queries = corpus.labelled.queries
-            if (
-                size > REAL_EMBEDDINGS_UP_TO and len(queries) > args.queries_at_100k
-            ):  # both splits, every type
+            if size > 10_000 and len(queries) > args.queries_at_100k:  # both splits, every type
                 queries = queries[:: len(queries) // args.queries_at_100k][: args.queries_at_100k]
             with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
                 load = os.getloadavg()
@@ -284,6 +291,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join(["python -m bench.retrieval", *args.argv]),
         "rows": rows,
+        "dense_documents": {
+            "embedded_by_the_model": args.real_embeddings_up_to,
+            "characters_read": args.embed_chars,
+        },
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -307,6 +318,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--analyser", default="kiwi", choices=["kiwi", "lexical"])
     parser.add_argument("--queries-at-100k", type=int, default=300, help="queries run above 10k documents")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service's default)")
+    parser.add_argument(
+        "--real-embeddings-up-to", type=int, default=REAL_EMBEDDINGS_UP_TO,
+        help="documents embedded by the model; the rest get a real embedding plus noise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--embed-chars", type=int, default=DENSE_CHARS,
+        help="characters of each document the bulk embedding reads (the service reads DENSE_CHARS)",
+    )  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=Path(".data/bench-retrieval"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/retrieval"))
     args = parser.parse_args(argv)

@@ -41,6 +41,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"- qdrant-edge-py {m['qdrant_edge_py']}, kiwipiepy {m['kiwipiepy']}; dense model {m['model']}; "
         f"sparse analyser {m['analyser']}",
         f"- Targets: {TARGETS}",
+        *(
+            [
+                f"- Document dense vectors: the first {d['embedded_by_the_model']:,} documents of each collection "
+                f"embedded by the model reading their first {d['characters_read']:,} characters; the rest a real "
+                "embedding plus noise"
+            ]
+            if (d := result.get("dense_documents"))
+            else []
+        ),
         "",
         "## Quality (recall@5 / MRR@10)",
         "",
