@@ -9,11 +9,16 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  say "installing redis-server (apt)"
+# redis-server: the cacher's private Redis. openssl: the tests make their TLS certificates with it (a minimal
+# Debian has no openssl binary).
+apt_needed=()
+command -v redis-server >/dev/null 2>&1 || apt_needed+=(redis-server)
+command -v openssl >/dev/null 2>&1 || apt_needed+=(openssl)
+if [ "${#apt_needed[@]}" -gt 0 ]; then
+  say "installing ${apt_needed[*]} (apt)"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
-  # The package starts a system-wide Redis; tilserve runs its own, so leave that one alone.
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${apt_needed[@]}" >/dev/null
+  # The redis-server package starts a system-wide Redis; tilserve runs its own, so leave that one alone.
 fi
 
 PY="${PYTHON:-python3}"
