@@ -116,14 +116,32 @@ fi
 args=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE")
 [ -n "${TORCH_INDEX_URL+x}" ] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 [ -n "${PACKAGED_MODELS+x}" ] && args+=(--build-arg "PACKAGED_MODELS=$PACKAGED_MODELS")
+previous=$(bh images --quiet --no-trunc "$IMAGE" 2>/dev/null | head -1 || true)
 say "buildah build --target $TARGET -t $IMAGE (storage $STORAGE_DRIVER, isolation $BUILDAH_ISOLATION)"
 bh build --isolation "$BUILDAH_ISOLATION" --layers=false --target "$TARGET" -t "$IMAGE" -f deploy/docker/Dockerfile \
   --ignorefile deploy/docker/Dockerfile.dockerignore "${mounts[@]}" "${args[@]}" ${BUILD_FLAGS:-} .
+# buildah 1.28 leaves an empty file or folder in the image where each --volume was mounted (/etc/pip.conf,
+# /opt/wheels, ...): remove those that are empty placeholders, in one more layer, so no path of this machine
+# shows in the image. The CA bundle's path is Debian's own file and stays.
+targets=(/etc/pip.conf)
+while IFS= read -r p; do [ -n "$p" ] && [ "$p" != "$CA_BUNDLE" ] && targets+=("$p"); done < "$tmp/paths"
+ctr=$(bh from --pull-never "$IMAGE")
+bh run --isolation "$BUILDAH_ISOLATION" --user 0:0 "$ctr" -- sh -c '
+  for p in "$@"; do
+    if [ -f "$p" ] && [ ! -s "$p" ]; then rm -f "$p"; p=$(dirname "$p"); fi
+    [ -d "$p" ] && rmdir -p --ignore-fail-on-non-empty "$p"
+  done; true' sh "${targets[@]}"
+built=$(bh images --quiet --no-trunc "$IMAGE" | head -1)
+bh commit --rm --quiet "$ctr" "$IMAGE" >/dev/null
+# The build before placeholders were removed, and the image this one replaces, are no longer named: drop them.
+for old in "$built" "$previous"; do [ -n "$old" ] && bh rmi "$old" >/dev/null 2>&1 || true; done
 done_=$(now)
 size=$(bh images --format '{{.Size}}' "$IMAGE" | head -1)
 mkdir -p .run
-printf '{"image": "%s", "base": "%s", "base_s": %d, "image_s": %d, "total_s": %d}\n' "$IMAGE" "$PYTHON_IMAGE" \
-  $((base_done - start)) $((done_ - base_done)) $((done_ - start)) > .run/image-build.json
+python3 -c 'import json, sys; print(json.dumps(dict(zip(
+  ["image", "base", "base_s", "image_s", "total_s"], [*sys.argv[1:3], *map(int, sys.argv[3:6])]), mounted=sys.argv[6:])))' \
+  "$IMAGE" "$PYTHON_IMAGE" $((base_done - start)) $((done_ - base_done)) $((done_ - start)) "${targets[@]}" \
+  > .run/image-build.json
 if [ -n "${ARCHIVE:-}" ]; then
   rm -f "$ARCHIVE"
   bh push --quiet "$IMAGE" "docker-archive:$ARCHIVE:${IMAGE#localhost/}"
