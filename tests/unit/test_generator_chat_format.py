@@ -24,6 +24,7 @@ from services.generator.engine import (  # noqa: E402
     EngineDelta,
     EngineRequest,
     EngineStarted,
+    InvalidRequest,
     Sampling,
 )
 from services.generator.llama_cpp_engine import LlamaCppEngine  # noqa: E402
@@ -124,6 +125,7 @@ async def test_penalty_defaults_are_reported_and_settable() -> None:
         max_model_len=512,
         n_threads=1,
         default_max_tokens=16,
+        schema_compile_timeout_s=0.001,
         default_repetition_penalty=1.3,
         default_frequency_penalty=0.2,
         default_presence_penalty=0.1,
@@ -136,6 +138,12 @@ async def test_penalty_defaults_are_reported_and_settable() -> None:
         assert reported == {"repetition_penalty": "1.3", "frequency_penalty": "0.2"}
         assert engine.info.engine_settings["presence_penalty"] == "0.1"
         assert engine.info.engine_settings["penalty_last_n"] == "32"
+        # And a schema that takes longer to compile than GENERATOR_SCHEMA_COMPILE_TIMEOUT_S is refused.
+        lines = "|".join(f"value_{i} = compute\\(item_{i}\\)" for i in range(2000))
+        slow = {"type": "string", "pattern": f"^(?:{lines})$"}
+        request = EngineRequest("slow", prompt="Hi", messages=None, max_tokens=4, json_schema=slow)
+        with pytest.raises(InvalidRequest, match=r"compiling it took more than 0\.001 s"):
+            await engine.prepare(request)
     finally:
         await engine.close()
     with pytest.raises(pydantic.ValidationError, match="default_frequency_penalty"):
