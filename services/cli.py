@@ -118,6 +118,12 @@ async def _generate(args: argparse.Namespace) -> int:
     return await _stream_til(args, lambda stub: stub.GenerateTil(request, timeout=args.timeout))
 
 
+def _print_json_line(text: str) -> None:
+    """The final object on one line (the model may write JSON over several), so `--json` output pipes into
+    line-oriented tools (jq -c, JSON Lines) whatever whitespace the model chose."""
+    print(json.dumps(json.loads(text), ensure_ascii=False))
+
+
 async def _stream_til(args: argparse.Namespace, call: Callable[[edge_pb2_grpc.EdgeServiceStub], Any]) -> int:
     """Shows a TIL stream (GenerateTil or ReviseTil): live on a terminal, else the result at the end."""
     view = LiveView()
@@ -133,7 +139,7 @@ async def _stream_til(args: argparse.Namespace, call: Callable[[edge_pb2_grpc.Ed
                 elif event == "finished":
                     f = message.finished
                     if args.json:
-                        print(f.til_json)
+                        _print_json_line(f.til_json)
                     elif live:
                         print(f"\n\nkeywords: {', '.join(f.til.keywords)}")
                     else:
@@ -217,7 +223,7 @@ async def _questions(args: argparse.Namespace) -> int:
                     if sys.stderr.isatty() and not args.json:
                         sys.stderr.write("\n")
                     if args.json:
-                        print(f.questions_json)
+                        _print_json_line(f.questions_json)
                     else:
                         for i, q in enumerate(f.questions, 1):
                             level = _status_name(edge_pb2.Difficulty, q.difficulty, "DIFFICULTY_")

@@ -95,7 +95,10 @@ async def test_ingest_upserts_in_batches(tmp_path: Path, capsys: pytest.CaptureF
 
 class ScriptedEdge(edge_pb2_grpc.EdgeServiceServicer):
     async def GenerateTil(self, request, context):
-        document = json.dumps({"title": f"{request.date} TIL - 캐시", "keywords": ["캐시"], "content": "# x"})
+        # Over several lines, as a model may write it.
+        document = json.dumps(
+            {"title": f"{request.date} TIL - 캐시", "keywords": ["캐시"], "content": "# x"}, indent=2
+        )
         yield edge_pb2.GenerateTilResponse(started=edge_pb2.StreamStarted(request_id="r1", model="m"))
         for i in range(0, len(document), 7):
             yield edge_pb2.GenerateTilResponse(
@@ -119,7 +122,8 @@ async def test_generate_prints_the_final_json(tmp_path: Path, capsys: pytest.Cap
         )
     assert rc == 0
     out, err = capsys.readouterr()
-    assert json.loads(out)["title"] == "2026-11-24 TIL - 캐시"
+    (line,) = out.splitlines()  # one line: `--json` output feeds line-oriented tools
+    assert json.loads(line)["title"] == "2026-11-24 TIL - 캐시"
     assert "not valid UTF-8" in err and "request r1" in err
 
 
