@@ -237,15 +237,25 @@ def test_check_in_force_reports_and_refuses() -> None:
         check_in_force(wanted, None)
 
 
-def test_register_without_vllm_or_without_a_request_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_without_vllm_or_without_a_request_does_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in (ENV_THRESHOLD, ENV_WORKERS, ENV_BATCH_SIZE):
         monkeypatch.delenv(name, raising=False)
-    register()  # nothing asked: returns before any import
+    with caplog.at_level("INFO"):
+        register()  # nothing asked: returns before any import
+    assert "not applied" not in caplog.text
     monkeypatch.setenv(ENV_THRESHOLD, "0")
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm.* raises ImportError
-    register()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        register()  # vLLM missing: said, not raised
+    assert "not applied" in caplog.text
     monkeypatch.setenv(ENV_THRESHOLD, "-1")
-    register()  # a bad value is logged, not raised
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        register()  # a bad value is logged, not raised
+    assert "not applied" in caplog.text
 
 
 def test_vllm_loading_the_plugin_in_a_fresh_process_applies_the_environment(tmp_path: Path) -> None:
