@@ -63,6 +63,6 @@ class GuardedStore:
         with self.breaker.guard():
             return await self._store.upsert(documents, timeout=timeout)
 
-    async def get(self, document_id: str, *, timeout: float) -> retriever_pb2.Document | None:
+    async def get(self, document_id: str, *, owner: str, timeout: float) -> retriever_pb2.Document | None:
         with self.breaker.guard():
-            return await self._store.get(document_id, timeout=timeout)
+            return await self._store.get(document_id, owner=owner, timeout=timeout)

@@ -90,8 +90,9 @@ class DocumentStore(Protocol):
 
     async def upsert(self, documents: Sequence[retriever_pb2.Document], *, timeout: float) -> list[str]: ...
 
-    async def get(self, document_id: str, *, timeout: float) -> retriever_pb2.Document | None:
-        """The document stored under `document_id`, or None when there is none."""
+    async def get(self, document_id: str, *, owner: str, timeout: float) -> retriever_pb2.Document | None:
+        """The document stored under `document_id` for `owner`, or None when there is none (another
+        owner's included; the empty owner is an owner of its own)."""
         ...
 
 
@@ -422,8 +423,8 @@ class RetrieverClient:
             raise _unavailable("retriever", exc) from exc
         return list(response.ids)
 
-    async def get(self, document_id: str, *, timeout: float) -> retriever_pb2.Document | None:
-        request = retriever_pb2.GetDocumentRequest(id=document_id)
+    async def get(self, document_id: str, *, owner: str, timeout: float) -> retriever_pb2.Document | None:
+        request = retriever_pb2.GetDocumentRequest(id=document_id, owner=owner)
         try:
             response = await self._stub.GetDocument(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:

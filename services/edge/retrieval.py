@@ -121,7 +121,7 @@ async def load(
     """The document `document_id` of `owner`; NotFound when there is none (another owner's included:
     ids do not leak across owners), Unavailable when the retriever cannot be asked."""
     try:
-        document = await store.get(document_id, timeout=timeout)
+        document = await store.get(document_id, owner=owner, timeout=timeout)
     except DependencyUnavailable as exc:
         raise Unavailable(f"cannot load {what} {document_id!r}: {exc}") from exc
     if document is None or document.kind not in kinds or document.owner != owner:

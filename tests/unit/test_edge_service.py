@@ -201,6 +201,7 @@ class FakeRetriever(retriever_pb2_grpc.RetrieverServiceServicer):
     documents: dict[str, retriever_pb2.Document] = field(default_factory=dict)
     searches: list[retriever_pb2.SearchDocumentsRequest] = field(default_factory=list)
     upserts: list[retriever_pb2.Document] = field(default_factory=list)
+    gets: list[retriever_pb2.GetDocumentRequest] = field(default_factory=list)
     hang: bool = False
 
     def add(self, **fields: Any) -> retriever_pb2.Document:
@@ -230,6 +231,7 @@ class FakeRetriever(retriever_pb2_grpc.RetrieverServiceServicer):
         return retriever_pb2.UpsertDocumentsResponse(ids=[d.id for d in request.documents])
 
     async def GetDocument(self, request: Any, context: Any) -> retriever_pb2.GetDocumentResponse:
+        self.gets.append(request)
         if request.id not in self.documents:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no document {request.id}")
         return retriever_pb2.GetDocumentResponse(document=self.documents[request.id])
@@ -707,6 +709,8 @@ async def test_an_empty_owner_is_an_owner_of_its_own() -> None:
         til_started, _, _ = split(await stack.til(til_request(owner="")))
         await stack.settle()
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND and "til-alice" in (raised.value.details() or "")
+    # The retriever is asked for the caller's document, not any owner's.
+    assert [(g.id, g.HasField("owner"), g.owner) for g in stack.retriever.gets] == [("til-alice", True, "")]
     assert [s.id for s in started.sources] == ["q-nobody"]
     prompt = stack.generator.requests[0].chat.messages[1].content
     assert "주인 없는 질문" in prompt and "앨리스의 질문" not in prompt
