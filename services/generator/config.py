@@ -69,8 +69,8 @@ class GeneratorSettings(ServerSettings):
         "when it has none), 'plain' for a base model, or a llama-cpp-python chat format (chatml, gemma, llama-3...).",
     )
     # Repetition control (llama_cpp), for requests that leave these SamplingParams unset.
-    default_repetition_penalty: float = Field(1.15, gt=0, description="1 is off.")
-    default_frequency_penalty: float = Field(0.0, ge=-2, le=2, description="0 is off.")
+    default_repetition_penalty: float = Field(1.1, gt=0, description="1 is off.")
+    default_frequency_penalty: float = Field(0.3, ge=-2, le=2, description="0 is off.")
     default_presence_penalty: float = Field(0.0, ge=-2, le=2, description="0 is off.")
     penalty_last_n: int = Field(64, ge=0, description="Generated tokens the penalties look back on.")
 

@@ -320,7 +320,8 @@ async def test_model_info_describes_the_loaded_model(
     assert info.engine_settings["n_ctx"] == str(CONTEXT)
     assert info.engine_settings["n_threads"] == "1"
     assert info.engine_settings["chat_format"] == "gguf"
-    assert info.engine_settings["repetition_penalty"] == "1.15"
+    assert info.engine_settings["repetition_penalty"] == "1.1"
+    assert info.engine_settings["frequency_penalty"] == "0.3"
 
 
 async def test_tokenize_counts_with_the_models_tokenizer_and_offsets_cut_whole_tokens(
