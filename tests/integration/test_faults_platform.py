@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,9 +269,22 @@ def handled(metrics_port: int) -> float:
     )
 
 
+def free_port_pair() -> int:
+    """A free port whose next one is free too (at the time of asking)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("cacher", "retriever", "generator", "edge")}
     metrics = {name: free_port() for name in ports}
+    metrics["edge"] = free_port_pair()  # worker i serves metrics on EDGE_METRICS_PORT + i
     stack = LocalStack(
         data_dir=tmp_path,
         ports=ports,
@@ -295,7 +309,11 @@ async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) 
                 stub = edge_pb2_grpc.EdgeServiceStub(channel)
                 return split(await read_all(stub.GenerateTil(til_request(f"w{n}"), timeout=60)))[2]
 
-        finished = await asyncio.gather(*(til(n) for n in range(24)))
+        try:
+            finished = await asyncio.gather(*(til(n) for n in range(24)))
+        except grpc.aio.AioRpcError:
+            print("edge log:\n" + stack.processes["edge"].log_tail(60))
+            raise
         per_worker = [handled(metrics["edge"]), handled(metrics["edge"] + 1)]
         report("2 edge workers on one port", tils=len(finished), handled_per_worker=per_worker)
         assert all(f.til_json for f in finished)
