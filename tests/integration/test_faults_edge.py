@@ -13,6 +13,7 @@ import pytest
 from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 from services.stack import LocalStack
+from tests.unit.test_edge_service import korean_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -41,21 +42,6 @@ async def edge(stack: LocalStack) -> AsyncIterator[edge_pb2_grpc.EdgeServiceStub
 
 def overrides(max_tokens: int) -> edge_pb2.GenerationOverrides:
     return edge_pb2.GenerationOverrides(max_tokens=max_tokens, sampling=GREEDY)
-
-
-def korean_diff(size_bytes: int) -> str:
-    """Files of Korean comments, `size_bytes` of UTF-8 in all (3 bytes a Hangul character)."""
-    parts, size, i = [], 0, 0
-    while size < size_bytes:
-        body = "".join(
-            f"+# {n}번째 설명: 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다\n"
-            for n in range(40)
-        )
-        part = f"diff --git a/docs/k{i}.py b/docs/k{i}.py\n--- a/docs/k{i}.py\n+++ b/docs/k{i}.py\n@@ -0,0 +1,40 @@\n{body}"
-        parts.append(part)
-        size += len(part.encode())
-        i += 1
-    return "".join(parts)
 
 
 def split(messages: list[Any]) -> tuple[edge_pb2.StreamStarted, str, Any]:

@@ -626,8 +626,8 @@ def korean_diff(size_bytes: int) -> str:
     parts, size, i = [], 0, 0
     while size < size_bytes:
         body = "".join(
-            f"+# {i}번째 설명: 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다\n"
-            for _ in range(40)
+            f"+# {n}번째 설명: 사용자 조회 결과를 캐시에 저장하여 데이터베이스 호출을 줄인다\n"
+            for n in range(40)
         )
         part = f"diff --git a/docs/k{i}.py b/docs/k{i}.py\n--- a/docs/k{i}.py\n+++ b/docs/k{i}.py\n@@ -0,0 +1,40 @@\n{body}"
         parts.append(part)
