@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,8 @@ import grpc
 import pytest
 import pytest_asyncio
 from til.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+from tests.unit.test_generator_llama_cpp import port_once_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -43,20 +44,12 @@ async def generator() -> AsyncIterator[generator_pb2_grpc.GeneratorServiceStub]:
     stderr = process.stderr
     assert stderr is not None
 
-    async def port_once_serving() -> int:
-        port = 0
-        while b"SERVING til.v1.GeneratorService" not in (line := await stderr.readline()):
-            assert line, "the generator exited before SERVING"
-            if match := re.search(rb"listening on [\d.]+:(\d+)", line):
-                port = int(match.group(1))
-        return port
-
     async def drain() -> None:  # keep the pipe from filling up
         while await stderr.readline():
             pass
 
     try:
-        port = await asyncio.wait_for(port_once_serving(), 120)
+        port = await asyncio.wait_for(port_once_serving(stderr), 120)
         draining = asyncio.create_task(drain())
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield generator_pb2_grpc.GeneratorServiceStub(channel)

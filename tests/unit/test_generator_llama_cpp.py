@@ -443,6 +443,16 @@ async def test_invalid_requests_are_refused_within_a_second_while_the_engine_is_
     await until_load(engine, IDLE, within_s=2.0)
 
 
+async def port_once_serving(stderr: asyncio.StreamReader) -> int:
+    """Reads a starting `python -m services.generator`'s log until it serves; the port it listens on."""
+    port = 0
+    while b"SERVING til.v1.GeneratorService" not in (line := await stderr.readline()):
+        assert line, "the generator exited before SERVING"
+        if match := re.search(rb"listening on [\d.]+:(\d+)", line):
+            port = int(match.group(1))
+    return port
+
+
 async def test_python_m_services_generator_turns_serving_and_drains() -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -456,16 +466,8 @@ async def test_python_m_services_generator_turns_serving_and_drains() -> None:
     stderr = process.stderr
     assert stderr is not None
 
-    async def port_once_serving() -> int:
-        port = 0
-        while b"SERVING til.v1.GeneratorService" not in (line := await stderr.readline()):
-            assert line, "the generator exited before SERVING"
-            if match := re.search(rb"listening on [\d.]+:(\d+)", line):
-                port = int(match.group(1))
-        return port
-
     try:
-        port = await asyncio.wait_for(port_once_serving(), 60)
+        port = await asyncio.wait_for(port_once_serving(stderr), 60)
         assert port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
