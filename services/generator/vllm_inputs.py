@@ -42,7 +42,8 @@ def _prepared_schema(schema_json: str) -> str:
 
 def prepared_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """The JSON Schema as vLLM's llguidance backend gets it; InvalidRequest if refused."""
-    key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Not sorted: llguidance writes properties in the schema's order (a TIL's title comes first).
+    key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     # A copy each time: vLLM edits the schema it is given (additionalProperties).
     return json.loads(_prepared_schema(key))
 

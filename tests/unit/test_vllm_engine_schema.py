@@ -98,6 +98,8 @@ def test_the_til_schema_reaches_vllm_as_llama_cpp_compiles_it_but_compact() -> N
     compiled = llguidance_schema(schema)
     assert compiled["x-guidance"]["whitespace_pattern"]
     assert sent == {k: v for k, v in compiled.items() if k != "x-guidance"}
+    # The document is written in the edge's order, not sorted (a schema's order is its output's).
+    assert list(sent["properties"]) == list(schema["properties"]) == ["title", "keywords", "content"]
     content = sent["properties"]["content"]
     assert set(content) == {"type", "pattern"}  # no length bound beside the pattern
     assert content["pattern"].startswith("^# 2026-11-24 TIL")
@@ -117,6 +119,26 @@ def test_schemas_the_llama_cpp_backend_refuses_are_refused_with_its_message(
     with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
         prepared_schema(schema)
     assert str(refused.value).startswith("output.json_schema: ")
+
+
+def test_properties_keep_their_order_and_the_order_reaches_the_grammar() -> None:
+    from llguidance import LLMatcher
+
+    from services.generator.fake_engine import _BYTE_TOKENIZER
+
+    def schema(names: list[str]) -> dict[str, Any]:
+        properties = {n: {"type": "string", "pattern": "^[a-z]$"} for n in names}
+        return {"type": "object", "properties": properties, "required": names}
+
+    zyx = prepared_schema(schema(["z", "y", "x"]))
+    assert list(zyx["properties"]) == ["z", "y", "x"]
+    assert list(prepared_schema(schema(["x", "y", "z"]))["properties"]) == ["x", "y", "z"]
+    # llguidance writes properties in that order: the sorted document is refused.
+    grammar = LLMatcher.grammar_from_json_schema(zyx, defaults={"whitespace_flexible": False})
+    matcher = LLMatcher(_BYTE_TOKENIZER, grammar)
+    assert not matcher.consume_tokens(list(b'{"x":"a"'))
+    matcher = LLMatcher(_BYTE_TOKENIZER, grammar)
+    assert matcher.consume_tokens(list(b'{"z":"a","y":"b","x":"c"}'))
 
 
 def test_each_call_gets_its_own_copy() -> None:
