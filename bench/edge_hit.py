@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -184,9 +185,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
                 await asyncio.sleep(1.0)
             cpu_before, wall_before = cpu_seconds(edge_pid), time.perf_counter()
+            client_before = time.process_time()
             results = await closed_loop(stubs, args, args.requests)
             wall = time.perf_counter() - wall_before
             cpu = cpu_seconds(edge_pid) - cpu_before
+            client_cpu = time.process_time() - client_before
+            cacher_cpu = cpu_seconds(stack.processes["cacher"].process.pid)  # type: ignore[union-attr]
         finally:
             for channel in channels:
                 await channel.close()
@@ -204,8 +208,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "requests": len(results),
         "edge_env": {
-            k: v for k, v in edge_env.items() if k in ("EDGE_COALESCE_MS", "EDGE_WORKERS", "EDGE_UVLOOP")
+            k: v
+            for k, v in edge_env.items()
+            if k in ("EDGE_COALESCE_MS", "EDGE_WORKERS", "EDGE_UVLOOP", "EDGE_NEAR_CACHE_ENTRIES")
         },
+        "cache_statuses": dict(
+            collections.Counter(edge_pb2.CacheStatus.Name(r["cache_status"]) for r in results)
+        ),
         "first_message_ms_p50": round(percentile(firsts, 0.5), 2),
         "first_message_ms_p99": round(percentile(firsts, 0.99), 2),
         "total_ms_p50": round(percentile(totals, 0.5), 2),
@@ -213,6 +222,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_s": round(len(results) / wall, 1),
         "edge_cpu_s": round(cpu, 3),
         "edge_cpu_ms_per_request": round(1000 * cpu / len(results), 3),
+        # The benchmark's own client (one process): when it nears 1000 ms / requests_per_s, it is the limit.
+        "client_cpu_ms_per_request": round(1000 * client_cpu / len(results), 3),
+        "cacher_cpu_s_whole_run": round(cacher_cpu, 2),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
     }
     if args.mode == "stream":

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 from til.v1 import retriever_pb2
 
 from services.common.breaker import CircuitBreaker
-from services.edge.clients import DependencyUnavailable, DocumentStore, ResultCache, is_dependency_failure
+from services.edge.clients import (
+    CacheRead,
+    DependencyUnavailable,
+    DocumentStore,
+    ResultCache,
+    is_dependency_failure,
+)
 
 
 def dependency_breaker(
@@ -37,7 +43,7 @@ class GuardedCache:
         self._cache = cache
         self.breaker = breaker
 
-    async def get(self, namespace: str, key: str, *, timeout: float) -> str | None:
+    async def get(self, namespace: str, key: str, *, timeout: float) -> CacheRead | None:
         with self.breaker.guard():
             return await self._cache.get(namespace, key, timeout=timeout)
 

@@ -57,6 +57,7 @@ class CacheLookup:
     status: int  # edge_pb2.CacheStatus
     value: Cached | None = None
     notice: str | None = None
+    expires_in_s: float | None = None  # of a hit: how long the cache keeps it (None: no expiry)
 
 
 async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, timeout_s: float) -> CacheLookup:
@@ -66,19 +67,20 @@ async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, tim
         lookup = CacheLookup(edge_pb2.CACHE_STATUS_BYPASSED)
     else:
         try:
-            raw = await cache.get(namespace, key, timeout=timeout_s)
+            read = await cache.get(namespace, key, timeout=timeout_s)
         except DependencyUnavailable as exc:
             lookup = CacheLookup(
                 edge_pb2.CACHE_STATUS_UNAVAILABLE, notice=f"cache unavailable ({exc}); generating without it"
             )
         else:
-            value = unwrap(raw) if raw is not None else None
-            if raw is not None and value is None:
+            value = unwrap(read.value_json) if read is not None else None
+            if read is not None and value is None:
                 notice = "the cached entry could not be read; generating a new result"
                 lookup = CacheLookup(edge_pb2.CACHE_STATUS_MISS, notice=notice)
+            elif read is None or value is None:
+                lookup = CacheLookup(edge_pb2.CACHE_STATUS_MISS)
             else:
-                status = edge_pb2.CACHE_STATUS_HIT if value is not None else edge_pb2.CACHE_STATUS_MISS
-                lookup = CacheLookup(status, value)
+                lookup = CacheLookup(edge_pb2.CACHE_STATUS_HIT, value, expires_in_s=read.expires_in_s)
     status = CACHE_STATUS_NAMES[lookup.status]
     CACHE_LOOKUPS.labels(namespace, status).inc()
     CACHE_LOOKUP_SECONDS.labels(namespace, status).observe(time.monotonic() - began)

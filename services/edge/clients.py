@@ -96,9 +96,17 @@ class DocumentStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CacheRead:
+    """A value the cache holds, and how long it keeps it (None: no expiry)."""
+
+    value_json: str
+    expires_in_s: float | None = None
+
+
 class ResultCache(Protocol):
-    async def get(self, namespace: str, key: str, *, timeout: float) -> str | None:
-        """The JSON stored under the key, or None on a miss."""
+    async def get(self, namespace: str, key: str, *, timeout: float) -> CacheRead | None:
+        """The JSON stored under the key and its time left, or None on a miss."""
         ...
 
     async def put(self, namespace: str, key: str, value_json: str, *, ttl_s: int, timeout: float) -> None: ...
@@ -440,14 +448,19 @@ class CacherClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = cacher_pb2_grpc.CacherServiceStub(channel)
 
-    async def get(self, namespace: str, key: str, *, timeout: float) -> str | None:
+    async def get(self, namespace: str, key: str, *, timeout: float) -> CacheRead | None:
         try:
             response = await self._stub.GetEntry(
                 cacher_pb2.GetEntryRequest(namespace=namespace, key=key), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
             raise _unavailable("cacher", exc) from exc
-        return response.value_json if response.found else None
+        if not response.found:
+            return None
+        # The cacher rounds the time left up to whole seconds (0: no expiry): one less is a bound that
+        # never outlives the entry there.
+        ttl = response.ttl_seconds
+        return CacheRead(response.value_json, None if ttl == 0 else float(ttl - 1))
 
     async def put(self, namespace: str, key: str, value_json: str, *, ttl_s: int, timeout: float) -> None:
         request = cacher_pb2.PutEntryRequest(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import zoneinfo
 
 from pydantic import Field, field_validator, model_validator
@@ -39,6 +40,14 @@ def channel_target(addr: str) -> str:
     if len(families) > 1:
         raise ValueError("a comma list must not mix IPv4 and IPv6 addresses")
     return f"ipv{families.pop()}:{','.join(hosts)}"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, so a container's cpuset counts, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class EdgeSettings(ServerSettings):
@@ -103,7 +112,22 @@ class EdgeSettings(ServerSettings):
         ge=1,
         le=256,
         description="Edge processes sharing the port (SO_REUSEPORT), forked before any gRPC object exists; "
-        "worker i serves metrics on metrics_port + i.",
+        "worker i serves metrics on metrics_port + i. 'auto': one per CPU this process may run on.",
+    )
+    near_cache_entries: int = Field(
+        0,
+        ge=0,
+        description="Complete results each edge process keeps in memory after reading or storing them in "
+        "the cacher, so a repeated request is answered without the cacher hop; 0 turns it off.",
+    )
+    near_cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Memory the near cache of one edge process may hold."
+    )
+    near_cache_max_age_s: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a near-cache entry is served (never past the cacher's own expiry): how long a "
+        "result replaced through another edge process (CACHE_POLICY_REFRESH) may still be served here.",
     )
     uvloop: bool = Field(False, description="Run the event loop on uvloop (installed with the package).")
 
@@ -161,6 +185,13 @@ class EdgeSettings(ServerSettings):
     warmup_timeout_s: float = Field(
         900.0, gt=0, description="How long to wait for the generator at start before giving up."
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(256, available_cpus())
+        return value
 
     @field_validator("generator_addr", "retriever_addr", "cacher_addr")
     @classmethod

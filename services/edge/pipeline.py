@@ -16,7 +16,7 @@ import asyncio
 import datetime
 import json
 import zoneinfo
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from til.v1 import common_pb2, edge_pb2, generator_pb2
 
 from services.edge.background import Background
-from services.edge.cache import Cached, cache_key, envelope, look_up, sampling_fields
+from services.edge.cache import CACHE_LOOKUPS, Cached, cache_key, envelope, look_up, sampling_fields, unwrap
 from services.edge.call import CallContext
 from services.edge.checks import resolve_max_tokens
 from services.edge.clients import DocumentStore, ResultCache, TilGenerator
@@ -33,6 +33,7 @@ from services.edge.contract import F, J, OutputContract
 from services.edge.fitting import fit_prompt
 from services.edge.flights import JOINED_NOTICE, Listener, Plan, SingleFlight
 from services.edge.generation import Outcome, closing_delta, parse_json_output, stream_generation
+from services.edge.nearcache import NearCache
 from services.edge.redaction import redaction_notice
 from services.edge.retrieval import Retrieval, search
 from services.edge.til_format import Violation
@@ -59,6 +60,7 @@ class Opened:
     listener: Listener | None = None
     plan: Plan | None = None
     joined: bool = False
+    expires_in_s: float | None = None  # of a hit: how long the cacher keeps it
 
     def used_plan(self) -> Plan:
         """The plan the stream was started with (a flight has its plan before its first response)."""
@@ -68,6 +70,20 @@ class Opened:
 
     def notices(self) -> list[str]:
         return [*self.used_plan().notices, *([JOINED_NOTICE] if self.joined else [])]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A cached result made ready to send: its delta and its finished message (all but the timings),
+    parsed and checked once, however often it is replayed."""
+
+    cached: Cached
+    delta: common_pb2.TextDelta
+    finished: edge_pb2.TilFinished | edge_pb2.QuestionsFinished
+
+    @property
+    def size(self) -> int:
+        return self.delta.ByteSize() + self.finished.ByteSize()
 
 
 class Pipeline:
@@ -87,6 +103,11 @@ class Pipeline:
         self._settings = settings
         self.background = background or Background()
         self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
+        self.near: NearCache[Replay] = NearCache(
+            max_entries=settings.near_cache_entries,
+            max_bytes=settings.near_cache_max_bytes,
+            max_age_s=settings.near_cache_max_age_s,
+        )
         zone = zoneinfo.ZoneInfo(settings.timezone)
         # The default date of a result: today in the configured time zone.
         self.today = today or (lambda: datetime.datetime.now(zone).date())
@@ -101,12 +122,27 @@ class Pipeline:
         max_tokens = resolve_max_tokens(job.max_tokens, self._settings.default_max_tokens, info)
         key = pipeline_key(contract, job, model=info.model, max_tokens=job.max_tokens)
 
+        if job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED and self.near.enabled:
+            near = self.near.get(contract.namespace, key)
+            if near is not None:  # a result the cacher holds, without asking it again
+                CACHE_LOOKUPS.labels(contract.namespace, "near_hit").inc()
+                for event in self._replay(contract, near, ctx, notices):
+                    yield event
+                return
+        elif job.policy == edge_pb2.CACHE_POLICY_REFRESH:
+            self.near.discard(contract.namespace, key)
+
         async def plan(retrieval: Retrieval) -> Plan:
             return await self._plan(contract, job, retrieval, max_tokens, ctx)
 
         opened = await self._open(contract, job, key, plan, ctx, notices)
         if opened.cached is not None:
-            async for event in self._replay(contract, job, opened.cached, ctx, notices):
+            replay = self._ready(contract, job, opened.cached)
+            if self.near.enabled:
+                self.near.put(
+                    contract.namespace, key, replay, size=replay.size, expires_in_s=opened.expires_in_s
+                )
+            for event in self._replay(contract, replay, ctx, notices):
                 yield event
             return
         assert opened.stream is not None
@@ -145,7 +181,7 @@ class Pipeline:
         if complete and (opened.listener is None or opened.listener.flight.claim_writes()):
             # Only under the key's model: after a redeploy the key names the model no longer serving.
             if job.policy != edge_pb2.CACHE_POLICY_BYPASS and outcome.model == info.model:
-                self._store_result(contract, key, json_text, outcome, result_id)
+                self._store_result(contract, job, key, json_text, outcome, result_id)
             if self._settings.index_tils:
                 self._index(contract, finished, job, result_id, outcome.model)
         yield finished
@@ -189,7 +225,7 @@ class Pipeline:
             if lookup.notice:
                 notices.append(lookup.notice)
             if lookup.value is not None:
-                return Opened(lookup.status, cached=lookup.value)
+                return Opened(lookup.status, cached=lookup.value, expires_in_s=lookup.expires_in_s)
             # Another call may have started the same generation while this one looked.
             listener = self._flights.join(key, ctx.deadline) if shared else None
             if listener is not None:
@@ -246,9 +282,19 @@ class Pipeline:
         sources = tuple(contract.source(found) for found in retrieval.found)
         return Plan(request, retrieval, sources, tuple(notices))
 
-    async def _replay(
-        self, contract: OutputContract[J, F], job: J, cached: Cached, ctx: CallContext, notices: list[str]
-    ) -> AsyncIterator[Event]:
+    def _ready(self, contract: OutputContract[J, F], job: J, cached: Cached) -> Replay:
+        """`cached` parsed and checked for `job` (whose key it was found under), ready to replay."""
+        document = json.loads(cached.json_text)
+        violations = contract.check(document, job, truncated=False, retrieval=Retrieval())
+        finished = contract.finished(document, cached.json_text, cached.result_id)
+        _fill(finished, common_pb2.FINISH_REASON_STOP, cached.usage, common_pb2.Timings(), violations)
+        delta = common_pb2.TextDelta(text=cached.json_text, token_count=cached.usage.completion_tokens)
+        return Replay(cached, delta, finished)
+
+    def _replay(
+        self, contract: OutputContract[J, F], replay: Replay, ctx: CallContext, notices: list[str]
+    ) -> Iterator[Event]:
+        cached = replay.cached
         yield edge_pb2.StreamStarted(
             request_id=ctx.request_id,
             model=cached.model,
@@ -259,27 +305,41 @@ class Pipeline:
             notices=notices,
         )
         first_token_ms = ctx.elapsed_ms()
-        yield common_pb2.TextDelta(text=cached.json_text, token_count=cached.usage.completion_tokens)
-        document = json.loads(cached.json_text)
-        violations = contract.check(document, job, truncated=False, retrieval=Retrieval())
+        yield replay.delta
         RESULTS.labels(contract.kind, "cached").inc()
-        finished = contract.finished(document, cached.json_text, cached.result_id)
-        timings = common_pb2.Timings(
-            queue_ms=ctx.queued_s * 1000.0, time_to_first_token_ms=first_token_ms, total_ms=ctx.elapsed_ms()
-        )
-        _fill(finished, common_pb2.FINISH_REASON_STOP, cached.usage, timings, violations)
+        finished = type(replay.finished)()
+        finished.CopyFrom(replay.finished)
+        finished.timings.queue_ms = ctx.queued_s * 1000.0
+        finished.timings.time_to_first_token_ms = first_token_ms
+        finished.timings.total_ms = ctx.elapsed_ms()
         yield finished
 
     def _store_result(
-        self, contract: OutputContract[J, F], key: str, json_text: str, outcome: Outcome, result_id: str
+        self,
+        contract: OutputContract[J, F],
+        job: J,
+        key: str,
+        json_text: str,
+        outcome: Outcome,
+        result_id: str,
     ) -> None:
         s = self._settings
         extra = {"til_id": result_id} if result_id else {}
         value = envelope(json_text=json_text, model=outcome.model, usage=outcome.usage, **extra)
-        self.background.spawn(
-            f"{contract.kind} cache store",
-            self._cache.put(contract.namespace, key, value, ttl_s=s.cache_ttl_s, timeout=s.write_timeout_s),
-        )
+
+        async def store() -> None:
+            await self._cache.put(
+                contract.namespace, key, value, ttl_s=s.cache_ttl_s, timeout=s.write_timeout_s
+            )
+            # Near only once the cacher has it, as a hit there would read it back.
+            cached = unwrap(value) if self.near.enabled else None
+            if cached is not None:
+                replay = self._ready(contract, job, cached)
+                self.near.put(
+                    contract.namespace, key, replay, size=replay.size, expires_in_s=s.cache_ttl_s or None
+                )
+
+        self.background.spawn(f"{contract.kind} cache store", store())
 
     def _index(self, contract: OutputContract[J, F], finished: F, job: J, result_id: str, model: str) -> None:
         documents = contract.documents(finished, job, result_id=result_id, model=model)
