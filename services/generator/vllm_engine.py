@@ -148,14 +148,17 @@ def bitmask_parallelism(settings: VllmSettings, env: Mapping[str, str]) -> Bitma
     """How the engine core should fill structured-output bitmasks (our vLLM plugin applies it).
 
     The settings when they ask for anything; otherwise the plugin's own variables in `env`, so that
-    a process driving the engine directly (a benchmark) can turn it on as a `vllm serve` would.
+    a process driving the engine directly (a benchmark) can turn it on as a `vllm serve` would. How
+    the masks are filled (`TILSERVE_VLLM_BITMASK_FILL`) always comes from `env`.
     """
     asked = BitmaskParallelism(
         threshold=settings.structured_output_parallel_threshold,
         workers=settings.structured_output_parallel_workers,
         batch_size=settings.structured_output_parallel_batch_size,
     )
-    return asked if asked.requested else BitmaskParallelism.from_environment(env)
+    from_env = BitmaskParallelism.from_environment(env)
+    # The fill has no generator setting: TILSERVE_VLLM_BITMASK_FILL counts beside the settings.
+    return replace(asked, fill=from_env.fill) if asked.requested else from_env
 
 
 def asked_settings(settings: VllmSettings) -> dict[str, str]:

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 ENV_THRESHOLD = "TILSERVE_VLLM_BITMASK_PARALLEL_THRESHOLD"
 ENV_WORKERS = "TILSERVE_VLLM_BITMASK_WORKERS"
 ENV_BATCH_SIZE = "TILSERVE_VLLM_BITMASK_BATCH_SIZE"
+ENV_FILL = "TILSERVE_VLLM_BITMASK_FILL"
+
+# How a task of the pool fills its requests' masks: vLLM's own loop (a Python call per request on
+# its thread pool), or one call into llguidance's Rust thread pool (`LLExecutor`) for the whole task,
+# which holds the GIL once per task instead of once per request.
+FILLS = ("threads", "llguidance")
+# With the llguidance fill, one task per step unless a batch size is asked for.
+LLGUIDANCE_BATCH_SIZE = 1024
 
 # The engine core's utility method (AsyncLLM.engine_core.call_utility_async) that reports what is in force.
 REPORT_METHOD = "tilserve_bitmask_parallelism"
@@ -53,11 +61,15 @@ class BitmaskParallelism:
     workers: int | None = None
     # Requests per task handed to a thread.
     batch_size: int | None = None
+    # One of FILLS; None is "threads", vLLM's own.
+    fill: str | None = None
 
     def __post_init__(self) -> None:
+        if self.fill is not None and self.fill not in FILLS:
+            raise ValueError(f"fill must be one of {', '.join(FILLS)}, not {self.fill!r}")
         for name, least in (("threshold", 0), ("workers", 1), ("batch_size", 1)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < least):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise ValueError(f"{name} must be an integer >= {least}, not {value!r}")
 
     @property
@@ -70,12 +82,13 @@ class BitmaskParallelism:
             ENV_THRESHOLD: _str_or_none(self.threshold),
             ENV_WORKERS: _str_or_none(self.workers),
             ENV_BATCH_SIZE: _str_or_none(self.batch_size),
+            ENV_FILL: self.fill,
         }
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BitmaskParallelism:
         """ValueError naming the variable when one is not a valid number."""
-        values: dict[str, int | None] = {}
+        values: dict[str, Any] = {}
         for name, var in (
             ("threshold", ENV_THRESHOLD),
             ("workers", ENV_WORKERS),
@@ -86,6 +99,7 @@ class BitmaskParallelism:
                 values[name] = int(text) if text else None
             except ValueError:
                 raise ValueError(f"{var}={text!r} is not an integer") from None
+        values["fill"] = env.get(ENV_FILL, "").strip() or None
         try:
             return cls(**values)
         except ValueError as exc:
@@ -169,8 +183,13 @@ def configure(manager: Any, wanted: BitmaskParallelism) -> None:
             raise LookupError("the manager has no integer fill_bitmask_parallel_threshold")
         if wanted.threshold is not None:
             manager.fill_bitmask_parallel_threshold = wanted.threshold
-        if wanted.batch_size is not None or not hasattr(manager, "fill_bitmask_parallel_batch_size"):
-            manager.fill_bitmask_parallel_batch_size = wanted.batch_size or VLLM_BATCH_SIZE
+        default_batch = LLGUIDANCE_BATCH_SIZE if wanted.fill == "llguidance" else VLLM_BATCH_SIZE
+        if (
+            wanted.batch_size is not None
+            or wanted.fill
+            or not hasattr(manager, "fill_bitmask_parallel_batch_size")
+        ):
+            manager.fill_bitmask_parallel_batch_size = wanted.batch_size or default_batch
         # vLLM builds the pool only when its own threshold is below max_num_seqs.
         previous = getattr(manager, "executor_for_fillmask", None)
         if wanted.workers is not None or previous is None:
@@ -179,6 +198,11 @@ def configure(manager: Any, wanted: BitmaskParallelism) -> None:
             )
             if previous is not None:
                 previous.shutdown(wait=False)
+        if wanted.fill == "llguidance":
+            import llguidance
+
+            executor = llguidance.LLExecutor(num_threads=wanted.workers or vllm_default_workers())
+            manager._async_submit_fill_bitmask = functools.partial(fill_with_llguidance, manager, executor)
         setattr(manager, _APPLIED, wanted)
     except Exception as exc:
         setattr(manager, _FAILED, str(exc))
@@ -197,7 +221,48 @@ def in_force(manager: Any) -> dict[str, Any]:
         # ThreadPoolExecutor keeps its size in `_max_workers` (CPython 3.8 onwards).
         "workers": getattr(executor, "_max_workers", None),
         "batch_size": getattr(manager, "fill_bitmask_parallel_batch_size", None),
+        "fill": "llguidance"
+        if getattr(getattr(manager, "_async_submit_fill_bitmask", None), "func", None) is fill_with_llguidance
+        else "threads",
     }
+
+
+def fill_with_llguidance(manager: Any, executor: Any, batch: list[tuple[Any, int, bool]]) -> Future[None]:
+    """`_async_submit_fill_bitmask` for the llguidance fill: the batch's masks in one executor call.
+
+    Does what vLLM's `_fill_bitmasks` does for each (grammar, row, apply_bitmask): the grammar's mask
+    where it applies and the grammar is not terminated, all ones otherwise; grammars that are not
+    llguidance's (no `ll_matcher`) go through vLLM's own per-request fill. Returns a done future: the
+    executor's call returns when every mask is written.
+    """
+    done: Future[None] = Future()
+    try:
+        bitmask = manager._grammar_bitmask
+        own: list[tuple[Any, int]] = []
+        grammars = []
+        rest = []
+        for grammar, index, apply_bitmask in batch:
+            if apply_bitmask and not grammar.is_terminated():
+                matcher = getattr(grammar, "ll_matcher", None)
+                if matcher is None:
+                    rest.append((grammar, index, apply_bitmask))
+                    continue
+                own.append((matcher, index))
+                grammars.append(grammar)
+            else:
+                bitmask[index].fill_(manager._full_mask)
+        if own:
+            import llguidance.torch
+
+            llguidance.torch.fill_next_token_bitmask_par(executor, own, bitmask)
+            for grammar in grammars:
+                grammar.check_error()  # as vLLM's GuidanceGrammar.fill_bitmask does after each mask
+        if rest:
+            manager._fill_bitmasks(rest)
+        done.set_result(None)
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
 
 
 def _report(core: Any) -> dict[str, Any]:
@@ -221,12 +286,12 @@ def check_in_force(wanted: BitmaskParallelism, report: Mapping[str, Any] | None)
         return {"bitmask_parallelism": "vllm default"}
     report = report or {"applied": False, "reason": "no report from the engine core"}
     entries = {"bitmask_parallelism": "applied" if report.get("applied") else "not applied"}
-    for name in ("threshold", "workers", "batch_size"):
+    for name in ("threshold", "workers", "batch_size", "fill"):
         if report.get(name) is not None:
             entries[f"bitmask_parallel_{name}"] = str(report[name])
     differ = [
         f"{name} is {report[name]!r}, not {getattr(wanted, name)!r}"
-        for name in ("threshold", "workers", "batch_size")
+        for name in ("threshold", "workers", "batch_size", "fill")
         if getattr(wanted, name) is not None and name in report and report[name] != getattr(wanted, name)
     ]
     if not report.get("applied") or differ:

@@ -218,6 +218,11 @@ def test_generator_settings_name_the_parallelism(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "12")
     settings = GeneratorSettings()
     assert bitmask_parallelism(settings, {}) == BitmaskParallelism(threshold=0, workers=12)
+    # The fill has no setting: the plugin's variable counts beside the settings, and alone.
+    fill = {"TILSERVE_VLLM_BITMASK_FILL": "llguidance"}
+    assert bitmask_parallelism(settings, fill) == BitmaskParallelism(
+        threshold=0, workers=12, fill="llguidance"
+    )
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "0")
     with pytest.raises(ValidationError, match="structured_output_parallel_workers"):
         GeneratorSettings()

@@ -22,6 +22,7 @@ import pytest
 from services.generator import vllm_plugin
 from services.generator.vllm_plugin import (
     ENV_BATCH_SIZE,
+    ENV_FILL,
     ENV_THRESHOLD,
     ENV_WORKERS,
     REPORT_METHOD,
@@ -116,7 +117,11 @@ def test_settings_travel_through_the_environment() -> None:
     assert env == {ENV_THRESHOLD: "0", ENV_WORKERS: "12", ENV_BATCH_SIZE: "4"}
     assert BitmaskParallelism.from_environment(env) == wanted
     partial = BitmaskParallelism(threshold=0)
-    assert partial.environment() == {ENV_THRESHOLD: "0", ENV_WORKERS: None, ENV_BATCH_SIZE: None}
+    assert partial.environment() == {
+        ENV_THRESHOLD: "0", ENV_WORKERS: None, ENV_BATCH_SIZE: None, ENV_FILL: None,
+    }  # fmt: skip
+    filled = BitmaskParallelism(fill="llguidance")
+    assert filled.requested and BitmaskParallelism.from_environment({ENV_FILL: "llguidance"}) == filled
     assert BitmaskParallelism.from_environment({ENV_THRESHOLD: "0", ENV_WORKERS: " "}) == partial
     assert not BitmaskParallelism.from_environment({}).requested
 
@@ -126,6 +131,7 @@ def test_settings_travel_through_the_environment() -> None:
     [
         ({ENV_THRESHOLD: "zero"}, f"{ENV_THRESHOLD}='zero' is not an integer"),
         ({ENV_WORKERS: "0"}, "workers must be"),
+        ({ENV_FILL: "rayon"}, "fill must be one of threads, llguidance"),
     ],
 )
 def test_bad_environment_values_are_named(env: dict[str, str], message: str) -> None:
@@ -147,7 +153,7 @@ def test_the_plugin_applies_threshold_workers_and_batch_size(vllm_classes: tuple
     # The pool works: what vLLM's parallel path submits to it runs there.
     assert manager._async_submit_fill_bitmask([1, 2]).result(timeout=5) == 2
     assert getattr(core, REPORT_METHOD)() == {
-        "applied": True, "reason": "", "threshold": 0, "workers": 3, "batch_size": 4,
+        "applied": True, "reason": "", "threshold": 0, "workers": 3, "batch_size": 4, "fill": "threads",
     }  # fmt: skip
 
 
@@ -159,8 +165,75 @@ def test_a_threshold_alone_gets_a_pool_where_vllm_built_none(vllm_classes: tuple
     assert report == {
         "applied": True, "reason": "", "threshold": 0,
         "workers": vllm_plugin.vllm_default_workers(), "batch_size": vllm_plugin.VLLM_BATCH_SIZE,
+        "fill": "threads",
     }  # fmt: skip
     assert isinstance(manager_cls(config(64)).executor_for_fillmask, ThreadPoolExecutor)
+
+
+class Grammar:
+    """vLLM's GuidanceGrammar where the fill touches it: its matcher, `is_terminated`, `check_error`."""
+
+    def __init__(self, matcher: Any, terminated: bool = False) -> None:
+        self.ll_matcher = matcher
+        self.terminated = terminated
+        self.checked = 0
+
+    def is_terminated(self) -> bool:
+        return self.terminated
+
+    def check_error(self) -> None:
+        self.checked += 1
+
+    def fill_bitmask(self, bitmask: Any, index: int) -> None:  # vLLM's per-request fill
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self.ll_matcher, bitmask, index)
+
+
+def test_the_llguidance_fill_writes_what_vllms_own_fill_writes(vllm_classes: tuple[type, type]) -> None:
+    """One LLExecutor call for the batch: each open grammar's mask, all ones where vLLM writes them,
+    and grammars of another backend through vLLM's own `_fill_bitmasks`."""
+    import llguidance.torch
+    import torch
+    from llguidance import LLMatcher
+
+    from services.generator.fake_engine import _BYTE_TOKENIZER
+
+    manager_cls, core_cls = vllm_classes
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0, workers=2, fill="llguidance"))
+    core = core_cls(config(max_num_seqs=256))
+    manager = core.structured_output_manager
+    assert getattr(core, REPORT_METHOD)() == {
+        "applied": True, "reason": "", "threshold": 0, "workers": 2,
+        "batch_size": vllm_plugin.LLGUIDANCE_BATCH_SIZE, "fill": "llguidance",
+    }  # fmt: skip
+    vocab = _BYTE_TOKENIZER.vocab_size
+    manager._grammar_bitmask = torch.zeros((6, (vocab + 31) // 32), dtype=torch.int32)
+    manager._full_mask = torch.tensor(-1, dtype=torch.int32)
+    others: list[Any] = []
+    manager._fill_bitmasks = others.extend
+
+    def matcher(pattern: str, consumed: bytes) -> Any:
+        m = LLMatcher(_BYTE_TOKENIZER, LLMatcher.grammar_from_regex(pattern))
+        assert m.consume_tokens(list(consumed))
+        return m
+
+    grammars = [Grammar(matcher("[0-9]{3}", b"1")), Grammar(matcher("abc|abd", b"ab"))]
+    terminated, unapplied = Grammar(matcher("x", b""), terminated=True), Grammar(matcher("y", b""))
+    foreign = SimpleNamespace(is_terminated=lambda: False)
+    batch = [(grammars[0], 0, True), (terminated, 1, True), (unapplied, 2, False), (foreign, 3, True),
+             (grammars[1], 5, True)]  # fmt: skip
+    assert manager._async_submit_fill_bitmask(batch).result(timeout=5) is None
+    expected = torch.zeros_like(manager._grammar_bitmask)
+    for grammar, row in zip(grammars, (0, 5), strict=True):
+        llguidance.torch.fill_next_token_bitmask(grammar.ll_matcher, expected, row)
+        assert grammar.checked == 1
+    assert torch.equal(manager._grammar_bitmask[[0, 5]], expected[[0, 5]])
+    allowed = [t for t in range(vocab) if manager._grammar_bitmask[5, t // 32] >> (t % 32) & 1]
+    assert allowed == [ord("c"), ord("d")]
+    assert (manager._grammar_bitmask[[1, 2]] == -1).all()  # all ones, as vLLM writes them
+    assert (manager._grammar_bitmask[4] == 0).all()  # a row not in the batch is left alone
+    assert others == [(foreign, 3, True)]
 
 
 def test_installing_twice_wraps_the_constructor_once(vllm_classes: tuple[type, type]) -> None:
@@ -229,6 +302,14 @@ def test_check_in_force_reports_and_refuses() -> None:
         "bitmask_parallel_workers": "8",
         "bitmask_parallel_batch_size": "16",
     }
+    assert (
+        check_in_force(BitmaskParallelism(fill="llguidance"), {**report, "fill": "llguidance"})[
+            "bitmask_parallel_fill"
+        ]
+        == "llguidance"
+    )
+    with pytest.raises(BitmaskParallelismNotApplied, match="fill is 'threads', not 'llguidance'"):
+        check_in_force(BitmaskParallelism(fill="llguidance"), {**report, "fill": "threads"})
     with pytest.raises(BitmaskParallelismNotApplied, match="did not answer"):
         check_in_force(wanted, {"applied": False, "reason": "the engine core did not answer"})
     with pytest.raises(BitmaskParallelismNotApplied, match="workers is 4, not 8"):
@@ -240,7 +321,7 @@ def test_check_in_force_reports_and_refuses() -> None:
 def test_register_without_vllm_or_without_a_request_does_nothing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for name in (ENV_THRESHOLD, ENV_WORKERS, ENV_BATCH_SIZE):
+    for name in (ENV_THRESHOLD, ENV_WORKERS, ENV_BATCH_SIZE, ENV_FILL):
         monkeypatch.delenv(name, raising=False)
     with caplog.at_level("INFO"):
         register()  # nothing asked: returns before any import
@@ -288,5 +369,5 @@ def test_vllm_loading_the_plugin_in_a_fresh_process_applies_the_environment(tmp_
     }
     out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True)
     assert out.stdout.strip() == (
-        '{"applied": true, "reason": "", "threshold": 0, "workers": 5, "batch_size": 16}'
+        '{"applied": true, "reason": "", "threshold": 0, "workers": 5, "batch_size": 16, "fill": "threads"}'
     )
