@@ -64,6 +64,38 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+# For each pattern, literals of which any match contains at least one (lower-case ones are looked for in the
+# lower-cased text, for the case-insensitive patterns): a pattern none of whose literals occurs is not run,
+# which saves most of the cost (a 2.6 KiB diff: ~1 ms with every pattern, a few microseconds without).
+_LITERALS: dict[int, tuple[str, ...]] = {
+    0: ("PRIVATE KEY",),
+    1: ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA"),
+    2: ("aws",),
+    3: ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    4: ("glpat-",),
+    5: ("xox",),
+    6: ("AIza",),
+    7: ("_live_", "_test_"),
+    8: ("sk-",),
+    9: ("eyJ",),
+    10: ("://",),
+    11: ("password", "passwd", "pwd", "secret", "token", "api", "access", "client", "auth"),
+    12: ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "API_KEY", "ACCESS_KEY"),
+    13: ("password", "passwd", "secret", "token", "api", "access"),
+}
+# Characters that a case-insensitive pattern matches to an ASCII letter but that str.lower() does not map
+# to that one letter.
+_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+def _may_match(index: int, pattern: re.Pattern[str], text: str, lowered: str) -> bool:
+    literals = _LITERALS.get(index)
+    if literals is None:
+        return True
+    where = lowered if pattern.flags & re.IGNORECASE else text
+    return any(literal in where for literal in literals)
+
+
 @dataclass(frozen=True)
 class Redacted:
     text: str
@@ -74,7 +106,10 @@ class Redacted:
 def redact(text: str) -> Redacted:
     """Replaces every secret found in `text` with `[REDACTED:<kind>]`."""
     kinds: list[str] = []
-    for kind, pattern in _PATTERNS:
+    lowered = text.translate(_FOLD).lower()
+    for index, (kind, pattern) in enumerate(_PATTERNS):
+        if not _may_match(index, pattern, text, lowered):
+            continue
 
         def replace(match: re.Match[str], kind: str = kind) -> str:
             secret = match.group(1) if match.re.groups else match.group(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from services.common.redaction import redact
@@ -56,3 +58,60 @@ def test_redaction_is_idempotent_and_counts_each_secret() -> None:
     once = redact(text)
     assert once.kinds.count("aws-access-key-id") == 2
     assert redact(once.text).text == once.text
+
+
+def _every_pattern(text: str) -> str:
+    """Redaction with every pattern run, whatever the literals say (what `redact` must equal)."""
+    from services.common import redaction
+
+    for kind, pattern in redaction._PATTERNS:
+
+        def replace(match: re.Match[str], kind: str = kind) -> str:
+            secret = match.group(1) if match.re.groups else match.group(0)
+            if "[REDACTED:" in secret:
+                return match.group(0)
+            if match.re.groups == 0:
+                return f"[REDACTED:{kind}]"
+            start, end = match.span(1)
+            offset = match.start(0)
+            return match.group(0)[: start - offset] + f"[REDACTED:{kind}]" + match.group(0)[end - offset :]
+
+        text = pattern.sub(replace, text)
+    return text
+
+
+SHAPES = [
+    f'aws_access_key_id = "{AWS_ID}"',
+    f"AWS_SECRET_ACCESS_KEY={AWS_SECRET}",
+    f"aWs key: {AWS_SECRET}",
+    PRIVATE_KEY,
+    "ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",
+    "github_pat_" + "A1" * 12,
+    "glpat-abcdefghij0123456789",
+    "xoxb-1234567890-abcdefghij",
+    "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+    "sk_live_abcdefghijklmnop1234",
+    "sk-proj-abcdefghijklmnopqrstuvwxyz",
+    "eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.abcdefghijkl",
+    "postgres://app:s3cr3tpass@db:5432/app",
+    'PassWord = "hunter2hunter2"',
+    # Characters that a case-insensitive pattern matches to an ASCII letter, though not by lower().
+    'paſſword = "hunter2hunter2"',
+    'clİent_secret = "hunter2hunter2"',
+    'ACCESS_\u212aEY = "hunter2hunter2"',
+    "  db_password: correcthorse",
+    "export API_TOKEN=correcthorsebattery",
+    "def lookup(user_id):\n    return cache.get(user_id)",
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_skipping_patterns_whose_literals_are_absent_changes_nothing(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    text = "\n".join(
+        "+" + rng.choice(SHAPES) if rng.random() < 0.5 else f"+{rng.choice(SHAPES)} {rng.choice(SHAPES)}"
+        for _ in range(rng.randint(1, 6))
+    )
+    assert redact(text).text == _every_pattern(text)
