@@ -24,7 +24,16 @@ from prometheus_client import Counter
 from til.v1 import common_pb2, edge_pb2, generator_pb2
 
 from services.edge.background import Background
-from services.edge.cache import CACHE_LOOKUPS, Cached, cache_key, envelope, look_up, sampling_fields, unwrap
+from services.edge.cache import (
+    CACHE_LOOKUPS,
+    Cached,
+    CacheLookup,
+    cache_key,
+    envelope,
+    look_up,
+    sampling_fields,
+    unwrap,
+)
 from services.edge.call import CallContext
 from services.edge.checks import resolve_max_tokens
 from services.edge.clients import DocumentStore, ResultCache, TilGenerator
@@ -103,6 +112,7 @@ class Pipeline:
         self._settings = settings
         self.background = background or Background()
         self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
+        self._reads: dict[tuple[str, str], asyncio.Future[CacheLookup]] = {}
         self.near: NearCache[Replay] = NearCache(
             max_entries=settings.near_cache_entries,
             max_bytes=settings.near_cache_max_bytes,
@@ -219,9 +229,7 @@ class Pipeline:
         )
         owns_search = True
         try:
-            lookup = await look_up(
-                self._cache, contract.namespace, key, job.policy, ctx.bounded(s.cache_timeout_s)
-            )
+            lookup = await self._look_up(contract.namespace, key, job.policy, ctx.bounded(s.cache_timeout_s))
             if lookup.notice:
                 notices.append(lookup.notice)
             if lookup.value is not None:
@@ -256,6 +264,20 @@ class Pipeline:
         finally:
             if owns_search:
                 _settle(searching)
+
+    async def _look_up(self, namespace: str, key: str, policy: int, timeout_s: float) -> CacheLookup:
+        """The cache read for `key`, shared by the calls that ask while it is under way: a burst of
+        identical requests (a near cache still cold) costs the cacher one read, not one per call."""
+        if policy != edge_pb2.CACHE_POLICY_UNSPECIFIED:
+            return await look_up(self._cache, namespace, key, policy, timeout_s)
+        address = (namespace, key)
+        reading = self._reads.get(address)
+        if reading is None:
+            reading = asyncio.ensure_future(look_up(self._cache, namespace, key, policy, timeout_s))
+            self._reads[address] = reading
+            reading.add_done_callback(lambda _: self._reads.pop(address, None))
+        # Shielded: a caller that leaves does not cancel the read the others wait for.
+        return await asyncio.shield(reading)
 
     async def _plan(
         self,

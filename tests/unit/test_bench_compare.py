@@ -139,6 +139,12 @@ def test_checks_compute_bounds_and_refuse_unlike_rows() -> None:
     assert found[("E TTFT p99 <= 15 ms", 100)]["met"] is False
     # Issue 14's items need rows this run does not have.
     assert not any(c["issue"] == 14 for c in found.values())
+    # The bounds hold at the issue's 512 prompt tokens.
+    assert found[("D at 512 prompt tokens (within 2%)", 100)]["met"] is True
+    longer = compare.checks([row("edge", c=1, prompt=768.0)])
+    assert [(c["what"], c["value"], c["met"]) for c in longer] == [
+        ("D at 512 prompt tokens (within 2%)", 768.0, False)
+    ]
 
 
 def test_issue_14_checks_compare_replicas_and_tensor_parallelism() -> None:

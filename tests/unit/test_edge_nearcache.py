@@ -143,3 +143,17 @@ async def test_a_result_the_cacher_did_not_store_is_not_served_near() -> None:
         second = split(await stack.til(til_request()))
     assert first[0].cache_status == second[0].cache_status == edge_pb2.CACHE_STATUS_UNAVAILABLE
     assert len(stack.generator.requests) == 2
+
+
+async def test_identical_requests_that_arrive_together_share_one_cacher_read() -> None:
+    async with edge_stack(cache_timeout_s=2.0) as stack:  # near cache off: every call reads the cacher
+        await stack.til(til_request())
+        await stack.settle()
+        stack.cacher.delay_s = 0.2
+        burst = await asyncio.gather(
+            *(stack.til(til_request()) for _ in range(8))
+        )  # 8: what the test edge admits at once
+        other = split(await stack.til(til_request(owner="bob")))
+    assert [split(r)[0].cache_status for r in burst] == [edge_pb2.CACHE_STATUS_HIT] * 8
+    assert len(stack.cacher.gets) == 1 + 1 + 1  # the first (a miss), the burst's one, bob's own
+    assert other[0].cache_status == edge_pb2.CACHE_STATUS_MISS

@@ -183,11 +183,13 @@ class FakeCacher(cacher_pb2_grpc.CacherServiceServicer):
     puts: list[cacher_pb2.PutEntryRequest] = field(default_factory=list)
     hang: bool = False
     ttl_seconds: int = 0  # what a found entry reports as its time left (0: no expiry)
+    delay_s: float = 0.0  # before each answer
 
     async def GetEntry(self, request: Any, context: Any) -> cacher_pb2.GetEntryResponse:
         self.gets.append(request)
         if self.hang:
             await asyncio.sleep(30)
+        await asyncio.sleep(self.delay_s)
         value = self.entries.get((request.namespace, request.key))
         return cacher_pb2.GetEntryResponse(
             found=value is not None, value_json=value or "", ttl_seconds=self.ttl_seconds if value else 0
