@@ -5,9 +5,9 @@ so this module, the service, its tests and CI run without it. Verified with vLLM
 With `GENERATOR_STRUCTURED_OUTPUT_PARALLEL_*` set, `start()` hands them to our vLLM plugin
 (`vllm_plugin`) in the engine core process and refuses to start unless they are in force there.
 
-How a request flows: `prepare` renders the chat, tokenizes it, checks it fits and readies the
-schema (`vllm_inputs`) on worker threads, before the request takes a slot (a long diff must not
-stall the event loop); `generate` sends the token ids to `AsyncLLM.generate()` with
+How a request flows: `prepare` renders the chat, tokenizes it (in one batch with the requests that
+arrive beside it), checks it fits and readies the schema (`vllm_inputs`) on worker threads, before
+the request takes a slot (a long diff must not stall the event loop); `generate` sends the token ids to `AsyncLLM.generate()` with
 `RequestOutputKind.DELTA`, and each `RequestOutput` becomes at most one `EngineDelta`. `tokenize`
 counts with the same tokenizer and the same chat rendering. Engine errors are `engine.EngineError`s.
 
@@ -48,7 +48,7 @@ from services.generator.engine import (
     TokenizeInput,
 )
 from services.generator.vllm_compat import SchedulerCounts
-from services.generator.vllm_inputs import check_fits, count_tokens, prepared_schema, prompt_ids
+from services.generator.vllm_inputs import PromptBatcher, check_fits, count_tokens, prepared_schema
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
 if TYPE_CHECKING:
@@ -246,6 +246,8 @@ class VllmEngine:
         # shared mutable state, and the GIL serializes the work anyway; the point is only to keep
         # a long chat template off the event loop.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        # Requests that arrive together (a burst) are tokenized in one batch call on that thread.
+        self._prompts = PromptBatcher(self._tokenizer_thread)
         self._schema_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schema")
         self.info = ModelInfo(
             model=settings.model_id,
@@ -339,10 +341,9 @@ class VllmEngine:
     async def prepare(self, request: EngineRequest) -> EngineRequest:
         loaded = self._require_loaded()
         loop = asyncio.get_running_loop()
-        # Tokenizing (Rust) and readying the schema (mostly Python) overlap on their own threads.
-        ids = loop.run_in_executor(
-            self._tokenizer_thread, prompt_ids, loaded.tokenizer, request.prompt, request.messages
-        )
+        # Tokenizing (Rust, batched with the requests beside it) and readying the schema (mostly
+        # Python) overlap on their own threads.
+        ids = asyncio.ensure_future(self._prompts.ids(loaded.tokenizer, request.prompt, request.messages))
         schema = None
         try:
             if request.json_schema is not None:

@@ -8,9 +8,13 @@ vLLM's llguidance writes compact (`vllm_compat.guidance_schema` says why).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 from llguidance import LLMatcher
@@ -50,27 +54,99 @@ def prepared_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 def prompt_ids(tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:
     """The token ids `generate` sends: a raw prompt with the tokenizer's special tokens, or the chat."""
-    if turns is None:
-        return list(tokenizer.encode(prompt or ""))
-    return chat_tokens(tokenizer, turns)
+    (ids,) = prompt_ids_many(tokenizer, [(prompt, turns)])
+    if isinstance(ids, InvalidRequest):
+        raise ids
+    return ids
+
+
+def prompt_ids_many(
+    tokenizer: Any, requests: Sequence[tuple[str | None, Sequence[ChatTurn] | None]]
+) -> list[list[int] | InvalidRequest]:
+    """`prompt_ids` for each (prompt, turns), or the InvalidRequest that request gets.
+
+    The same ids as one request at a time, but a fast tokenizer encodes all the texts in one call
+    (`encode_batch`: its Rust encoder spreads them over the cores, without the GIL), so a burst of
+    requests is not tokenized one after another.
+    """
+    results: list[list[int] | InvalidRequest | None] = [None] * len(requests)
+    # (index, text, chat cache key or None) of the texts to encode, by add_special_tokens.
+    todo: dict[bool, list[tuple[int, str, tuple[int, str] | None]]] = {True: [], False: []}
+    for i, (prompt, turns) in enumerate(requests):
+        if turns is None:
+            todo[True].append((i, prompt or "", None))
+            continue
+        try:
+            text = render_chat(tokenizer, turns)
+        except InvalidRequest as exc:
+            results[i] = exc
+            continue
+        key = (id(tokenizer), text)
+        cached = _CHATS.get(tokenizer, key)
+        if cached is not None:
+            results[i] = list(cached)
+        else:
+            # The template writes the special tokens (BOS) itself.
+            todo[False].append((i, text, key))
+    for special, items in todo.items():
+        if not items:
+            continue
+        encoded = encode_batch(tokenizer, [text for _, text, _ in items], add_special_tokens=special)
+        for (i, _, chat_key), ids in zip(items, encoded, strict=True):
+            results[i] = ids
+            if chat_key is not None:
+                _CHATS.put(tokenizer, chat_key, tuple(ids))
+    return [r if r is not None else [] for r in results]
+
+
+def encode_batch(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """`tokenizer.encode(text, add_special_tokens=...)` for each text; one call for a fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and len(texts) > 1:
+        return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return [list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) for text in texts]
+
+
+def render_chat(tokenizer: Any, turns: Sequence[ChatTurn]) -> str:
+    """The chat as the model's template writes it, ready for the assistant's turn."""
+    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # jinja2 TemplateError, or ValueError for a model with no template
+        raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
 
 
 def chat_tokens(tokenizer: Any, turns: Sequence[ChatTurn]) -> list[int]:
     """The chat rendered with the model's template and tokenized, as `generate` sends it."""
-    messages = [{"role": turn.role, "content": turn.content} for turn in turns]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja2 TemplateError, or ValueError for a model with no template
-        raise InvalidRequest(f"the chat cannot be rendered with the model's template: {exc}") from exc
-    return list(_rendered_chat_tokens(tokenizer, text))
+    return prompt_ids(tokenizer, None, turns)
 
 
-# The edge counts a chat with Tokenize, then sends the same chat to Generate: the second
-# tokenization, on the engine's one tokenizer thread, comes from here.
-@functools.lru_cache(maxsize=_CHAT_CACHE_SIZE)
-def _rendered_chat_tokens(tokenizer: Any, text: str) -> tuple[int, ...]:
-    # The template writes the special tokens (BOS) itself.
-    return tuple(tokenizer.encode(text, add_special_tokens=False))
+class _ChatCache:
+    """The last rendered chats' token ids, by (tokenizer, text). The edge counts a chat with
+    Tokenize, then sends the same chat to Generate: the second tokenization comes from here."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # The tokenizer is kept with its ids, so that its id() cannot name another one meanwhile.
+        self._ids: OrderedDict[tuple[int, str], tuple[Any, tuple[int, ...]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tokenizer: Any, key: tuple[int, str]) -> tuple[int, ...] | None:
+        with self._lock:
+            entry = self._ids.get(key)
+            if entry is None or entry[0] is not tokenizer:
+                return None
+            self._ids.move_to_end(key)
+            return entry[1]
+
+    def put(self, tokenizer: Any, key: tuple[int, str], ids: tuple[int, ...]) -> None:
+        with self._lock:
+            self._ids[key] = (tokenizer, ids)
+            while len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+
+_CHATS = _ChatCache(_CHAT_CACHE_SIZE)
 
 
 def count_tokens(tokenizer: Any, inputs: list[TokenizeInput], offsets: bool) -> list[TokenCount]:
@@ -114,3 +190,58 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"the prompt has {prompt_tokens} tokens and {max_tokens} output tokens were asked for, "
             f"but the model's context holds {max_model_len} tokens"
         )
+
+
+class PromptBatcher:
+    """Token ids for the prompts of requests that arrive together, in one call on the tokenizer thread.
+
+    While the thread encodes one batch, the requests that arrive wait in the next, so a burst of 100
+    chats costs a few batch calls (`prompt_ids_many`) instead of 100 encodes one after another; a
+    lone request is encoded at once.
+    """
+
+    def __init__(self, executor: Executor, max_batch: int = 256) -> None:
+        self._executor = executor
+        self._max_batch = max_batch
+        self._pending: list[tuple[Any, str | None, Sequence[ChatTurn] | None, asyncio.Future[list[int]]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches: list[int] = []  # the size of each batch encoded, for tests and benchmarks
+
+    async def ids(self, tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:
+        """`prompt_ids(tokenizer, prompt, turns)`, computed with the requests waiting beside it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        self._pending.append((tokenizer, prompt, turns, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            tokenizer = self._pending[0][0]
+            batch = [p for p in self._pending if p[0] is tokenizer][: self._max_batch]
+            taken = {id(p[3]) for p in batch}
+            self._pending = [p for p in self._pending if id(p[3]) not in taken]
+            batch = [p for p in batch if not p[3].done()]  # callers that left are not encoded
+            if not batch:
+                continue
+            self.batches.append(len(batch))
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, prompt_ids_many, tokenizer, [(p[1], p[2]) for p in batch]
+                )
+            except BaseException as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (*_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, InvalidRequest):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
