@@ -131,6 +131,10 @@ class _ChatCache:
         self._ids: OrderedDict[tuple[int, str], tuple[Any, tuple[int, ...]]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._ids.clear()
+
     def get(self, tokenizer: Any, key: tuple[int, str]) -> tuple[int, ...] | None:
         with self._lock:
             entry = self._ids.get(key)
@@ -200,7 +204,7 @@ class PromptBatcher:
     lone request is encoded at once.
     """
 
-    def __init__(self, executor: Executor, max_batch: int = 256) -> None:
+    def __init__(self, executor: Executor, max_batch: int = 32) -> None:
         self._executor = executor
         self._max_batch = max_batch
         self._pending: list[tuple[Any, str | None, Sequence[ChatTurn] | None, asyncio.Future[list[int]]]] = []

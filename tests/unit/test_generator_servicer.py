@@ -159,6 +159,7 @@ async def test_stream_is_started_then_deltas_then_finished() -> None:
     output_before = metric("tilserve_generator_output_tokens_total")
     prompt_before = metric("tilserve_generator_prompt_tokens_total")
     ttft_before = metric("tilserve_generator_time_to_first_token_seconds_count")
+    prepare_before = metric("tilserve_generator_prepare_seconds_count")
     async with generator(engine) as stub:
         responses = [
             r async for r in stub.Generate(generator_pb2.GenerateRequest(request_id="r-1", prompt="Hi"))
@@ -180,6 +181,7 @@ async def test_stream_is_started_then_deltas_then_finished() -> None:
     assert metric("tilserve_generator_output_tokens_total") - output_before == 6
     assert metric("tilserve_generator_prompt_tokens_total") - prompt_before == 7
     assert metric("tilserve_generator_time_to_first_token_seconds_count") - ttft_before == 1
+    assert metric("tilserve_generator_prepare_seconds_count") - prepare_before == 1
     assert engine.open_streams == 0
 
 

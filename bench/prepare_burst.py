@@ -1,0 +1,148 @@
+"""A burst of requests through the vLLM engine's `prepare` on CPU: what a request waits before vLLM sees it.
+
+    .venv/bin/python -m bench.prepare_burst [--tokenizer DIR] [--requests 100] [--rounds 3]
+
+At 100 streams of equal length a closed loop sends 100 requests at once. Before a request reaches
+vLLM, `VllmEngine.prepare` renders its chat and tokenizes it (the tokenizer thread) and readies its JSON
+Schema (the schema thread: our checks, llguidance's validation). This drives the real `prepare` (vLLM's
+own parameter check, which needs vLLM, left out) with the edge's real TIL requests (`bench.til_workload`:
+chats of --prompt-tokens tokens, each with its own schema), all at once, and reports when each is ready:
+
+- `one at a time`: each prompt encoded alone on the tokenizer thread (before PromptBatcher).
+- `batched`: `PromptBatcher`, the requests waiting together encoded in one `encode_batch` call.
+Rows without a schema are the plain arms (C); with it, the TIL arms (C_til, D). The tokenizer
+defaults to SmolLM2's, read from the packaged GGUF (the GPU benchmark's dummy model uses it). This
+machine's other load disturbs the times; compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from bench.grammar_steps import load_tokenizer
+
+
+def til_requests(tokenizer: Any, count: int, prompt_tokens: int, output_len: int) -> list[tuple[Any, Any]]:
+    """(chat turns, JSON Schema) of `count` TIL requests as the edge sends them."""
+    from til.v1 import generator_pb2
+
+    from bench.prompts import PromptFactory
+    from bench.til_workload import TilWorkload, edge_settings
+    from services.generator.engine import ChatTurn
+
+    info = generator_pb2.GetModelInfoResponse(
+        model="bench", backend="vllm", max_model_len=4096, default_max_tokens=output_len
+    )
+
+    async def make() -> list[tuple[Any, Any]]:
+        workload = TilWorkload(
+            tokenizer,
+            PromptFactory(tokenizer, seed=5),
+            target_tokens=prompt_tokens,
+            output_len=output_len,
+            info=info,
+            settings=edge_settings(),
+        )
+        out = []
+        for i in range(count):
+            item = await workload.item(i)
+            assert item.til is not None
+            turns = tuple(ChatTurn(m["role"], m["content"]) for m in item.til.messages())
+            out.append((turns, item.til.schema()))
+        return out
+
+    return asyncio.run(make())
+
+
+async def burst(
+    tokenizer: Any, requests: list[tuple[Any, Any]], *, batched: bool, schema: bool
+) -> dict[str, Any]:
+    from services.generator import vllm_inputs
+    from services.generator.config import GeneratorSettings
+    from services.generator.engine import EngineRequest
+    from services.generator.vllm_engine import VllmEngine, _Loaded
+    from services.generator.vllm_inputs import PromptBatcher
+
+    engine = VllmEngine(GeneratorSettings(backend="vllm", model="bench"))
+    engine._loaded = _Loaded(
+        llm=SimpleNamespace(shutdown=lambda: None), tokenizer=tokenizer, max_model_len=4096, model_defaults={}
+    )  # type: ignore[arg-type]
+    engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]  # vLLM's own check
+    if not batched:
+        engine._prompts = PromptBatcher(engine._tokenizer_thread, max_batch=1)
+    vllm_inputs._CHATS.clear()
+    vllm_inputs._prepared_schema.cache_clear()
+    ready: list[float] = []
+    started = time.perf_counter()
+
+    async def one(i: int, turns: Any, json_schema: Any) -> None:
+        request = EngineRequest(
+            request_id=str(i),
+            prompt=None,
+            messages=turns,
+            max_tokens=256,
+            json_schema=json_schema if schema else None,
+        )
+        await engine.prepare(request)
+        ready.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(one(i, t, s) for i, (t, s) in enumerate(requests)))
+    batches = list(engine._prompts.batches)
+    await engine.close()
+    return {
+        "ready_ms_p50": round(statistics.median(ready), 1),
+        "ready_ms_max": round(max(ready), 1),
+        "tokenizer_calls": len(batches),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the packaged SmolLM2's)")
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--prompt-tokens", type=int, default=768)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.tokenizer)
+    requests = til_requests(tokenizer, args.requests, args.prompt_tokens, 256)
+    rows: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):  # rows interleaved, so the machine's load falls on all of them
+        for schema in (False, True):
+            for batched in (False, True):
+                result = asyncio.run(burst(tokenizer, requests, batched=batched, schema=schema))
+                rows.setdefault((schema, batched), []).append(result)
+    print(
+        f"{args.requests} TIL requests at once, {args.prompt_tokens}-token chats; medians of {args.rounds} rounds\n"
+    )
+    print("| schema | tokenizing | ready p50 ms | last ready ms | tokenizer calls |")
+    print("|---|---|---|---|---|")
+    for (schema, batched), results in rows.items():
+        p50 = statistics.median(r["ready_ms_p50"] for r in results)
+        last = statistics.median(r["ready_ms_max"] for r in results)
+        calls = statistics.median(r["tokenizer_calls"] for r in results)
+        print(
+            f"| {'TIL' if schema else 'none'} | {'batched' if batched else 'one at a time'} | {p50:.1f} | {last:.1f} | {calls:.0f} |"
+        )
+    print(
+        json.dumps(
+            {
+                "rows": {
+                    f"{'til' if s else 'none'}/{'batched' if b else 'single'}": r
+                    for (s, b), r in rows.items()
+                }
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
