@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Issue 13's like-for-like run on one lent H200: every arm, one GPU, one run, arms interleaved.
 # Three device calls back to back (the machine keeps /tmp only while warm), from the checkout's root,
-# after `bash bench/gpu_prepare.sh` there:
+# after `bash bench/gpu_prepare.sh` there (kind nvidia-h200; ~1 + ~4 + ~9 minutes of device time):
 #
-#   1. carry [".vk",".vk1"]                         bash bench/gpu_til.sh stage1
-#   2. carry [".vk",".vk3",".dm",".whl",".rds"]     bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
-#   3. carry [".rds"]                               bash bench/gpu_til.sh measure
+#   1. carry [".vk",".vk1"]                         timeout_s 300  bash bench/gpu_til.sh stage1
+#   2. carry [".vk",".vk3",".dm",".whl",".rds"]     timeout_s 600  bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
+#   3. carry [".rds"]                               timeout_s 600  bash bench/gpu_til.sh measure
+#
+# Then copy what comes back under $OUT into bench/results/<name>/ with a README of the facts. On a machine
+# still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values need
+# `down` and `up` first (the edge reads its settings when it starts).
 #
 # `up` starts, as daemons that outlive the call, our stack (cacher + generator on vLLM with tilserve's
 # plugin filling grammar masks in parallel + edge) and then stock `vllm serve` (no plugin: VLLM_PLUGINS=
@@ -18,7 +22,10 @@
 # (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
 # prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
 # (more EDGE_NAME=VALUE words for the edge and the benchmark alike), EDGE_WORKERS (edge processes on one
-# port, 4; their metrics from port 9100 up, clear of the other services), SKIP_SERVE (no vllm serve), INPUT_LEN.
+# port, 8 of the box's 16 cores; their metrics from port 9100 up, clear of the other services),
+# NEAR_CACHE (EDGE_NEAR_CACHE_ENTRIES, 1024: each edge worker answers repeated hits without the cacher
+# hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
+# their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN.
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
 out=${OUT:-/tmp/til-out}
@@ -29,9 +36,9 @@ META=/tmp/tilserve-meta
 RUN=/tmp/til-run
 DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
 MODEL_ID=llama3-8b-shape-dummy
-# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): the edge's TIL prompt
-# alone (system prompt and template) has ~640 tokens since the TIL grammar quotes the diff.
-INPUT_LEN=${INPUT_LEN:-768}
+# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): the issue's 512. The edge's
+# TIL prompt without a diff must be well below it (bench.til_workload says so if it is not).
+INPUT_LEN=${INPUT_LEN:-512}
 MEM=${MEM:-0.28}
 CONC=${CONC:-1,100}
 ARMS=${ARMS:-engine,engine-til,openai,openai-til,generator,generator-til,edge,edge-hit}
@@ -40,7 +47,8 @@ OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata 
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.
 EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
-  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-4} EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
+  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-8} EDGE_NEAR_CACHE_ENTRIES=${NEAR_CACHE:-1024}
+  EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
 GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
   GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
@@ -122,7 +130,7 @@ measure)
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
   cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0
     --concurrency "$CONC" --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256
-    --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}"
+    --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}" --client-procs "${CLIENT_PROCS:-6}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"

@@ -1,9 +1,10 @@
 """Fitting a prompt into the model's context next to the output budget, with the model's own tokenizer.
 
-One Tokenize call per request counts the whole prompt, the part of it that may be cut (with the end
-offset of each token, so a cut lands on a token boundary) and a sample of Korean Markdown (how densely
-the tokenizer packs what the model writes, to bound free text in the schema). Nothing is estimated from
-characters: Korean and code break every ratio.
+One Tokenize call per request counts the whole prompt; only when it does not fit, a second counts the
+part of it that may be cut (with the end offset of each token, so a cut lands on a token boundary).
+Once per model, a sample of Korean Markdown is counted too (how densely the tokenizer packs what the
+model writes, to bound free text in the schema). Nothing is estimated from characters: Korean and code
+break every ratio.
 """
 
 from __future__ import annotations
@@ -31,45 +32,66 @@ OUTPUT_SAMPLE = (
 EDGE_TOKENS = 16
 
 
-async def fit_prompt(
-    generator: TilGenerator,
-    contract: OutputContract[J, F],
-    job: J,
-    retrieval: Retrieval,
-    max_tokens: int,
-    ctx: CallContext,
-    notices: list[str],
-) -> tuple[generator_pb2.ChatMessages, str, OutputBudget]:
-    """The chat, with the contract's body cut to what the context holds; the body as shown; the budget."""
-    body = contract.body(job)
-    chat = contract.chat(job, retrieval, body)
-    inputs = [generator_pb2.TokenizeInput(chat=chat), generator_pb2.TokenizeInput(text=OUTPUT_SAMPLE)]
-    if body:
-        inputs.append(generator_pb2.TokenizeInput(text=body))
-    counted = await generator.tokenize(
-        generator_pb2.TokenizeRequest(inputs=inputs, return_offsets=bool(body)), timeout=ctx.remaining()
-    )
-    prompt, sample = counted.results[0], counted.results[1]
-    budget = OutputBudget(max_tokens, len(OUTPUT_SAMPLE) / max(sample.token_count, 1))
-    context = counted.max_model_len
-    if not context or prompt.token_count + max_tokens <= context:
-        return chat, body, budget
-    if not body:
-        raise InvalidArgument(
-            f"the prompt is {prompt.token_count} tokens and the output budget {max_tokens}: together more than "
-            f"the model's {context}-token context; shorten {contract.shortened} or ask for fewer "
-            "generation.max_tokens"
+class PromptFitter:
+    """Fits prompts with the generator's tokenizer. How densely the model's tokenizer packs Korean
+    Markdown is the same for every request to one model: it is counted once per model id. A request
+    then costs one Tokenize call (the chat) when its prompt fits, and a second (the body, with token
+    offsets) only when the body must be cut."""
+
+    def __init__(self, generator: TilGenerator) -> None:
+        self._generator = generator
+        self._chars_per_token: dict[str, float] = {}
+
+    async def fit(
+        self,
+        contract: OutputContract[J, F],
+        job: J,
+        retrieval: Retrieval,
+        max_tokens: int,
+        ctx: CallContext,
+        notices: list[str],
+    ) -> tuple[generator_pb2.ChatMessages, str, OutputBudget]:
+        """The chat, with the contract's body cut to what the context holds; the body as shown; the budget."""
+        model = (await self._generator.model_info(timeout=ctx.remaining())).model
+        density = self._chars_per_token.get(model)
+        body = contract.body(job)
+        chat = contract.chat(job, retrieval, body)
+        inputs = [generator_pb2.TokenizeInput(chat=chat)]
+        if density is None:
+            inputs.append(generator_pb2.TokenizeInput(text=OUTPUT_SAMPLE))
+        counted = await self._generator.tokenize(
+            generator_pb2.TokenizeRequest(inputs=inputs), timeout=ctx.remaining()
         )
-    whole = counted.results[2]
-    room = context - max_tokens - (prompt.token_count - whole.token_count) - EDGE_TOKENS
-    if room < 1:
-        raise InvalidArgument(
-            f"an output budget of {max_tokens} tokens leaves no room for the {contract.shortened} in the "
-            f"model's {context}-token context: ask for fewer generation.max_tokens"
+        prompt = counted.results[0]
+        if density is None:
+            density = len(OUTPUT_SAMPLE) / max(counted.results[1].token_count, 1)
+            self._chars_per_token[model] = density
+        budget = OutputBudget(max_tokens, density)
+        context = counted.max_model_len
+        if not context or prompt.token_count + max_tokens <= context:
+            return chat, body, budget
+        if not body:
+            raise InvalidArgument(
+                f"the prompt is {prompt.token_count} tokens and the output budget {max_tokens}: together more "
+                f"than the model's {context}-token context; shorten {contract.shortened} or ask for fewer "
+                "generation.max_tokens"
+            )
+        counted = await self._generator.tokenize(
+            generator_pb2.TokenizeRequest(
+                inputs=[generator_pb2.TokenizeInput(text=body)], return_offsets=True
+            ),
+            timeout=ctx.remaining(),
         )
-    cut, notice = contract.cut(body, _chars_in(whole.offsets, room))
-    notices.append(notice)
-    return contract.chat(job, retrieval, cut), cut, budget
+        whole = counted.results[0]
+        room = context - max_tokens - (prompt.token_count - whole.token_count) - EDGE_TOKENS
+        if room < 1:
+            raise InvalidArgument(
+                f"an output budget of {max_tokens} tokens leaves no room for the {contract.shortened} in the "
+                f"model's {context}-token context: ask for fewer generation.max_tokens"
+            )
+        cut, notice = contract.cut(body, _chars_in(whole.offsets, room))
+        notices.append(notice)
+        return contract.chat(job, retrieval, cut), cut, budget
 
 
 def _chars_in(offsets: Sequence[int], tokens: int) -> int:

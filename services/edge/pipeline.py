@@ -39,7 +39,7 @@ from services.edge.checks import resolve_max_tokens
 from services.edge.clients import DocumentStore, ResultCache, TilGenerator
 from services.edge.config import EdgeSettings
 from services.edge.contract import F, J, OutputContract
-from services.edge.fitting import fit_prompt
+from services.edge.fitting import PromptFitter
 from services.edge.flights import JOINED_NOTICE, Listener, Plan, SingleFlight
 from services.edge.generation import Outcome, closing_delta, parse_json_output, stream_generation
 from services.edge.nearcache import NearCache
@@ -113,6 +113,7 @@ class Pipeline:
         self.background = background or Background()
         self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
         self._reads: dict[tuple[str, str], asyncio.Future[CacheLookup]] = {}
+        self._fitter = PromptFitter(generator)
         self.near: NearCache[Replay] = NearCache(
             max_entries=settings.near_cache_entries,
             max_bytes=settings.near_cache_max_bytes,
@@ -289,9 +290,7 @@ class Pipeline:
     ) -> Plan:
         """The generator request with the context found, and what to tell the caller about it."""
         notices = [retrieval.notice] if retrieval.notice else []
-        chat, body, budget = await fit_prompt(
-            self._generator, contract, job, retrieval, max_tokens, ctx, notices
-        )
+        chat, body, budget = await self._fitter.fit(contract, job, retrieval, max_tokens, ctx, notices)
         request = generator_pb2.GenerateRequest(
             request_id=ctx.request_id,
             chat=chat,

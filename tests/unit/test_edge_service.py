@@ -641,20 +641,18 @@ def korean_diff(size_bytes: int) -> str:
     return "".join(parts)
 
 
-async def test_a_korean_diff_is_fitted_with_one_tokenize_call_of_the_real_tokenizer() -> None:
+async def test_a_korean_diff_is_fitted_with_two_tokenize_calls_of_the_real_tokenizer() -> None:
     generator = FakeGenerator(max_model_len=8192, default_max_tokens=1024)
     diff = korean_diff(40 * 1024)
     async with edge_stack(generator=generator) as stack:
         started, _, finished = split(await stack.til(til_request(diff=diff)))
     (notice,) = [n for n in started.notices if "diff was cut" in n]
     assert "docs/k" in notice and finished.finish_reason == common_pb2.FINISH_REASON_STOP
-    (tokenized,) = generator.tokenized  # one call for the request, not a loop
-    assert tokenized.return_offsets and [i.WhichOneof("input") for i in tokenized.inputs] == [
-        "chat",
-        "text",
-        "text",
-    ]
-    assert tokenized.inputs[2].text == diff
+    # The chat (and, the first time for a model, the output sample); then, as it does not fit, the diff
+    # with its token offsets: two calls for the request, not a loop.
+    counted, cut = generator.tokenized
+    assert not counted.return_offsets and [i.WhichOneof("input") for i in counted.inputs] == ["chat", "text"]
+    assert cut.return_offsets and [i.text for i in cut.inputs] == [diff]
     (request,) = generator.requests
     prompt = sum(len(token_ends(m.content)) + 3 for m in request.chat.messages) + 3
     assert prompt + request.stopping.max_tokens <= 8192  # the cut prompt fits next to the output budget
@@ -662,6 +660,21 @@ async def test_a_korean_diff_is_fitted_with_one_tokenize_call_of_the_real_tokeni
     # The schema's content bound comes from the tokenizer's density on Korean, not a setting.
     content = json.loads(request.output.json_schema)["properties"]["content"]
     assert content["maxLength"] < 1024
+
+
+async def test_a_prompt_that_fits_costs_one_tokenize_call_of_the_chat_alone_after_the_first() -> None:
+    generator = FakeGenerator()
+    async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
+        first = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_BYPASS)))
+        second = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_BYPASS)))
+    assert [[i.WhichOneof("input") for i in t.inputs] for t in generator.tokenized] == [
+        ["chat", "text"],
+        ["chat"],
+    ]
+    assert not any(t.return_offsets for t in generator.tokenized)
+    # The output sample's density, counted once, still bounds the schema the same way.
+    assert generator.requests[0].output == generator.requests[1].output
+    assert first[2].til_json == second[2].til_json
 
 
 async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorten() -> None:
