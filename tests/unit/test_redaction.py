@@ -115,3 +115,19 @@ def test_skipping_patterns_whose_literals_are_absent_changes_nothing(seed: int) 
         for _ in range(rng.randint(1, 6))
     )
     assert redact(text).text == _every_pattern(text)
+
+
+def test_the_edge_redacts_a_text_asked_again_from_memory_with_the_same_result_and_kinds() -> None:
+    from services.edge import redaction
+
+    text = f"+DB_PASSWORD=correcthorsebattery\n+x = 1  # {'n' * 20}\n"
+    first: list[str] = []
+    second: list[str] = []
+    assert redaction.redact_text(text, first) == redaction.redact_text(text, second) == redact(text).text
+    assert first == second == ["password-assignment"]  # counted for every request, remembered or not
+    for i in range(redaction._RECENT_ENTRIES + 10):
+        redaction.redact_text(f"+line {i}\n", [])
+    assert len(redaction._RECENT) == redaction._RECENT_ENTRIES and text not in redaction._RECENT
+    huge = "+" + "x" * redaction._RECENT_MAX_TEXT_CHARS
+    redaction.redact_text(huge, [])
+    assert huge not in redaction._RECENT
