@@ -22,6 +22,7 @@ as ASCII classes, as ECMAScript does. This module adds what it lacks:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -194,10 +195,17 @@ def _rewrite(node: Any, *, json_safe: bool = True) -> Any:
     _check_bounds(out)
     pattern = out.get("pattern")
     if isinstance(pattern, str):
-        out["pattern"] = Pattern(pattern).for_llguidance(
-            min_length=out.pop("minLength", 0), max_length=out.pop("maxLength", None), json_safe=json_safe
+        out["pattern"] = _pattern_for_llguidance(
+            pattern, out.pop("minLength", 0), out.pop("maxLength", None), json_safe
         )
     return out
+
+
+# Requests of one day share their title and keyword patterns (only the content quotes the diff):
+# each is parsed once, not once a request. A refused pattern raises again each time (not cached).
+@functools.lru_cache(maxsize=256)
+def _pattern_for_llguidance(pattern: str, min_length: int, max_length: int | None, json_safe: bool) -> str:
+    return Pattern(pattern).for_llguidance(min_length=min_length, max_length=max_length, json_safe=json_safe)
 
 
 def _check_bounds(schema: dict[str, Any]) -> None:

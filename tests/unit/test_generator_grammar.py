@@ -19,6 +19,7 @@ from services.generator.json_grammar import (
     SchemaError,
     json_depth,
     json_schema_to_grammar,
+    llguidance_schema,
     parse_schema,
 )
 from services.generator.models import packaged_gguf
@@ -296,3 +297,40 @@ def test_a_schema_is_compiled_once_and_reused() -> None:
     with pytest.raises(SchemaError, match="missing"):
         grammars.matcher({"type": "string", "pattern": "("})
     llama.close()
+
+
+def test_a_pattern_shared_by_requests_is_parsed_once_and_a_refused_one_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.generator import json_grammar
+
+    parsed: list[str] = []
+    real = json_grammar.Pattern._parse
+
+    def counting(self: Any) -> Any:
+        parsed.append(self.pattern)
+        return real(self)
+
+    monkeypatch.setattr(json_grammar.Pattern, "_parse", counting)
+    json_grammar._pattern_for_llguidance.cache_clear()
+    title = "^2026-11-24 TIL - [가-힣 ]{1,30}$"
+
+    def schema(content: str) -> dict[str, Any]:
+        properties = {
+            "title": {"type": "string", "pattern": title},
+            "content": {"type": "string", "pattern": content},
+        }
+        return {"type": "object", "properties": properties}
+
+    first = llguidance_schema(schema("^a|b$"))
+    second = llguidance_schema(schema("^c|d$"))
+    assert parsed.count(title) == 1  # the second request's title came from the cache
+    assert first["properties"]["title"] == second["properties"]["title"]
+    assert (
+        second["properties"]["content"]["pattern"]
+        == llguidance_schema(schema("^c|d$"))["properties"]["content"]["pattern"]
+    )
+    for _ in range(2):
+        with pytest.raises(SchemaError, match="lookarounds"):
+            llguidance_schema(schema("^(?=x)$"))
+    assert parsed.count("^(?=x)$") == 2
