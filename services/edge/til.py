@@ -174,7 +174,9 @@ class TilContract(_TilDocument):
             "date": job.date,
         }
 
-    def search(self, job: TilJob, key: str) -> Search:
+    def search(self, job: TilJob, key: str) -> Search | None:
+        if not self.top_k:
+            return None  # retrieval off: the query (identifiers of the whole diff) is not worth building
         return Search(
             query=retrieval_query(job),
             kinds=(retriever_pb2.DOCUMENT_KIND_TIL,),
