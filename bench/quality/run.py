@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +38,8 @@ import grpc
 from til.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 
 from services.edge.diffs import changed_files, changed_identifiers, guess_language, quotable_lines
-from services.edge.til_format import check_til, prose
-from services.stack import LocalStack, free_port
+from services.edge.til_format import check_til, prose, repeated_phrase, title_prefix
+from services.stack import SERVICES, LocalStack, free_port
 
 DATE = "2026-11-29"
 _HANGUL = re.compile("[가-힣]")
@@ -72,6 +75,21 @@ def quoted_bullets(content: str, diff: str) -> tuple[int, int]:
     return good, len(_BULLET.findall(content))
 
 
+def title_or_keyword_repeat(document: dict[str, Any]) -> str | None:
+    """What repeats in the title (after its prefix) or the keywords: a word twice in one of them, a word that is
+    one run over again ("해당해당"), or a keyword twice (case aside); None when nothing does."""
+    title = document.get("title")
+    title = title if isinstance(title, str) else ""
+    listed = document.get("keywords")
+    keywords = [k for k in listed if isinstance(k, str)] if isinstance(listed, list) else []
+    for text in [title.removeprefix(title_prefix(DATE)), *keywords]:
+        again = repeated_phrase(text)
+        if again:
+            return again
+    folded = [k.strip().lower() for k in keywords]
+    return next((k for i, k in enumerate(folded) if k in folded[:i]), None)
+
+
 def score(row: dict[str, str], finished: edge_pb2.TilFinished | None) -> dict[str, Any]:
     result: dict[str, Any] = {"id": row["id"], "finished": False, "parsed": False, "contract": False}
     if finished is None:
@@ -100,7 +118,7 @@ def score(row: dict[str, str], finished: edge_pb2.TilFinished | None) -> dict[st
     )
     result["violations"] = [v.message for v in broken]
     result["contract"] = not any(v.enforced for v in broken)
-    result["repeats"] = any("repeat" in v.message for v in broken)
+    result["repeats"] = title_or_keyword_repeat(document)
     content = document.get("content") if isinstance(document.get("content"), str) else ""
     title = document.get("title") if isinstance(document.get("title"), str) else ""
     text = f"{title}\n{prose(content)}"
@@ -135,6 +153,54 @@ async def one_til(
         if message.WhichOneof("event") == "finished":
             finished = message.finished
     return finished
+
+
+class VramPeak:
+    """The most GPU memory in use (nvidia-smi, all processes: the generator's engine core is a child of it)
+    seen since start, sampled every `interval_s` on a thread."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.peak_mib = 0.0
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def used_mib() -> float:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return float(sum(float(line) for line in out.split()))
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.used_mib())
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> VramPeak:
+        self.peak_mib = self.used_mib()  # fails here, before any work, on a machine without nvidia-smi
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def service_env(items: list[str], services: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """`--env` items routed by prefix: EDGE_X=1 goes to the edge."""
+    env: dict[str, dict[str, str]] = {name: {} for name in services}
+    for item in items:
+        key, sep, value = item.partition("=")
+        service = key.split("_", 1)[0].lower()
+        if not sep or service not in env:
+            raise SystemExit(f"--env {item!r}: expected NAME=VALUE, NAME starting with one of {services}")
+        env[service][key] = value
+    return env
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -192,7 +258,7 @@ def write_table(out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "table.json"]
     rows = [r for r in rows if isinstance(r, dict) and "diffs" in r]  # model runs only
     header = (
-        "| run | model | sampling | diffs | prompt tok/s | output tok/s | peak RSS MiB | finished | JSON parsed "
+        "| run | model | sampling | diffs | prompt tok/s | output tok/s | peak memory MiB | finished | JSON parsed "
         "| contract met | bullets with quoted code | Hangul share of prose | repeated 3-gram rate "
         "| diff identifiers named | titles/keywords repeating a word | output tokens (mean) |\n"
         + "|---" * 16
@@ -208,7 +274,8 @@ def write_table(out: Path) -> None:
         )
         lines.append(
             f"| {r['label']} | {r['model']} | {sampling} | {n} | {r['prompt_tok_s']} | {r['output_tok_s']} "
-            f"| {r['peak_rss_mib']:.0f} | {r['finished']}/{n} | {r['parsed']}/{n} | {r['contract']}/{n} "
+            f"| {r['peak_rss_mib']:.0f}{' GPU' if r.get('memory', '').startswith('peak GPU') else ' RSS'} "
+            f"| {r['finished']}/{n} | {r['parsed']}/{n} | {r['contract']}/{n} "
             f"| {r['quoted_bullets']}/{r['bullets']} | {r['hangul_share']} | {r['repeated_3gram_rate']} "
             f"| {r['identifiers_named']} | {r['title_or_keyword_repeats']} | {r['mean_completion_tokens']} |"
         )
@@ -233,22 +300,39 @@ async def run_model(
     passes: list[tuple[str, dict[str, float]]],
     corpus: list[dict[str, str]],
 ) -> None:
-    names = ("cacher", "retriever", "generator", "edge")
+    services = tuple(s for s in SERVICES if s in args.services.split(","))
+    env = service_env(args.env, services)
     generator_env = {
         "GENERATOR_MAX_MODEL_LEN": str(args.context),
         **dict(kv.split("=", 1) for kv in args.generator_env),
+        **env["generator"],
     }
     if path != "packaged":
         generator_env["GENERATOR_MODEL"] = path
-    with tempfile.TemporaryDirectory(prefix="til-quality-") as data:
+    edge_env = {"EDGE_DEFAULT_MAX_TOKENS": str(args.max_tokens), **env["edge"]}
+    if "retriever" not in services:
+        edge_env.setdefault("EDGE_RETRIEVAL_TOP_K", "0")
+    env.update(generator=generator_env, edge=edge_env)
+    vram = VramPeak() if args.memory == "vram" else contextlib.nullcontext()
+    data_dir = (
+        contextlib.nullcontext(str(args.data))
+        if args.data
+        else tempfile.TemporaryDirectory(prefix="til-quality-")
+    )
+    with data_dir as data, vram:
+        ports = {n: free_port() for n in SERVICES}  # the edge is told every peer's address
         stack = LocalStack(
             Path(data),
-            ports={n: free_port() for n in names},
-            metrics_ports={n: free_port() for n in names},
-            env={"generator": generator_env, "edge": {"EDGE_DEFAULT_MAX_TOKENS": str(args.max_tokens)}},
+            ports=ports,
+            metrics_ports={n: free_port() for n in SERVICES},
+            env=env,
+            services=services,
         )
-        print(f"[{name}] starting the stack ({path})", file=sys.stderr, flush=True)
-        await stack.start(progress=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
+        print(f"[{name}] starting the stack ({path}): {', '.join(services)}", file=sys.stderr, flush=True)
+        await stack.start(
+            timeout_s=args.start_timeout_s,
+            progress=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True),
+        )
         try:
             gen_pid = stack.processes["generator"].process.pid  # type: ignore[union-attr]
             async with grpc.aio.insecure_channel(stack.address("edge")) as channel:
@@ -286,13 +370,17 @@ async def run_model(
                             file=sys.stderr,
                             flush=True,
                         )
+                        memory = vram.peak_mib if isinstance(vram, VramPeak) else peak_rss_mib(gen_pid)
                         summary = summarize(
                             run_label,
                             name,
                             sampling,
                             scores,
-                            peak_rss_mib(gen_pid),
+                            memory,
                             {"path": path, **generator_env},
+                        )
+                        summary["memory"] = (
+                            "peak GPU memory in use (nvidia-smi)" if args.memory == "vram" else "peak RSS"
                         )
                         summary["command"] = args.command
                         summary["complete"] = len(scores) == len(corpus)
@@ -308,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", action="append", required=True, help="NAME=GGUF path, or NAME=packaged")
+    parser.add_argument("--model", action="append", default=[], help="NAME=GGUF path, or NAME=packaged")
+    parser.add_argument(
+        "--table-only", action="store_true", help="only write the table from the rows in --out"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="the stack's data and logs (default: a temporary one)"
+    )
     parser.add_argument(
         "--sampling", action="append", default=[], help="NAME:key=value,... (default: server defaults only)"
     )
@@ -317,7 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--start-timeout-s", type=float, default=300.0, help="for each service to be SERVING")
     parser.add_argument("--generator-env", action="append", default=[], help="KEY=VALUE for the generator")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="SERVICE_KEY=VALUE for the service its prefix names (EDGE_...)",
+    )
+    parser.add_argument(
+        "--services",
+        default=",".join(SERVICES),
+        help="services to start (without the retriever the edge writes without related TILs)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("rss", "vram"),
+        default="rss",
+        help="the generator's peak RSS, or the GPU's peak memory in use (nvidia-smi, sampled) for vLLM",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
     parser.add_argument("--resume", action="store_true", help="keep the rows an earlier run of a label wrote")
     args = parser.parse_args(argv)
@@ -325,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        write_table(args.out)
+        print((args.out / "table.md").read_text())
+        return 0
+    if not args.model:
+        parser.error("--model is required (or --table-only)")
     passes: list[tuple[str, dict[str, float]]] = []
     for spec in args.sampling:
         label, _, pairs = spec.partition(":")

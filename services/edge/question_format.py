@@ -8,7 +8,8 @@ from typing import Any
 from til.v1 import edge_pb2
 
 from services.edge.til_format import (
-    KEYWORD_PATTERN,
+    HANGUL,
+    KEYWORD_WORD_MAX,
     MAX_KEYWORDS,
     Violation,
     personal_expressions,
@@ -24,6 +25,11 @@ DIFFICULTY_VALUES = {name: value for value, name in DIFFICULTIES.items()}
 QUESTION_MAX_CHARS = 500
 ANSWER_MAX_CHARS = 2000
 
+# One or two words, the last starting with Hangul: "캐시", "Redis 캐시", "캐시 미스". No digits.
+KEYWORD_PATTERN = (
+    f"^(?:[A-Za-z][A-Za-z.+#-]{{0,{KEYWORD_WORD_MAX - 1}}} |[{HANGUL}]{{1,{KEYWORD_WORD_MAX}}} )?"
+    f"[{HANGUL}][{HANGUL}A-Za-z]{{0,{KEYWORD_WORD_MAX - 1}}}$"
+)
 _KEYWORD = re.compile(KEYWORD_PATTERN)
 _HANGUL = re.compile("[가-힣]")
 

@@ -13,6 +13,7 @@ raw JSON text instead (xgrammar does).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,9 @@ from til.v1 import edge_pb2
 from services.edge.diffs import changed_files, guess_language, quotable_lines
 
 HANGUL = "가-힣"
-# Characters a JSON string must escape: kept out of title and keyword patterns (see above).
-_JSON_ESCAPED = '"\\\\\\x00-\\x1f'
-TITLE_WORD_MAX = 16  # units (1 to 5 characters, see _unit) of the title's optional leading Latin word
-TITLE_PART_MAX = 30  # units after the title's first Hangul character
+TITLE_LATIN_MAX = 16  # units (1 to 5 characters, see _LATIN_UNIT) of the title's optional leading Latin word
+TITLE_WORDS = 3  # Korean words after it, of different lengths
+TITLE_WORD_MAX = 8  # characters per Korean word of the title
 KEYWORD_WORD_MAX = 12
 MAX_KEYWORDS = 3
 CONTENT_MAX_CHARS = 8000
@@ -38,33 +38,91 @@ CLOSING_CHARS = 240
 INDENT_MAX = 16
 _INDENT = f"(?: {{0,{INDENT_MAX}}}|\\t{{1,4}})"  # spaces or tabs, not a mix of both
 # Bumped whenever the way a schema is built from a request changes (it is part of the prompt version).
-LAYOUT_VERSION = "layout-5"
+LAYOUT_VERSION = "layout-6"
 
 
-# The title's characters after its first Hangul character: no digits (the date is never repeated), no
-# markup or URL punctuation, no line breaks; the text never spells "TIL".
-_TITLE_EXCLUDED = f"{_JSON_ESCAPED}0-9#*|<>\\[\\]{{}}()/:;=@_~^$%&!?'`\\u2028\\u2029"
+def distinct_length_words(
+    count: int, max_chars: int, *, exact: bool = False, used: tuple[int, ...] = ()
+) -> str:
+    """1 to `count` (with `exact`: `count`) Korean words, Hangul only, 1 to `max_chars` characters each,
+    separated by single spaces, no two of the same length (nor of a length in `used`), so that no word
+    can be another's repeat: a grammar cannot compare two words, but it can count their characters."""
+    free = [n for n in range(1, max_chars + 1) if n not in used]
+    if count == 1:
+        return _alternation([f"[{HANGUL}]{{{run}}}" for run in _runs(free)])
+    rest = "(?: {})" + ("" if exact else "?")
+    return _alternation(
+        [
+            f"[{HANGUL}]{{{n}}}"
+            + rest.format(distinct_length_words(count - 1, max_chars, exact=exact, used=(*used, n)))
+            for n in free
+        ]
+    )
 
 
-def _unit(excluded: str) -> str:
-    """One unit of title text over the negated class body `excluded`: a character that is not T, or
-    T(T|IT)? and a character that does not make "TIL" (a DFA for the substring: grammars have no lookahead)."""
-    return f"(?:[^T{excluded}]|T(?:T|IT)?(?:[^TI{excluded}]|I[^TL{excluded}]))"
+def _alternation(branches: list[str]) -> str:
+    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
-_TITLE_END = "(?:T(?:T|IT)?I?)?"  # the text may end in the middle of such a run
-# An optional leading Latin word ("Redis 캐시 ..."), spelled with the same units so it is never "TIL".
-_LATIN_UNIT = "(?:[A-SU-Za-z.+#-]|T(?:T|IT)?(?:[A-HJ-SU-Za-z.+#-]|I[A-KM-SU-Za-z.+#-]))"
+def _runs(numbers: list[int]) -> list[str]:
+    """Consecutive runs of sorted `numbers` as regex counts: [1, 2, 3, 5] -> ["1,3", "5"]."""
+    runs: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        runs.append(f"{start}" if start == prev else f"{start},{prev}")
+        if n is not None:
+            start = prev = n
+    return runs
+
+
+# An optional leading Latin word ("Redis 캐시 ...", "C++ 템플릿"): letters, then at most two of + and #, never
+# "TIL" (a DFA for the substring: grammars have no lookahead). No '.', '-' or '#' inside, which would make
+# it several words that could repeat ("til.json.TIL").
+_LATIN_UNIT = "(?:[A-SU-Za-z]|T(?:T|IT)?(?:[A-HJ-SU-Za-z]|I[A-KM-SU-Za-z]))"
+_LATIN_END = "(?:T(?:T|IT)?I?)?[+#]{0,2}"  # the word may end in the middle of such a run
+# The title after "YYYY-MM-DD TIL - ": short, one line, no digits (the date is never repeated), never
+# "TIL", and no word twice: an optional Latin word, then 1 to TITLE_WORDS Korean words of different lengths.
 TITLE_TAIL = (
-    f"(?:{_LATIN_UNIT}{{1,{TITLE_WORD_MAX}}}{_TITLE_END} )?[{HANGUL}]"
-    f"{_unit(_TITLE_EXCLUDED)}{{0,{TITLE_PART_MAX}}}{_TITLE_END}"
+    f"(?:{_LATIN_UNIT}{{1,{TITLE_LATIN_MAX}}}{_LATIN_END} )?"
+    f"{distinct_length_words(TITLE_WORDS, TITLE_WORD_MAX)}"
 )
-# One or two words, the last starting with Hangul: "캐시", "Redis 캐시", "비동기 처리". No digits.
-KEYWORD_PATTERN = (
-    f"^(?:[A-Za-z][A-Za-z.+#-]{{0,{KEYWORD_WORD_MAX - 1}}} |[{HANGUL}]{{1,{KEYWORD_WORD_MAX}}} )?"
-    f"[{HANGUL}][{HANGUL}A-Za-z]{{0,{KEYWORD_WORD_MAX - 1}}}$"
+# A keyword is one of three forms, and the keywords of a TIL each take a different one, so no keyword
+# can repeat another or itself: one Korean word ("캐시"), a Latin word and a Korean word ("Redis 캐시"),
+# or two Korean words of different lengths ("비동기 처리"). No digits: never a date or a number.
+_LATIN_KEYWORD_WORD = f"[A-Za-z]{{1,{KEYWORD_WORD_MAX}}}[+#]{{0,2}}"
+KEYWORD_FORMS = (
+    f"^[{HANGUL}]{{1,{KEYWORD_WORD_MAX}}}$",
+    f"^{_LATIN_KEYWORD_WORD} [{HANGUL}]{{1,{KEYWORD_WORD_MAX}}}$",
+    f"^{distinct_length_words(2, KEYWORD_WORD_MAX, exact=True)}$",
 )
-KEYWORD_MAX_CHARS = 2 * KEYWORD_WORD_MAX + 1
+KEYWORD_PATTERN = "^(?:" + "|".join(form[1:-1] for form in KEYWORD_FORMS) + ")$"
+KEYWORD_MAX_CHARS = 2 * KEYWORD_WORD_MAX + 3
+
+
+def keywords_schema() -> dict[str, Any]:
+    """1 to MAX_KEYWORDS keywords, each of a different form (KEYWORD_FORMS), in any order."""
+    orders: list[tuple[int, ...]] = [
+        order
+        for n in range(1, MAX_KEYWORDS + 1)
+        for order in itertools.permutations(range(len(KEYWORD_FORMS)), n)
+    ]
+    return {
+        "type": "array",
+        "anyOf": [
+            {
+                "prefixItems": [{"type": "string", "pattern": KEYWORD_FORMS[form]} for form in order],
+                "items": False,
+                "minItems": len(order),
+            }
+            for order in orders
+        ],
+        "minItems": 1,
+        "maxItems": MAX_KEYWORDS,
+    }
+
 
 # A bullet's one sentence: it starts with Hangul (after at most one `code` span), has no control
 # characters, periods only inside words (`a.b`), and ends with a period.
@@ -93,7 +151,11 @@ _UNIT_MAX = 5  # T, IT, then a character or I and a character
 # Most characters the title and keywords can take (prefix + pattern bounds), plus the JSON around them.
 TITLE_AND_KEYWORDS_MAX_CHARS = (
     len("YYYY-MM-DD TIL - ")
-    + (TITLE_WORD_MAX + TITLE_PART_MAX) * _UNIT_MAX
+    + (TITLE_LATIN_MAX + 1) * _UNIT_MAX
+    + 2
+    + 1
+    + sum(range(TITLE_WORD_MAX - TITLE_WORDS + 1, TITLE_WORD_MAX + 1))
+    + TITLE_WORDS
     + 2 * 3
     + 2
     + MAX_KEYWORDS * (KEYWORD_MAX_CHARS + 4)
@@ -275,12 +337,7 @@ def til_schema(
         "type": "object",
         "properties": {
             "title": {"type": "string", "pattern": f"^{title_prefix(date)}{TITLE_TAIL}$"},
-            "keywords": {
-                "type": "array",
-                "items": {"type": "string", "pattern": KEYWORD_PATTERN},
-                "minItems": 1,
-                "maxItems": MAX_KEYWORDS,
-            },
+            "keywords": keywords_schema(),
             "content": content,
         },
         "required": ["title", "keywords", "content"],
@@ -301,6 +358,7 @@ _FENCED = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", 
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
 _HANGUL_CHAR = re.compile(f"[{HANGUL}]")
 _KEYWORD = re.compile(KEYWORD_PATTERN)
+_KEYWORD_FORMS = tuple(re.compile(form) for form in KEYWORD_FORMS)
 _TITLE_TAIL = re.compile(f"^{TITLE_TAIL}$")
 # First-person and opinion phrasing; Korean forms must start a word (so 삭제가 is not 제가).
 _PERSONAL = re.compile(
@@ -325,12 +383,16 @@ def personal_expressions(text: str) -> list[str]:
 _WORD = re.compile(r"[^\s.,:;!?()\[\]\"'`-]{2,}")
 
 
+_DOUBLED = re.compile(r"(.{2,}?)\1+")
+
+
 def repeated_phrase(text: str) -> str | None:
-    """A word (2+ characters) or date that `text` holds twice, case aside, or None."""
+    """A word (2+ characters) or date that `text` holds twice, case aside, or a word that is one run of 2+
+    characters over again ("해당해당"); None if neither."""
     seen: set[str] = set()
     for match in _WORD.finditer(text):
         word = match.group(0).lower()
-        if word in seen:
+        if word in seen or _DOUBLED.fullmatch(word):
             return match.group(0)
         seen.add(word)
     return None
@@ -396,8 +458,9 @@ def check_til(
         broken(f"title must start with '{title_prefix(date)}'", enforced=True)
     elif not _TITLE_TAIL.fullmatch(title[len(title_prefix(date)) :]):
         broken(
-            "title text must be Korean, one line, without digits (it never repeats the date), 'TIL', "
-            "quotes or backslashes, and short",
+            f"title text must be an optional Latin word (no digits, never 'TIL') and 1 to {TITLE_WORDS} "
+            f"Korean words of different lengths (at most {TITLE_WORD_MAX} characters each), so it never "
+            "repeats the date or a word",
             enforced=True,
         )
     else:
@@ -415,13 +478,16 @@ def check_til(
         if bad:
             shown = ", ".join(repr(k) for k in bad[:3])
             broken(
-                f"keywords must be short terms containing Korean and no digits ({KEYWORD_MAX_CHARS} "
-                f"characters at most): {shown}",
+                "keywords must be short terms containing Korean and no digits: one Korean word, a Latin word "
+                f"and a Korean word, or two Korean words of different lengths: {shown}",
                 enforced=True,
             )
-        strings = [k.strip().lower() for k in keywords if isinstance(k, str)]
-        if len(set(strings)) < len(strings):
-            broken("keywords repeat", enforced=False)
+        else:
+            forms = [next(i for i, form in enumerate(_KEYWORD_FORMS) if form.fullmatch(k)) for k in keywords]
+            if len(set(forms)) < len(forms):
+                broken(
+                    "keywords must each take a different form, so that none repeats another", enforced=True
+                )
         looping = [k for k in keywords if isinstance(k, str) and repeated_phrase(k)]
         if looping:
             broken(f"a keyword repeats a word: {looping[0]!r}", enforced=False)

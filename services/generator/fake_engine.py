@@ -241,6 +241,10 @@ class _Writer:
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:
             return enum[0]
+        branches = schema.get("anyOf")
+        if isinstance(branches, list) and branches and isinstance(branches[0], dict):  # the first branch
+            merged = {k: v for k, v in schema.items() if k != "anyOf"}
+            return self.value({**merged, **branches[0]}, depth + 1)
         kind = schema.get("type")
         if isinstance(kind, list):
             kind = next((k for k in kind if k != "null"), "null")
@@ -252,7 +256,12 @@ class _Writer:
         if kind == "array":
             low = schema.get("minItems")
             count = min(low, _MAX_ITEMS) if isinstance(low, int) and low > 0 else 1
-            return [self.value(schema.get("items"), depth + 1) for _ in range(count)]
+            prefix = schema.get("prefixItems")
+            prefix = prefix if isinstance(prefix, list) else []
+            return [
+                self.value(prefix[i] if i < len(prefix) else schema.get("items"), depth + 1)
+                for i in range(count)
+            ]
         if kind in ("integer", "number"):
             low = schema.get("minimum")
             return low if isinstance(low, (int, float)) and not isinstance(low, bool) else 0
@@ -289,7 +298,12 @@ class _Writer:
         return text
 
 
-_NAMES = ["캐시 정리", "캐시", "설정 값", "변경 사항"]
+_NAMES = [
+    "캐시 정리하기",
+    "캐시",
+    "설정값 변경",
+    "변경 사항들",
+]  # words of different lengths: titles allow no other
 
 
 def _literal_prefix(pattern: str) -> str:

@@ -13,11 +13,11 @@ from services.edge.config import EdgeSettings, channel_target
 from services.edge.diffs import changed_files, changed_identifiers, fit_diff, guess_language, looks_like_diff
 from services.edge.prompt import TIL_PROMPT_VERSION, data, til_chat
 from services.edge.question_format import check_questions, questions_schema
-from services.edge.til_format import check_til, personal_expressions, til_schema
+from services.edge.til_format import KEYWORD_PATTERN, check_til, personal_expressions, til_schema
 
 DATE = "2024-05-01"
 GOOD: dict[str, Any] = {
-    "title": f"{DATE} TIL - 비동기 캐시 조회 도입",
+    "title": f"{DATE} TIL - 비동기 캐시조회 도입",
     "keywords": ["비동기", "Redis 캐시"],
     "content": (
         f"# {DATE} TIL\n\n"
@@ -42,18 +42,26 @@ def test_a_good_til_breaks_no_rule() -> None:
     ("change", "expected", "enforced"),
     [
         ({"title": "2024-05-02 TIL - 캐시"}, "title must start with '2024-05-01 TIL - '", True),
-        ({"title": f"{DATE} TIL - cache only"}, "title text must be Korean", True),
-        ({"title": f"{DATE} TIL - 캐시\n두 줄"}, "title text must be Korean, one line", True),
-        ({"title": f"{DATE} TIL - {DATE} TIL - 캐시"}, "without digits (it never repeats the date)", True),
-        ({"title": f"{DATE} TIL - TIL 캐시"}, "'TIL'", True),
-        ({"title": f"{DATE} TIL - Redis 캐시와 redis 설정"}, "title repeats 'redis'", False),
+        ({"title": f"{DATE} TIL - cache only"}, "title text must be an optional Latin word", True),
+        ({"title": f"{DATE} TIL - 캐시\n두 줄"}, "title text must be", True),
+        ({"title": f"{DATE} TIL - {DATE} TIL - 캐시"}, "(no digits, never 'TIL')", True),
+        ({"title": f"{DATE} TIL - TIL 캐시"}, "never 'TIL'", True),
+        ({"title": f"{DATE} TIL - TILE 캐시"}, "never 'TIL'", True),
+        ({"title": f"{DATE} TIL - Redis 캐시와 redis 설정"}, "Korean words of different lengths", True),
+        ({"title": f"{DATE} TIL - 캐시 만료 설정"}, "Korean words of different lengths", True),
+        ({"title": f"{DATE} TIL - Node.js 캐시"}, "title text must be", True),
+        ({"title": f"{DATE} TIL - 해당해당 캐시"}, "title repeats '해당해당'", False),
         ({"keywords": []}, "keywords must be a list of 1 to 3", True),
         ({"keywords": ["캐시", "비동기", "큐", "락"]}, "4 keywords; at most 3", True),
         ({"keywords": ["cache"]}, "short terms containing Korean", True),
         ({"keywords": ["캐시" * 20]}, "short terms containing Korean", True),
         ({"keywords": [f"{DATE} TIL-로"]}, "no digits", True),
-        ({"keywords": ["캐시", "캐시"]}, "keywords repeat", False),
-        ({"keywords": ["캐시 캐시"]}, "a keyword repeats a word", False),
+        ({"keywords": ["캐시", "캐시"]}, "keywords must each take a different form", True),
+        ({"keywords": ["캐시", "만료"]}, "keywords must each take a different form", True),
+        ({"keywords": ["til 캐시", "TIL 캐시"]}, "keywords must each take a different form", True),
+        ({"keywords": ["캐시 캐시"]}, "short terms containing Korean", True),
+        ({"keywords": ["json.til 캐시"]}, "short terms containing Korean", True),
+        ({"keywords": ["해당해당"]}, "a keyword repeats a word: '해당해당'", False),
         ({"content": "- 캐시를 쓴다. `x`"}, "content must start with the line '# 2024-05-01 TIL'", True),
         ({"content": f"# {DATE} TIL 캐시\n- 캐시를 쓴다. `x`"}, "must start with the line", True),
         ({"content": f"# {DATE} TIL\n\n캐시를 도입했다. `x`"}, "no bullet list", True),
@@ -123,9 +131,16 @@ def test_til_schema_is_what_the_grammar_can_enforce() -> None:
     assert title.search(GOOD["title"]) and not title.search(f"{DATE} TIL - english") and not title.search("x")
     keywords = schema["properties"]["keywords"]
     assert (keywords["minItems"], keywords["maxItems"]) == (1, 3)
-    keyword = re.compile(keywords["items"]["pattern"])
-    assert all(keyword.fullmatch(k) for k in ["캐시", "Redis 캐시", "gRPC 스트리밍", "C++ 템플릿"])
-    assert not any(keyword.fullmatch(k) for k in ["cache", 'a"캐시', "캐시\n", ""])
+    keyword = re.compile(KEYWORD_PATTERN)
+    assert all(
+        keyword.fullmatch(k) for k in ["캐시", "Redis 캐시", "gRPC 스트리밍", "C++ 템플릿", "비동기 처리"]
+    )
+    assert not any(keyword.fullmatch(k) for k in ["cache", 'a"캐시', "캐시\n", "", "만료 시간", "a.b 캐시"])
+    # Each array shape gives every keyword its own form: no two can be equal.
+    for shape in keywords["anyOf"]:
+        forms = [item["pattern"] for item in shape["prefixItems"]]
+        assert len(set(forms)) == len(forms) == shape["minItems"] and shape["items"] is False
+    assert len(keywords["anyOf"]) == 3 + 6 + 6
     content = schema["properties"]["content"]
     assert re.search(content["pattern"], GOOD["content"]) and content["maxLength"] >= 4000
     assert not re.search(content["pattern"], "# 2024-05-02 TIL\n- x")

@@ -79,6 +79,71 @@ def test_a_constrained_model_keeps_the_enforced_rules() -> None:
     assert all(re.fullmatch(KEYWORD_PATTERN, k) for k in finished), keywords
 
 
+# --- titles and keywords that cannot repeat --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def writes() -> Any:
+    """writes(schema, text): whether llguidance, through the llama.cpp engine's token mask on SmolLM2's
+    vocabulary, lets a model write exactly `text`, token by token, and then end."""
+    import llama_cpp
+
+    from services.generator.guidance import Grammars, TokenMask
+
+    llama = llama_cpp.Llama(model_path=str(_smollm2()), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    grammars = Grammars(vocab)
+    eos = llama_cpp.llama_vocab_eos(vocab)
+
+    def check(schema: dict[str, Any], text: str) -> bool:
+        mask = TokenMask(grammars.matcher(schema), grammars.n_vocab)
+        for token in llama.tokenize(text.encode(), add_bos=False, special=False):
+            if not mask.allowed()[token]:
+                return False
+            mask.consume(token)
+        return bool(mask.allowed()[eos])
+
+    yield check
+    llama.close()
+
+
+def _document(title: str, keywords: list[str]) -> str:
+    content = f"# {DATE} TIL\n\n- 캐시를 쓴다.\n```python\nx = 1\n```\n"
+    return json.dumps(
+        {"title": f"{DATE} TIL - {title}", "keywords": keywords, "content": content}, ensure_ascii=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("title", "keywords", "ok"),
+    [
+        ("Redis 캐시조회 도입", ["캐시", "Redis 캐시", "비동기 처리"], True),
+        ("비동기 캐시조회 도입", ["비동기 처리", "캐시"], True),
+        ("캐시", ["Redis 캐시"], True),
+        ("해당 해당", ["캐시"], False),  # a title word twice
+        ("캐시 만료 설정", ["캐시"], False),  # two words of one length could be one word twice
+        ("Redis 캐시 조회 만료를 설정", ["캐시"], False),  # at most three Korean words
+        ("json.til 캐시", ["캐시"], False),  # '.' would split the Latin word into words
+        ("TIL 캐시", ["캐시"], False),
+        ("til#json#TIL 캐시", ["캐시"], False),
+        ("C++ 템플릿", ["C# 문법"], True),
+        ("캐시", ["til#json#TIL 해당"], False),
+        ("캐시", ["캐시", "캐시"], False),  # a keyword twice
+        ("캐시", ["캐시", "해당"], False),  # two of one form
+        ("캐시", ["til 캐시", "TIL 캐시"], False),  # the failure of the model table, case aside
+        ("캐시", ["해당 해당"], False),  # a keyword's word twice
+        ("캐시", ["캐시", "Redis 캐시", "비동기 처리", "만료"], False),
+    ],
+)
+def test_the_grammar_lets_no_title_or_keyword_repeat(
+    writes: Any, title: str, keywords: list[str], ok: bool
+) -> None:
+    schema = til_schema(DATE)
+    assert writes(schema, _document(title, keywords)) is ok
+    violations = check_til(json.loads(_document(title, keywords)), date=DATE)
+    assert (not any(v.enforced for v in violations)) is ok, violations
+
+
 # --- code quoted from the diff ----------------------------------------------------------------------
 
 TRICKY = (
@@ -131,7 +196,7 @@ def test_quotable_lines_are_bounded_and_prefer_added_lines() -> None:
 
 
 def _til_with(content: str) -> dict[str, Any]:
-    return {"title": f"{DATE} TIL - 출력 수정", "keywords": ["출력"], "content": content}
+    return {"title": f"{DATE} TIL - 출력형식 수정", "keywords": ["출력"], "content": content}
 
 
 def test_the_content_pattern_admits_exactly_the_diffs_lines() -> None:

@@ -57,7 +57,7 @@ index 3b18e51..a9c2f4d 100644
 +    return user
 """
 GOOD_TIL: dict[str, Any] = {
-    "title": f"{DATE} TIL - 사용자 조회 결과 캐시 도입",
+    "title": f"{DATE} TIL - 사용자 조회결과 캐싱",
     "keywords": ["캐시", "Redis 캐시"],
     "content": (
         f"# {DATE} TIL\n\n"
@@ -740,7 +740,7 @@ async def test_default_date_is_today_in_the_configured_time_zone() -> None:
     today = datetime.date(2025, 1, 31)
     til = {
         **GOOD_TIL,
-        "title": "2025-01-31 TIL - 캐시 도입",
+        "title": "2025-01-31 TIL - 캐시 도입하기",
         "content": "# 2025-01-31 TIL\n\n- 캐시를 쓴다.\n```python\n        return cached\n```\n",
     }
     generator = FakeGenerator(output=chunks(json.dumps(til, ensure_ascii=False)))
@@ -817,7 +817,7 @@ def revise_request(**fields: Any) -> edge_pb2.ReviseTilRequest:
 
 
 async def test_revise_streams_a_checked_til_from_the_conversation() -> None:
-    revised = {**GOOD_TIL, "title": f"{DATE} TIL - 조회 캐시"}
+    revised = {**GOOD_TIL, "title": f"{DATE} TIL - 조회 캐싱도입"}
     generator = FakeGenerator(output=chunks(json.dumps(revised, ensure_ascii=False)))
     async with edge_stack(generator=generator) as stack:
         started, _, finished = split([r async for r in stack.stub.ReviseTil(revise_request())])
