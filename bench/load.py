@@ -55,8 +55,9 @@ _arms: dict[ArmSpec, Arm] = {}
 
 def _run_in_worker(
     spec: ArmSpec, prompts: list[Prompt], concurrency: int, output_len: int
-) -> list[RequestRecord]:
-    """Runs in a client process; its loop and connections persist between calls (warm-up counts)."""
+) -> tuple[list[RequestRecord], float, float]:
+    """Runs in a client process; its loop and connections persist between calls (warm-up counts).
+    Returns the records, and the CPU seconds this process spent on them and the wall seconds they took."""
     global _loop
     if _loop is None:
         _loop = asyncio.new_event_loop()
@@ -70,7 +71,9 @@ def _run_in_worker(
             _arms[spec] = arm
         return await closed_loop(arm, prompts, concurrency, output_len)
 
-    return _loop.run_until_complete(run())
+    cpu, wall = time.process_time(), time.monotonic()
+    records = _loop.run_until_complete(run())
+    return records, time.process_time() - cpu, time.monotonic() - wall
 
 
 def _worker_init(path: list[str]) -> None:
@@ -82,6 +85,10 @@ class ClientProcesses:
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
+        # Of the last run: CPU seconds of all client processes, and the busiest one's share of its wall
+        # time (near 1: the client, not the server, set the pace).
+        self.cpu_s = 0.0
+        self.busiest = 0.0
         # spawn, not fork: the driver may hold a CUDA context and a running event loop.
         self._pool = ProcessPoolExecutor(
             max_workers=processes,
@@ -105,7 +112,9 @@ class ClientProcesses:
             if chunk:
                 jobs.append(loop.run_in_executor(self._pool, _run_in_worker, spec, chunk, share, output_len))
         results = await asyncio.gather(*jobs)
-        return [record for result in results for record in result]
+        self.cpu_s = sum(cpu for _, cpu, _ in results)
+        self.busiest = max((cpu / wall for _, cpu, wall in results if wall > 0), default=0.0)
+        return [record for records, _, _ in results for record in records]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

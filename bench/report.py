@@ -32,6 +32,8 @@ _COLUMNS = [
     ("tokens_per_message", "tok/msg", "{:.2f}"),
     ("server_ttft_ms_p50", "server TTFT p50", "{:.1f}"),
     ("server_queue_ms_p50", "server queue p50", "{:.1f}"),
+    ("client_cpu_ms_per_request", "client CPU ms/req", "{:.2f}"),
+    ("client_busiest_cpu_share", "client busiest", "{:.2f}"),
     ("prompt_tokens_mean", "prompt tok", "{:.0f}"),
     ("output_tokens_mean", "out tok", "{:.0f}"),
     ("constrained_tokens_mean", "JSON tok", "{:.0f}"),
