@@ -157,10 +157,10 @@ async def one_til(
 
 class VramPeak:
     """The most GPU memory in use (nvidia-smi, all processes: the generator's engine core is a child of it)
-    seen since start, sampled every `interval_s` on a thread."""
+    seen since start, sampled every `interval_s` on a thread, and what was in use before (another engine's)."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
-        self.peak_mib = 0.0
+        self.peak_mib = self.baseline_mib = 0.0
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -182,7 +182,7 @@ class VramPeak:
             self._stop.wait(self._interval_s)
 
     def __enter__(self) -> VramPeak:
-        self.peak_mib = self.used_mib()  # fails here, before any work, on a machine without nvidia-smi
+        self.peak_mib = self.baseline_mib = self.used_mib()  # fails here, before any work, without nvidia-smi
         self._thread.start()
         return self
 
@@ -370,7 +370,11 @@ async def run_model(
                             file=sys.stderr,
                             flush=True,
                         )
-                        memory = vram.peak_mib if isinstance(vram, VramPeak) else peak_rss_mib(gen_pid)
+                        memory = (
+                            vram.peak_mib - vram.baseline_mib
+                            if isinstance(vram, VramPeak)
+                            else peak_rss_mib(gen_pid)
+                        )
                         summary = summarize(
                             run_label,
                             name,
@@ -380,7 +384,9 @@ async def run_model(
                             {"path": path, **generator_env},
                         )
                         summary["memory"] = (
-                            "peak GPU memory in use (nvidia-smi)" if args.memory == "vram" else "peak RSS"
+                            f"peak GPU memory in use (nvidia-smi) above the {vram.baseline_mib:.0f} MiB in use before"
+                            if isinstance(vram, VramPeak)
+                            else "peak RSS"
                         )
                         summary["command"] = args.command
                         summary["complete"] = len(scores) == len(corpus)
