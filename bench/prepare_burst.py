@@ -10,6 +10,7 @@ chats of --prompt-tokens tokens, each with its own schema), all at once, and rep
 
 - `one at a time`: each prompt encoded alone on the tokenizer thread (before PromptBatcher).
 - `batched`: `PromptBatcher`, the requests waiting together encoded in one `encode_batch` call.
+- `schema threads`: 1 before, `vllm_engine.SCHEMA_THREADS` now (llguidance validates without the GIL).
 Rows without a schema are the plain arms (C); with it, the TIL arms (C_til, D). The tokenizer
 defaults to SmolLM2's, read from the packaged GGUF (the GPU benchmark's dummy model uses it). This
 machine's other load disturbs the times; compare rows of one run.
@@ -22,10 +23,12 @@ import asyncio
 import json
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
 from bench.grammar_steps import load_tokenizer
+from services.generator.vllm_engine import SCHEMA_THREADS
 
 
 def til_requests(tokenizer: Any, count: int, prompt_tokens: int, output_len: int) -> list[tuple[Any, Any]]:
@@ -61,7 +64,7 @@ def til_requests(tokenizer: Any, count: int, prompt_tokens: int, output_len: int
 
 
 async def burst(
-    tokenizer: Any, requests: list[tuple[Any, Any]], *, batched: bool, schema: bool
+    tokenizer: Any, requests: list[tuple[Any, Any]], *, batched: bool, schema: bool, schema_threads: int
 ) -> dict[str, Any]:
     from services.generator import vllm_inputs
     from services.generator.config import GeneratorSettings
@@ -76,6 +79,8 @@ async def burst(
     engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]  # vLLM's own check
     if not batched:
         engine._prompts = PromptBatcher(engine._tokenizer_thread, max_batch=1)
+    engine._schema_thread.shutdown()
+    engine._schema_thread = ThreadPoolExecutor(max_workers=schema_threads, thread_name_prefix="schema")
     vllm_inputs._CHATS.clear()
     vllm_inputs._prepared_schema.cache_clear()
     ready: list[float] = []
@@ -113,34 +118,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
     requests = til_requests(tokenizer, args.requests, args.prompt_tokens, 256)
-    rows: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+    # (schema, batched tokenizing, schema threads): before this change 1 schema thread, one at a time.
+    modes = [
+        (False, False, 1),
+        (False, True, 1),
+        (True, False, 1),
+        (True, True, 1),
+        (True, True, SCHEMA_THREADS),
+    ]
+    rows: dict[tuple[bool, bool, int], list[dict[str, Any]]] = {}
     for _ in range(args.rounds):  # rows interleaved, so the machine's load falls on all of them
-        for schema in (False, True):
-            for batched in (False, True):
-                result = asyncio.run(burst(tokenizer, requests, batched=batched, schema=schema))
-                rows.setdefault((schema, batched), []).append(result)
+        for schema, batched, threads in modes:
+            result = asyncio.run(
+                burst(tokenizer, requests, batched=batched, schema=schema, schema_threads=threads)
+            )
+            rows.setdefault((schema, batched, threads), []).append(result)
     print(
         f"{args.requests} TIL requests at once, {args.prompt_tokens}-token chats; medians of {args.rounds} rounds\n"
     )
-    print("| schema | tokenizing | ready p50 ms | last ready ms | tokenizer calls |")
-    print("|---|---|---|---|---|")
-    for (schema, batched), results in rows.items():
+    print("| schema | tokenizing | schema threads | ready p50 ms | last ready ms | tokenizer calls |")
+    print("|---|---|---|---|---|---|")
+    for (schema, batched, threads), results in rows.items():
         p50 = statistics.median(r["ready_ms_p50"] for r in results)
         last = statistics.median(r["ready_ms_max"] for r in results)
         calls = statistics.median(r["tokenizer_calls"] for r in results)
         print(
-            f"| {'TIL' if schema else 'none'} | {'batched' if batched else 'one at a time'} | {p50:.1f} | {last:.1f} | {calls:.0f} |"
+            f"| {'TIL' if schema else 'none'} | {'batched' if batched else 'one at a time'} | "
+            f"{threads if schema else '-'} | {p50:.1f} | {last:.1f} | {calls:.0f} |"
         )
-    print(
-        json.dumps(
-            {
-                "rows": {
-                    f"{'til' if s else 'none'}/{'batched' if b else 'single'}": r
-                    for (s, b), r in rows.items()
-                }
-            }
-        )
-    )
+    print(json.dumps({"rows": {f"{s}/{b}/{t}": r for (s, b, t), r in rows.items()}}))
     return 0
 
 

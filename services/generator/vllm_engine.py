@@ -68,6 +68,9 @@ STRUCTURED_OUTPUTS: dict[str, Any] = {
     "disable_additional_properties": True,
 }
 
+# Threads that ready JSON Schemas (our checks in Python, then llguidance's validation in Rust).
+SCHEMA_THREADS = 4
+
 _WARMUP_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}},
@@ -248,7 +251,9 @@ class VllmEngine:
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         # Requests that arrive together (a burst) are tokenized in one batch call on that thread.
         self._prompts = PromptBatcher(self._tokenizer_thread)
-        self._schema_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schema")
+        # llguidance's validation (about half of readying a TIL schema) runs without the GIL: under a
+        # burst, several schemas are validated at once (bench.prepare_burst).
+        self._schema_thread = ThreadPoolExecutor(max_workers=SCHEMA_THREADS, thread_name_prefix="schema")
         self.info = ModelInfo(
             model=settings.model_id,
             backend="vllm",
