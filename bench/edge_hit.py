@@ -14,6 +14,7 @@ The edge's CPU time is read from /proc (user + system, the edge and its worker p
 JSON line per run and appends it to `--out`. Example:
 
     python -m bench.edge_hit --mode hit --concurrency 100 --requests 2000
+    python -m bench.edge_hit --mode hit --edge-env EDGE_NEAR_CACHE_ENTRIES=1024 --edge-env EDGE_WORKERS=2
     python -m bench.edge_hit --mode stream --concurrency 100 --requests 300 --edge-env EDGE_COALESCE_MS=5
     python -m bench.edge_hit --mode hit --profile /tmp/edge.svg   # py-spy record of the edge meanwhile
 """
