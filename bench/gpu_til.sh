@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's like-for-like run on one lent H200: every arm, one GPU, one run, arms interleaved.
 # Three device calls back to back (the machine keeps /tmp only while warm), from the checkout's root,
-# after `bash bench/gpu_prepare.sh` there (kind nvidia-h200; ~1 + ~4 + ~9 minutes of device time):
+# after `bash bench/gpu_prepare.sh` there (kind nvidia-h200; ~1 + ~4 + ~4 minutes of device time):
 #
 #   1. carry [".vk",".vk1"]                         timeout_s 300  bash bench/gpu_til.sh stage1
 #   2. carry [".vk",".vk3",".dm",".whl",".rds"]     timeout_s 600  bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
