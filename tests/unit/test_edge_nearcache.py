@@ -105,14 +105,14 @@ async def test_refresh_replaces_it_and_bypass_neither_reads_nor_fills_it() -> No
     async with edge_stack(near_cache_entries=16) as stack:
         await stack.til(til_request())
         await stack.settle()
-        newer = {**GOOD_TIL, "keywords": ["캐시 만료"]}
+        newer = {**GOOD_TIL, "keywords": ["캐시 만료일"]}
         stack.generator.output = chunks(json.dumps(newer, ensure_ascii=False))
         refreshed = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_REFRESH)))
         await stack.settle()
         hit = split(await stack.til(til_request()))
         bypassed = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_BYPASS)))
-    assert list(refreshed[2].til.keywords) == ["캐시 만료"]
-    assert hit[0].cache_status == edge_pb2.CACHE_STATUS_HIT and list(hit[2].til.keywords) == ["캐시 만료"]
+    assert list(refreshed[2].til.keywords) == ["캐시 만료일"], list(refreshed[2].violations)
+    assert hit[0].cache_status == edge_pb2.CACHE_STATUS_HIT and list(hit[2].til.keywords) == ["캐시 만료일"]
     assert bypassed[0].cache_status == edge_pb2.CACHE_STATUS_BYPASSED
     assert len(stack.generator.requests) == 3 and len(stack.cacher.gets) == 1
 
@@ -157,3 +157,23 @@ async def test_identical_requests_that_arrive_together_share_one_cacher_read() -
     assert [split(r)[0].cache_status for r in burst] == [edge_pb2.CACHE_STATUS_HIT] * 8
     assert len(stack.cacher.gets) == 1 + 1 + 1  # the first (a miss), the burst's one, bob's own
     assert other[0].cache_status == edge_pb2.CACHE_STATUS_MISS
+
+
+def test_edge_workers_auto_is_one_per_cpu_this_process_may_use(monkeypatch: Any) -> None:
+    import os
+
+    import pydantic
+
+    from services.edge.config import EdgeSettings
+
+    monkeypatch.setenv("EDGE_WORKERS", "auto")
+    assert EdgeSettings().workers == min(256, len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("EDGE_WORKERS", "3")
+    assert EdgeSettings().workers == 3
+    monkeypatch.setenv("EDGE_WORKERS", "many")
+    try:
+        EdgeSettings()
+    except pydantic.ValidationError as exc:
+        assert "workers" in str(exc)
+    else:
+        raise AssertionError("EDGE_WORKERS=many was accepted")
