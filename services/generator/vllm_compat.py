@@ -9,6 +9,7 @@ request's `scheduled_ts`), the reason is written beside it; a vLLM upgrade start
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,3 +195,73 @@ async def bitmask_parallelism_report(llm: AsyncLLM) -> dict[str, Any]:
     except Exception as exc:  # the method is missing when the plugin did not load in the engine core
         return {"applied": False, "reason": f"the engine core did not answer {REPORT_METHOD}: {exc}"}
     return dict(report) if isinstance(report, dict) else {"applied": False, "reason": f"report {report!r}"}
+
+
+# vLLM validates each structured request's grammar in its input processor (`validate_guidance_grammar`,
+# called from `_validate_structured_output` inside `AsyncLLM.add_request`), on the event loop of the
+# process calling `generate`, one request after another: ~30 ms for a TIL schema. `prepare` has already
+# validated the same schema with the same library on a worker thread (`vllm_inputs.prepared_schema`), so
+# for exactly those schema objects vLLM's second validation is skipped; any other request is validated
+# by vLLM as before. The processor's module has moved between releases; both names are tried.
+_PROCESSOR_MODULES = ("vllm.v1.engine.input_processor", "vllm.v1.engine.processor")
+_VALIDATED_LIMIT = 4096
+
+
+class ValidatedSchemas:
+    """Schema objects `prepare` validated, each until vLLM's validation has seen it (bounded)."""
+
+    def __init__(self, limit: int = _VALIDATED_LIMIT) -> None:
+        self._limit = limit
+        # id -> the object itself: held, so its id cannot name another object meanwhile.
+        self._objects: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.skipped = 0  # validations vLLM did not repeat, for the log
+
+    def add(self, schema: Any) -> None:
+        with self._lock:
+            self._objects[id(schema)] = schema
+            while len(self._objects) > self._limit:  # requests refused or cancelled before generate
+                del self._objects[next(iter(self._objects))]
+
+    def take(self, schema: Any) -> bool:
+        """True (once) when `schema` is an object `add` was given."""
+        with self._lock:
+            if self._objects.get(id(schema)) is not schema:
+                return False
+            del self._objects[id(schema)]
+            self.skipped += 1
+            return True
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+VALIDATED = ValidatedSchemas()
+
+
+def skip_revalidation(modules: tuple[str, ...] = _PROCESSOR_MODULES) -> str:
+    """Makes vLLM's input processor skip validating schemas in `VALIDATED`; what it did, in words."""
+    import importlib
+
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        original = getattr(module, "validate_guidance_grammar", None)
+        if not callable(original):
+            continue
+        module.validate_guidance_grammar = _skipping_validated(getattr(original, "__wrapped__", original))  # type: ignore[attr-defined]
+        return f"once, in prepare ({name})"
+    return "twice: vLLM's input processor has no validate_guidance_grammar here"
+
+
+def _skipping_validated(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def validate_guidance_grammar(sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        structured = getattr(sampling_params, "structured_outputs", None)
+        if structured is not None and VALIDATED.take(getattr(structured, "json", None)):
+            return None  # validated by prepare, with the same llguidance
+        return original(sampling_params, *args, **kwargs)
+
+    return validate_guidance_grammar
