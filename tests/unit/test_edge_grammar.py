@@ -148,24 +148,21 @@ def test_the_grammar_lets_no_keyword_repeat_another_and_reports_other_repeats(
     assert any(m.startswith(reported) for m in messages) if reported else not messages, messages
 
 
-def test_the_til_schema_compiles_in_a_few_milliseconds() -> None:
+def test_the_til_schema_stays_small() -> None:
     """vLLM validates every structured request on the event loop of the process that calls it, one after
-    another: a schema that takes 20-50 ms (the letter-counting title and keyword patterns did) costs
-    seconds of time to first token at 100 streams. The bound is generous for a loaded 2-core machine;
-    the TIL schema takes ~1.5 ms here."""
+    another, and compiles it again in the engine core: a TIL schema's cost grows with its patterns (the
+    letter-counting title and keyword patterns, ~18 KB, took ~22 ms against ~1.5 ms for these ~3 KB;
+    bench/results/issue13-cpu measures it). Its size is the bound a test can hold without a clock."""
     from llguidance import LLMatcher
 
     from services.generator.json_grammar import llguidance_schema
 
     diff = (Path(__file__).resolve().parents[2] / "examples" / "sample.diff").read_text()
-    grammar = LLMatcher.grammar_from_json_schema(llguidance_schema(til_schema(DATE, diff=diff)))
-    spent = []
-    for _ in range(5):
-        start = time.perf_counter()
-        assert LLMatcher.validate_grammar(grammar) == ""
-        spent.append(time.perf_counter() - start)
-    assert len(json.dumps(til_schema(DATE, diff=diff))) < 8_000
-    assert sorted(spent)[2] < 0.015, spent
+    schema = til_schema(DATE, diff=diff)
+    grammar = LLMatcher.grammar_from_json_schema(llguidance_schema(schema))
+    assert LLMatcher.validate_grammar(grammar) == ""
+    fixed = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k != "content"}}
+    assert len(json.dumps(fixed)) < 1_500, len(json.dumps(fixed))
 
 
 # --- code quoted from the diff ----------------------------------------------------------------------
