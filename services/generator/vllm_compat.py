@@ -199,10 +199,10 @@ async def bitmask_parallelism_report(llm: AsyncLLM) -> dict[str, Any]:
 
 # vLLM validates each structured request's grammar in its input processor (`validate_guidance_grammar`,
 # called from `_validate_structured_output` inside `AsyncLLM.add_request`), on the event loop of the
-# process calling `generate`, one request after another: ~30 ms for a TIL schema. `prepare` has already
-# validated the same schema with the same library on a worker thread (`vllm_inputs.prepared_schema`), so
-# for exactly those schema objects vLLM's second validation is skipped; any other request is validated
-# by vLLM as before. The processor's module has moved between releases; both names are tried.
+# process calling `generate`, one request after another: 2-6 ms for a TIL schema, tens of ms for a
+# large one. `prepare` has already validated the same schema with the same library on a worker thread
+# (`vllm_inputs.prepared_schema`), so for exactly those schema objects vLLM's second validation is
+# skipped; any other request is validated by vLLM as before. The processor's module has moved between releases; both names are tried.
 _PROCESSOR_MODULES = ("vllm.v1.engine.input_processor", "vllm.v1.engine.processor")
 _VALIDATED_LIMIT = 4096
 
