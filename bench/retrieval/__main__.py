@@ -9,15 +9,19 @@ Sets (each a labelled set grown by distractors that are never relevant to its qu
 - ``synthetic``: the generated set of bench/retrieval/dataset.py (264 documents, 140 queries).
 
 Arms: ``edge-hybrid``, ``edge-dense``, ``edge-sparse`` (HybridIndex on an EdgeStore, the service's
-code, with the sparse analyser of --analyser), and ``previous``: the index of commit
-`previous.PREVIOUS` (qdrant-client local mode ranked by an in-memory exact index, hybrid search), run
-from `git archive` of that commit in a subprocess. Every arm indexes the same text (title and body).
+code, with the sparse encoder the service builds from RETRIEVER_* settings, analyser from --analyser),
+and ``previous``: the index of commit `previous.PREVIOUS` (qdrant-client local mode ranked by an
+in-memory exact index, hybrid search), run in a subprocess from `previous.ARCHIVE` (that commit's
+services/common and services/retriever, committed as `git archive` wrote them, so a shallow clone runs
+it too). Every arm indexes the same text (title and body).
 
 Quality: recall@5 and MRR@10 per arm, set, size, query type and split (tune / held-out). Latency:
 wall time of one search, query embedding and query analysis included, gRPC excluded, sequential,
-and the process's CPU time per search. Document dense vectors are real MiniLM embeddings up to 10k
-documents; beyond, the extra distractors get a real embedding plus noise (dense and hybrid *quality*
-at 100k then still counts: the labelled documents and the first 10k have real vectors).
+and the process's CPU time per search. Document dense vectors are the model's embeddings of the
+documents' text (their first --embed-chars characters) for the first --real-embeddings-up-to documents
+(default: all). Beyond that bound, a document's dense vector is the embedding of another document
+among the first ones (drawn at random), plus Gaussian noise (sigma 0.05) and re-normalised: filler, as
+the report says; its sparse vector is always from its own text.
 """
 
 from __future__ import annotations
@@ -45,17 +49,18 @@ from tqdm import tqdm
 
 from bench.retrieval import realset
 from bench.retrieval.dataset import Doc, LabelledSet, Query, distractors, labelled_set
-from bench.retrieval.previous import PREVIOUS
+from bench.retrieval.previous import ARCHIVE
 from bench.retrieval.report import markdown
+from services.retriever.__main__ import make_sparse_encoder
+from services.retriever.config import RetrieverSettings
 from services.retriever.documents import Document, SearchMode, SearchQuery, StoredPoint, payload_of, point_id
 from services.retriever.edge_store import EdgeStore
 from services.retriever.embedding import SentenceTransformerEncoder
 from services.retriever.index import DENSE_CHARS, HybridIndex
-from services.retriever.lexical import LexicalEncoder, SparseTerms
-from services.retriever.morphemes import KiwiEncoder
+from services.retriever.lexical import SparseTerms
 
 RECALL_AT, MRR_AT = 5, 10
-REAL_EMBEDDINGS_UP_TO = 10_000
+REAL_EMBEDDINGS_UP_TO = 10**9  # every document
 ARMS = ("edge-hybrid", "edge-dense", "edge-sparse", "previous")
 MODE_OF = {"edge-hybrid": SearchMode.HYBRID, "edge-dense": SearchMode.DENSE, "edge-sparse": SearchMode.SPARSE}
 
@@ -146,10 +151,10 @@ class Outcome:
 
 
 async def run_edge(corpus: Corpus, arms: list[str], analyser: Any, model: Any, queries: list[Query], cache: Path,
-                   folder: Path) -> tuple[dict[str, list[Outcome]], dict[str, float]]:  # fmt: skip
+                   folder: Path, sparse_key: str) -> tuple[dict[str, list[Outcome]], dict[str, float]]:  # fmt: skip
     sparse = cached(
         cache,
-        f"sparse-{analyser.name}",
+        f"sparse-{sparse_key}",
         corpus.texts,
         lambda ts: [analyser.encode(t) for t in tqdm(ts, desc=f"{analyser.name}")],
     )
@@ -193,10 +198,7 @@ def run_previous(
     tree = folder / "previous-tree"
     tree.mkdir()
     root = Path(__file__).resolve().parents[2]
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", PREVIOUS, "services"], check=True, capture_output=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    subprocess.run(["tar", "-xzf", str(ARCHIVE), "-C", str(tree)], check=True)
     work = folder / "previous-work"
     work.mkdir()
     with (work / "documents.jsonl").open("w") as f:
@@ -251,7 +253,9 @@ def latency(outcomes: list[Outcome]) -> dict[str, float]:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     model = SentenceTransformerEncoder(batch_size=64, threads=args.threads)
     model.load()
-    analyser = KiwiEncoder() if args.analyser == "kiwi" else LexicalEncoder()
+    settings = RetrieverSettings(sparse_analyser=args.analyser)
+    analyser = make_sparse_encoder(settings)
+    sparse_key = f"{analyser.name}-k1={settings.bm25_k1}-b={settings.bm25_b}-avg={settings.bm25_avg_terms}"
     rows: list[dict[str, Any]] = []
     for set_name in args.sets:
         for size in sorted(args.sizes):
@@ -272,7 +276,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 edge_arms = [a for a in args.arms if a != "previous"]
                 if edge_arms:
                     outs, timings = await run_edge(
-                        corpus, edge_arms, analyser, model, queries, args.cache_dir, Path(tmp)
+                        corpus, edge_arms, analyser, model, queries, args.cache_dir, Path(tmp), sparse_key
                     )
                     results.update({arm: (outs[arm], timings) for arm in edge_arms})
                 if "previous" in args.arms:
@@ -294,6 +298,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "dense_documents": {
             "embedded_by_the_model": args.real_embeddings_up_to,
             "characters_read": args.embed_chars,
+            "largest_collection": max((r["documents"] for r in rows), default=0),
         },
         "machine": {
             "platform": platform.platform(),
@@ -302,7 +307,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "qdrant_edge_py": importlib.metadata.version("qdrant-edge-py"),
             "kiwipiepy": importlib.metadata.version("kiwipiepy"),
             "model": model.name,
-            "analyser": analyser.name,
+            "analyser": sparse_key,
             "torch_threads": args.threads,
         },
     }
@@ -320,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the service's default)")
     parser.add_argument(
         "--real-embeddings-up-to", type=int, default=REAL_EMBEDDINGS_UP_TO,
-        help="documents embedded by the model; the rest get a real embedding plus noise",
+        help="documents embedded by the model (default all); the rest get another's embedding plus noise",
     )  # fmt: skip
     parser.add_argument(
         "--embed-chars", type=int, default=DENSE_CHARS,

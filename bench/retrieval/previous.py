@@ -2,8 +2,10 @@
 ExactIndex, particle-stripping n-gram terms weighted by raw frequency) on a corpus written by
 `bench.retrieval`, for the "previous" rows of the benchmark.
 
-This file is run as a script with PYTHONPATH pointing at `git archive PREVIOUS services` (so `services`
-is the old code) and imports nothing from the current tree:
+This file is run as a script with PYTHONPATH pointing at the unpacked `ARCHIVE` (so `services` is the
+old code) and imports nothing from the current tree. `ARCHIVE` is that commit's code as git wrote it
+(`git archive --format=tar.gz -9 -o bench/retrieval/data/previous-index-dfa97de.tar.gz dfa97de
+services/__init__.py services/common services/retriever`), committed so that a shallow clone runs it:
 
     python bench/retrieval/previous.py WORKDIR   # reads WORKDIR/job.json, writes WORKDIR/result.json
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 PREVIOUS = "dfa97de"
+ARCHIVE = Path(__file__).parent / "data" / f"previous-index-{PREVIOUS}.tar.gz"
 
 
 async def main(workdir: Path) -> None:

@@ -12,7 +12,7 @@ from services.retriever.documents import VectorStore
 from services.retriever.edge_store import EdgeStore
 from services.retriever.embedding import SentenceTransformerEncoder
 from services.retriever.index import HybridIndex, SparseEncoder
-from services.retriever.lexical import LexicalEncoder
+from services.retriever.lexical import Bm25, LexicalEncoder
 from services.retriever.morphemes import KiwiEncoder
 from services.retriever.server_store import ServerStore
 from services.retriever.servicer import INDEX_DISK_BYTES, RequestLimits, RetrieverServicer, retriever_service
@@ -34,7 +34,10 @@ def make_store(settings: RetrieverSettings) -> VectorStore:
 
 
 def make_sparse_encoder(settings: RetrieverSettings) -> SparseEncoder:
-    return KiwiEncoder() if settings.sparse_analyser == "kiwi" else LexicalEncoder()
+    bm25 = Bm25(settings.bm25_k1, settings.bm25_b, settings.bm25_avg_terms)
+    if settings.sparse_analyser == "kiwi":
+        return KiwiEncoder(words=settings.sparse_words, bm25=bm25)
+    return LexicalEncoder(bm25=bm25)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
+from services.retriever.lexical import BM25_AVG_TERMS, BM25_B, BM25_K1
 
 
 class RetrieverSettings(ServerSettings):
@@ -43,6 +44,26 @@ class RetrieverSettings(ServerSettings):
         "kiwi",
         description="Korean terms of the sparse vectors: `kiwi` (morphemes from the Kiwi analyser) or "
         "`lexical` (particle stripping and syllable n-grams). Changing it needs a re-index.",
+    )
+    sparse_words: bool = Field(
+        True,
+        description="With `kiwi`: each Hangul word as written is a term too, beside its morphemes. "
+        "Changing it needs a re-index.",
+    )
+    bm25_k1: float = Field(
+        BM25_K1, gt=0, le=10, description="BM25 term-frequency saturation (k1). Changing it needs a re-index."
+    )
+    bm25_b: float = Field(
+        BM25_B,
+        ge=0,
+        le=1,
+        description="BM25 length normalisation (b): 0 ignores a text's length, 1 divides by it fully. "
+        "Changing it needs a re-index.",
+    )
+    bm25_avg_terms: float = Field(
+        BM25_AVG_TERMS,
+        gt=0,
+        description="The text length, in terms, that BM25 treats as average. Changing it needs a re-index.",
     )
 
     embedding_model: str = Field(

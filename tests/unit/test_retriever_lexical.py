@@ -13,14 +13,16 @@ from services.retriever.lexical import (
     BM25_AVG_TERMS,
     BM25_B,
     BM25_K1,
+    Bm25,
     LexicalEncoder,
+    SparseTerms,
     code_terms,
     iter_terms,
     ngram_terms,
     strip_particle,
     term_id,
 )
-from services.retriever.morphemes import KiwiEncoder
+from services.retriever.morphemes import WORD_PREFIX, KiwiEncoder
 
 
 def terms(text: str) -> set[str]:
@@ -199,3 +201,50 @@ def test_kiwi_vectors_are_bm25_weighted_and_stable(kiwi: KiwiEncoder) -> None:
     weights = dict(zip(a.indices, a.values, strict=True))
     assert weights[term_id("캐시")] > weights[term_id("무효")] if term_id("무효") in weights else True
     assert len(kiwi.encode("!!! ...")) == 0
+
+
+def test_bm25_parameters_are_checked_and_b_sets_how_much_length_counts() -> None:
+    for bad in ({"k1": 0.0}, {"b": 1.5}, {"b": -0.1}, {"avg_terms": 0.0}):
+        with pytest.raises(ValueError, match="BM25 needs"):
+            Bm25(**bad)
+    short, long = ["격리"], ["격리", *(f"w{i}" for i in range(500))]
+
+    def weight(bm25: Bm25, terms: list[str]) -> float:
+        v = bm25.terms(terms)
+        return dict(zip(v.indices, v.values, strict=True))[term_id("격리")]
+
+    assert weight(Bm25(b=0.0), short) == pytest.approx(weight(Bm25(b=0.0), long))
+    assert weight(Bm25(b=1.0), short) / weight(Bm25(b=1.0), long) > weight(Bm25(b=0.3), short) / weight(
+        Bm25(b=0.3), long
+    )
+    assert LexicalEncoder(bm25=Bm25(b=0.0)).encode("격리 " * 3 + "x1 " * 300) != LexicalEncoder().encode(
+        "격리 " * 3 + "x1 " * 300
+    )
+
+
+def overlap(a: SparseTerms, b: SparseTerms) -> float:
+    weights = dict(zip(b.indices, b.values, strict=True))
+    return sum(v * weights.get(i, 0.0) for i, v in zip(a.indices, a.values, strict=True))
+
+
+def test_kiwi_words_are_terms_of_their_own_beside_the_morphemes(kiwi: KiwiEncoder) -> None:
+    got = list(kiwi.iter_terms("트랜잭션에서 격리 수준을 정한다. 수 있다"))
+    assert {WORD_PREFIX + "트랜잭션에서", WORD_PREFIX + "수준을", WORD_PREFIX + "격리"} <= set(got)
+    assert {"트랜잭션", "격리", "수준"} <= set(got)
+    assert WORD_PREFIX + "수" not in got  # one syllable says nothing on its own
+    plain = KiwiEncoder(words=False)
+    assert not [t for t in plain.iter_terms("트랜잭션에서 격리 수준을") if t.startswith(WORD_PREFIX)]
+    assert (kiwi.name, plain.name) == ("kiwi-morphemes+words", "kiwi-morphemes")
+
+
+def test_with_words_the_text_that_uses_the_asked_form_ranks_first(kiwi: KiwiEncoder) -> None:
+    query = "트랜잭션에서 수준을"
+    same_form, other_form = "트랜잭션에서 격리 수준을 정한다", "트랜잭션의 격리와 수준이 정해진다"
+    plain = KiwiEncoder(words=False)
+    # Morphemes alone cannot tell the two apart; whole words can.
+    assert overlap(plain.encode(query), plain.encode(same_form)) == pytest.approx(
+        overlap(plain.encode(query), plain.encode(other_form)), rel=0.05
+    )
+    assert overlap(kiwi.encode(query), kiwi.encode(same_form)) > 1.5 * overlap(
+        kiwi.encode(query), kiwi.encode(other_form)
+    )

@@ -15,8 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 from til.v1 import retriever_pb2, retriever_pb2_grpc
 
+from services.retriever.__main__ import make_sparse_encoder
 from services.retriever.config import RetrieverSettings
 from services.retriever.embedding import packaged_model_path
+from services.retriever.lexical import term_id
 
 FREE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVER_")}
 
@@ -33,6 +35,24 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.embedding_threads, s.embedding_multilingual) == (1, False)
     assert (s.default_top_k, s.max_top_k) == (5, 100)
     assert (s.sparse_analyser, s.edge_search_threads) == ("kiwi", 0)
+    assert (s.sparse_words, s.bm25_k1, s.bm25_b, s.bm25_avg_terms) == (True, 1.2, 0.3, 256.0)
+
+
+def test_the_sparse_encoder_follows_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRIEVER_SPARSE_WORDS", "false")
+    monkeypatch.setenv("RETRIEVER_BM25_B", "0")
+    encoder = make_sparse_encoder(RetrieverSettings())
+    assert encoder.name == "kiwi-morphemes"
+    # b = 0: a term's weight does not depend on the text's length.
+    short, long = encoder.encode("캐시"), encoder.encode("캐시 " + "x1 " * 400)
+    assert dict(zip(long.indices, long.values, strict=True))[term_id("캐시")] == pytest.approx(
+        short.values[0]
+    )
+    monkeypatch.setenv("RETRIEVER_SPARSE_ANALYSER", "lexical")
+    assert make_sparse_encoder(RetrieverSettings()).name == "lexical-v2"
+    monkeypatch.setenv("RETRIEVER_BM25_B", "2")
+    with pytest.raises(ValidationError, match="bm25_b"):
+        RetrieverSettings()
 
 
 def test_settings_come_from_retriever_variables(monkeypatch: pytest.MonkeyPatch) -> None:
