@@ -27,7 +27,7 @@
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN.
 set -u
-step=${1:?usage: gpu_til.sh stage1|stage2|up|measure|down}
+step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|down}
 out=${OUT:-/tmp/til-out}
 mkdir -p "$out"
 TREE=/tmp/til-tree  # the tree as `up` found it: the stack and the benchmark run the same code
@@ -53,6 +53,16 @@ GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
   GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
   GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0)
+# How our engines fill grammar masks (tilserve's vLLM plugin): BITMASK_WORKERS threads (unset: vLLM's 8),
+# BITMASK_BATCH requests per task (unset: 16), BITMASK_FILL threads|llguidance. The generator (`up`) and
+# the in-process engine (`measure`) get the same; `ab` compares variants on A_til alone.
+BITMASK_ARGS=()
+[ -n "${BITMASK_WORKERS:-}" ] && { GENERATOR_ENV+=(GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS=$BITMASK_WORKERS)
+  BITMASK_ARGS+=(--bitmask-parallel-workers "$BITMASK_WORKERS"); }
+[ -n "${BITMASK_BATCH:-}" ] && { GENERATOR_ENV+=(GENERATOR_STRUCTURED_OUTPUT_PARALLEL_BATCH_SIZE=$BITMASK_BATCH)
+  BITMASK_ARGS+=(--bitmask-parallel-batch-size "$BITMASK_BATCH"); }
+# (the plugin's variable, exported: every process started here inherits it, the generator's engine core too)
+[ -n "${BITMASK_FILL:-}" ] && export TILSERVE_VLLM_BITMASK_FILL=$BITMASK_FILL
 # Stock vLLM's server with the same engine settings and structured-output backend as our generator.
 SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$DUMMY" --served-model-name $MODEL_ID
   --load-format dummy --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization "$MEM" --max-num-seqs 256
@@ -128,18 +138,33 @@ up)
 measure)
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
-  cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0
+  cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0 "${BITMASK_ARGS[@]}"
     --concurrency "$CONC" --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256
     --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}" --client-procs "${CLIENT_PROCS:-6}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
-  { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]}"
+  { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]} TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-}"
     echo "vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=): $(printf '%q ' "${SERVE[@]}")"; } >>"$out/command.txt"
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
   echo "bench.serving exit $?"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error|error' "$out/serving.log" | cut -c1-260
   logs_to_out 30
+  ;;
+ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:batch:fill ..." (before `up`)
+  cd $TREE || exit 1
+  for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
+  for v in ${AB:-threads8x16:8:16:threads threads14x4:14:4:threads llguidance14:14:1024:llguidance}; do
+    IFS=: read -r name workers batch fill <<<"$v"
+    mkdir -p "$out/ab-$name"
+    TILSERVE_VLLM_BITMASK_FILL=$fill PYTHONPATH=$OURS timeout "${AB_TIMEOUT:-200}" python3 -m bench.serving \
+      --arms "${AB_ARMS:-engine-til}" "${ENGINE[@]}" --bitmask-parallel-threshold 0 --bitmask-parallel-workers "$workers" \
+      --bitmask-parallel-batch-size "$batch" --concurrency "${AB_CONC:-100}" --input-len "$INPUT_LEN" \
+      --til-input-len "$INPUT_LEN" --output-len 256 --rounds "${ROUNDS:-2}" --min-requests 8 \
+      --label "A_til, masks: $v" --out "$out/ab-$name" >"$out/ab-$name/serving.log" 2>&1
+    echo "$v: exit $?"
+    grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|Error' "$out/ab-$name/serving.log" | cut -c1-260
+  done
   ;;
 down)  # the daemons `up` started, by the process groups it recorded
   for f in $RUN/serve.pid $RUN/stack.pid; do [ -f "$f" ] && kill -TERM -- "-$(cat "$f")"; done
