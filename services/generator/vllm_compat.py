@@ -197,13 +197,19 @@ async def bitmask_parallelism_report(llm: AsyncLLM) -> dict[str, Any]:
     return dict(report) if isinstance(report, dict) else {"applied": False, "reason": f"report {report!r}"}
 
 
-# vLLM validates each structured request's grammar in its input processor (`validate_guidance_grammar`,
-# called from `_validate_structured_output` inside `AsyncLLM.add_request`), on the event loop of the
-# process calling `generate`, one request after another: 2-6 ms for a TIL schema, tens of ms for a
-# large one. `prepare` has already validated the same schema with the same library on a worker thread
+# vLLM validates each structured request's grammar (`validate_guidance_grammar`) inside
+# `AsyncLLM.add_request`, on the event loop of the process calling `generate`, one request after another:
+# 2-6 ms for a TIL schema (with the tokenizer), tens of ms for a large one, so a burst of 100 waits for
+# them in turn. `prepare` has already validated the same schema with the same library on a worker thread
 # (`vllm_inputs.prepared_schema`), so for exactly those schema objects vLLM's second validation is
-# skipped; any other request is validated by vLLM as before. The processor's module has moved between releases; both names are tried.
-_PROCESSOR_MODULES = ("vllm.v1.engine.input_processor", "vllm.v1.engine.processor")
+# skipped; any other request is validated by vLLM as before. The caller has moved between releases: 0.25's
+# `SamplingParams._validate_structured_outputs` imports the function from its backend module at each call
+# (so the module's attribute is what it runs); earlier input processors held it as a module global.
+_PROCESSOR_MODULES = (
+    "vllm.v1.structured_output.backend_guidance",
+    "vllm.v1.engine.input_processor",
+    "vllm.v1.engine.processor",
+)
 _VALIDATED_LIMIT = 4096
 
 

@@ -65,6 +65,26 @@ def test_only_the_schema_objects_prepare_validated_skip_vllms_validation(process
     assert processor.validate_guidance_grammar.__wrapped__.__module__ == processor.__name__
 
 
+def test_a_caller_that_imports_the_function_at_each_call_skips_too(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM 0.25.1: `SamplingParams._validate_structured_outputs` runs `from
+    vllm.v1.structured_output.backend_guidance import validate_guidance_grammar` inside the method."""
+    caller = types.ModuleType("fake_vllm_sampling_params")
+    exec(
+        f"def _validate_structured_outputs(params):\n"
+        f"    from {processor.__name__} import validate_guidance_grammar\n"
+        f"    validate_guidance_grammar(params, tokenizer=None)\n",
+        caller.__dict__,
+    )
+    assert skip_revalidation((processor.__name__,)).startswith("once")
+    ours = {"type": "object"}
+    VALIDATED.add(ours)
+    caller._validate_structured_outputs(params(ours))
+    caller._validate_structured_outputs(params({"type": "object"}))
+    assert processor.calls == [{"type": "object"}]
+
+
 def test_without_vllms_function_nothing_is_skipped() -> None:
     assert skip_revalidation(("not.a.module",)).startswith("twice")
 
