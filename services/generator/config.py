@@ -95,18 +95,29 @@ class GeneratorSettings(ServerSettings):
     seed: int | None = Field(0, ge=0)
     load_format: str = Field("auto")
     trust_remote_code: bool = Field(False)
-    # Structured-output bitmasks filled on several threads (services/generator/vllm_plugin.py).
-    # Unset: vLLM's own choice (parallel only above 128 structured requests in a step).
+    # Structured-output bitmasks (services/generator/vllm_plugin.py). Unset: vLLM's own way (one thread
+    # below 129 structured requests). THRESHOLD=0 with FILL=llguidance (every step's masks in one call to
+    # llguidance's pool) gave 7,469 output tok/s at 100 TIL streams on one H200 where vLLM's 8-thread pool
+    # gave 4,916 (bench/results/issue13-h200-final); the gpu overlay sets both.
     structured_output_parallel_threshold: int | None = Field(
         None,
         ge=0,
         description="vllm: fill grammar masks in parallel above this many structured requests (0: always).",
     )
     structured_output_parallel_workers: int | None = Field(
-        None, ge=1, description="vllm: threads that fill grammar masks. Unset: half the CPUs, at most 8."
+        None,
+        ge=1,
+        description="vllm: threads that fill grammar masks. Unset: all CPUs but two with the llguidance fill, "
+        "else half the CPUs, at most 8.",
     )
     structured_output_parallel_batch_size: int | None = Field(
-        None, ge=1, description="vllm: structured requests per mask-filling task. Unset: 16."
+        None,
+        ge=1,
+        description="vllm: structured requests per mask-filling task. Unset: 16 (llguidance: all).",
+    )
+    structured_output_fill: Literal["threads", "llguidance"] | None = Field(
+        None,
+        description="vllm: who fills a task's masks: llguidance's Rust pool in one call, or vLLM's Python loop.",
     )
 
     @model_validator(mode="before")

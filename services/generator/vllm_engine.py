@@ -120,6 +120,8 @@ class VllmSettings(Protocol):
     def structured_output_parallel_workers(self) -> int | None: ...
     @property
     def structured_output_parallel_batch_size(self) -> int | None: ...
+    @property
+    def structured_output_fill(self) -> str | None: ...
 
 
 def engine_args(settings: VllmSettings) -> dict[str, Any]:
@@ -153,17 +155,19 @@ def bitmask_parallelism(settings: VllmSettings, env: Mapping[str, str]) -> Bitma
     """How the engine core should fill structured-output bitmasks (our vLLM plugin applies it).
 
     The settings when they ask for anything; otherwise the plugin's own variables in `env`, so that
-    a process driving the engine directly (a benchmark) can turn it on as a `vllm serve` would. How
-    the masks are filled (`TILSERVE_VLLM_BITMASK_FILL`) always comes from `env`.
+    a process driving the engine directly (a benchmark) can turn it on as a `vllm serve` would. A fill
+    the settings leave unset comes from `TILSERVE_VLLM_BITMASK_FILL`.
     """
     asked = BitmaskParallelism(
         threshold=settings.structured_output_parallel_threshold,
         workers=settings.structured_output_parallel_workers,
         batch_size=settings.structured_output_parallel_batch_size,
+        fill=settings.structured_output_fill,
     )
     from_env = BitmaskParallelism.from_environment(env)
-    # The fill has no generator setting: TILSERVE_VLLM_BITMASK_FILL counts beside the settings.
-    return replace(asked, fill=from_env.fill) if asked.requested else from_env
+    if not asked.requested:
+        return from_env
+    return asked if asked.fill is not None else replace(asked, fill=from_env.fill)
 
 
 def asked_settings(settings: VllmSettings) -> dict[str, str]:

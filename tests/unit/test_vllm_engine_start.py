@@ -214,15 +214,22 @@ def test_generator_settings_name_the_parallelism(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setenv("GENERATOR_BACKEND", "vllm")
     monkeypatch.setenv("GENERATOR_MODEL", "/models/m")
+    assert bitmask_parallelism(GeneratorSettings(), {}) == BitmaskParallelism()  # vLLM as it is
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD", "0")
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "12")
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_FILL", "threads")
     settings = GeneratorSettings()
-    assert bitmask_parallelism(settings, {}) == BitmaskParallelism(threshold=0, workers=12)
-    # The fill has no setting: the plugin's variable counts beside the settings, and alone.
+    assert bitmask_parallelism(settings, {}) == BitmaskParallelism(threshold=0, workers=12, fill="threads")
+    # A fill the settings leave unset comes from the plugin's variable.
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_FILL", "")
     fill = {"TILSERVE_VLLM_BITMASK_FILL": "llguidance"}
-    assert bitmask_parallelism(settings, fill) == BitmaskParallelism(
+    assert bitmask_parallelism(GeneratorSettings(), fill) == BitmaskParallelism(
         threshold=0, workers=12, fill="llguidance"
     )
+    monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_FILL", "rust")
+    with pytest.raises(ValidationError, match="structured_output_fill"):
+        GeneratorSettings()
+    monkeypatch.delenv("GENERATOR_STRUCTURED_OUTPUT_FILL")
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "0")
     with pytest.raises(ValidationError, match="structured_output_parallel_workers"):
         GeneratorSettings()

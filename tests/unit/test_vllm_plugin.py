@@ -190,6 +190,20 @@ class Grammar:
         llguidance.torch.fill_next_token_bitmask(self.ll_matcher, bitmask, index)
 
 
+def test_the_llguidance_fill_takes_all_cpus_but_two_unless_told(
+    vllm_classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vllm_plugin.os, "cpu_count", lambda: 16)
+    manager_cls, core_cls = vllm_classes
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0, fill="llguidance"))
+    assert getattr(core_cls(config(max_num_seqs=256)), REPORT_METHOD)()["workers"] == 14
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0))
+    assert getattr(core_cls(config(max_num_seqs=256)), REPORT_METHOD)()["workers"] == 8  # vLLM's own
+    monkeypatch.setattr(vllm_plugin.os, "cpu_count", lambda: 2)
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0, fill="llguidance"))
+    assert getattr(core_cls(config(max_num_seqs=256)), REPORT_METHOD)()["workers"] == 1
+
+
 def test_the_llguidance_fill_writes_what_vllms_own_fill_writes(vllm_classes: tuple[type, type]) -> None:
     """One LLExecutor call for the batch: each open grammar's mask, all ones where vLLM writes them,
     and grammars of another backend through vLLM's own `_fill_bitmasks`."""
