@@ -151,7 +151,8 @@ class Outcome:
 
 
 async def run_edge(corpus: Corpus, arms: list[str], analyser: Any, model: Any, queries: list[Query], cache: Path,
-                   folder: Path, sparse_key: str) -> tuple[dict[str, list[Outcome]], dict[str, float]]:  # fmt: skip
+                   folder: Path, sparse_key: str, settings: RetrieverSettings,
+                   ) -> tuple[dict[str, list[Outcome]], dict[str, float]]:  # fmt: skip
     sparse = cached(
         cache,
         f"sparse-{sparse_key}",
@@ -163,6 +164,8 @@ async def run_edge(corpus: Corpus, arms: list[str], analyser: Any, model: Any, q
         store,
         Precomputed(model, dict(zip(corpus.texts, corpus.dense, strict=True))),
         Precomputed(analyser, {}),
+        multilingual_embeddings=settings.embedding_multilingual,
+        english_only_weight=settings.embedding_english_only_weight,
     )
     await index.start()
     timings: dict[str, float] = {}
@@ -276,7 +279,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 edge_arms = [a for a in args.arms if a != "previous"]
                 if edge_arms:
                     outs, timings = await run_edge(
-                        corpus, edge_arms, analyser, model, queries, args.cache_dir, Path(tmp), sparse_key
+                        corpus,
+                        edge_arms,
+                        analyser,
+                        model,
+                        queries,
+                        args.cache_dir,
+                        Path(tmp),
+                        sparse_key,
+                        settings,
                     )
                     results.update({arm: (outs[arm], timings) for arm in edge_arms})
                 if "previous" in args.arms:

@@ -54,6 +54,7 @@ def main() -> None:
         ),
         make_sparse_encoder(settings),
         multilingual_embeddings=settings.embedding_multilingual,
+        english_only_weight=settings.embedding_english_only_weight,
         mmr_candidates=settings.mmr_candidates,
     )
     servicer = RetrieverServicer(

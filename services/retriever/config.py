@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServerSettings
+from services.retriever.fusion import ENGLISH_ONLY_WEIGHT
 from services.retriever.lexical import BM25_AVG_TERMS, BM25_B, BM25_K1
 
 
@@ -84,6 +85,15 @@ class RetrieverSettings(ServerSettings):
         False,
         description="The embedding model reads Korean. False (the packaged English-only model): in hybrid "
         "search the dense ranking counts only as much as the query is written in Latin script.",
+    )
+
+    embedding_english_only_weight: float = Field(
+        ENGLISH_ONLY_WEIGHT,
+        ge=0,
+        le=1,
+        description="How much the dense ranking of an English-only model counts in hybrid search next to the "
+        "sparse one's 1, for a query all in Latin script (less as the query has other scripts; 0: never). "
+        "Unused with RETRIEVER_EMBEDDING_MULTILINGUAL.",
     )
 
     default_top_k: int = Field(5, ge=1, description="Hits returned when a search leaves top_k at 0.")

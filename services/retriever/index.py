@@ -31,7 +31,7 @@ from services.retriever.documents import (
     point_id,
 )
 from services.retriever.embedding import DenseEncoder
-from services.retriever.fusion import dense_weight, readable_text
+from services.retriever.fusion import ENGLISH_ONLY_WEIGHT, dense_weight, readable_text
 from services.retriever.lexical import SparseTerms
 from services.retriever.mmr import mmr_order
 
@@ -65,6 +65,7 @@ class HybridIndex:
         sparse: SparseEncoder,
         *,
         multilingual_embeddings: bool = False,
+        english_only_weight: float = ENGLISH_ONLY_WEIGHT,
         upsert_batch: int = 64,
         mmr_candidates: int = 4,
         # Candidates each channel hands to the fusion, per hit asked for (at least `min_prefetch`).
@@ -72,11 +73,12 @@ class HybridIndex:
         min_prefetch: int = 20,
     ) -> None:
         """`multilingual_embeddings`: the dense model reads Korean, so its ranking always counts fully
-        (`fusion.dense_weight`)."""
+        (`fusion.dense_weight`); otherwise it counts at most `english_only_weight`."""
         self.store = store
         self._dense = dense
         self._sparse = sparse
         self._multilingual = multilingual_embeddings
+        self._english_only_weight = english_only_weight
         self._upsert_batch = upsert_batch
         self._mmr_candidates = mmr_candidates
         self._prefetch_factor = prefetch_factor
@@ -156,7 +158,9 @@ class HybridIndex:
         limit = query.top_k * self._mmr_candidates if rerank else query.top_k
         weight = 1.0
         if query.mode is SearchMode.HYBRID:
-            weight = dense_weight(query.text, multilingual=self._multilingual)
+            weight = dense_weight(
+                query.text, multilingual=self._multilingual, english_only_weight=self._english_only_weight
+            )
         terms = self._query_terms(query)
         if query.mode is SearchMode.SPARSE and not terms:
             return None

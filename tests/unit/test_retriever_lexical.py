@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.retriever.fusion import ENGLISH_ONLY_WEIGHT, dense_weight
 from services.retriever.lexical import (
     BM25_AVG_TERMS,
     BM25_B,
@@ -248,3 +249,11 @@ def test_with_words_the_text_that_uses_the_asked_form_ranks_first(kiwi: KiwiEnco
     assert overlap(kiwi.encode(query), kiwi.encode(same_form)) > 1.5 * overlap(
         kiwi.encode(query), kiwi.encode(other_form)
     )
+
+
+def test_an_english_only_model_counts_by_the_query_s_latin_share_times_its_weight() -> None:
+    assert dense_weight("connection pool size", multilingual=False) == pytest.approx(ENGLISH_ONLY_WEIGHT)
+    assert dense_weight("커넥션 풀 pool_size", multilingual=False) == pytest.approx(ENGLISH_ONLY_WEIGHT / 3)
+    assert dense_weight("커넥션 풀", multilingual=False) == 0.0
+    assert dense_weight("pool size", multilingual=False, english_only_weight=1.0) == 1.0
+    assert dense_weight("커넥션 풀", multilingual=True) == 1.0

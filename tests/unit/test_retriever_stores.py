@@ -11,18 +11,24 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from qdrant_client import AsyncQdrantClient
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from bench.retrieval import realset
 from services.common.errors import FailedPrecondition, Unavailable
 from services.retriever.documents import (
+    Document,
+    Hit,
     Plan,
     SearchFilter,
+    SearchMode,
+    SearchQuery,
     StoredHit,
     StoredPoint,
     document_id,
@@ -30,7 +36,9 @@ from services.retriever.documents import (
     point_id,
 )
 from services.retriever.edge_store import EdgeStore
+from services.retriever.index import HybridIndex
 from services.retriever.lexical import SparseTerms
+from services.retriever.morphemes import KiwiEncoder
 from services.retriever.server_store import ServerStore, qdrant_errors
 
 DIMENSIONS = 16
@@ -252,3 +260,62 @@ async def test_the_shard_is_optimised_in_the_background_after_many_writes(tmp_pa
     plan = Plan(3, 20, SearchFilter(owner="alice"), False, stored[0].dense, 1.0, None, None, False)
     assert len(await store.query(plan)) == 3
     await store.close()
+
+
+def as_stored(hits: list[Hit]) -> list[StoredHit]:
+    return [StoredHit({"doc_id": h.document.id}, round(h.score, 2)) for h in hits]
+
+
+class HashedEmbeddings:
+    """A stand-in dense model (the test is about the stores): a unit vector seeded by the text."""
+
+    name = "hashed"
+
+    def load(self) -> int:
+        return DIMENSIONS
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.array([unit(random.Random(document_id("t", t))) for t in texts], dtype=np.float32)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RETRIEVER_TEST_QDRANT_URL"),
+    reason="no Qdrant server: set RETRIEVER_TEST_QDRANT_URL=http://host:6333 (':memory:' runs qdrant-client's "
+    "in-memory Query API); no Qdrant server binary installs from PyPI, Debian or npm",
+)
+async def test_a_qdrant_server_and_an_edge_shard_rank_real_korean_notes_alike(tmp_path: Path) -> None:
+    url = os.environ["RETRIEVER_TEST_QDRANT_URL"]
+    collection = f"korean_{uuid.uuid4().hex[:8]}"
+    server = (
+        ServerStore(url, collection, client=AsyncQdrantClient(location=":memory:"))
+        if url == ":memory:"
+        else ServerStore(url, collection)
+    )
+    labelled = realset.load()
+    notes = labelled.documents[:80]
+    chosen = {d.id for d in notes}
+    queries = [q for q in labelled.queries if q.relevant[0] in chosen][:30]
+    assert len(queries) >= 10
+    sparse = KiwiEncoder()
+    indexes = [
+        HybridIndex(store, HashedEmbeddings(), sparse)
+        for store in (EdgeStore(tmp_path / "shard", maintain_every=10**9), server)
+    ]
+    try:
+        for index in indexes:
+            await index.start()
+            await index.upsert([Document(d.id, "doc", d.text, title=d.identifier) for d in notes])
+        assert await indexes[0].count() == await indexes[1].count() == len(notes)
+        found = 0
+        for q in queries:
+            for mode in SearchMode:
+                query = SearchQuery(q.text, 5, mode)
+                edge_hits, server_hits = [await index.search(query) for index in indexes]
+                assert ranked(as_stored(edge_hits)) == ranked(as_stored(server_hits)), (q.text, mode)
+                found += mode is SearchMode.HYBRID and q.relevant[0] in {h.document.id for h in edge_hits}
+        assert found >= len(queries) * 0.8  # the stores agree on hits that are right, not merely alike
+    finally:
+        if url != ":memory:":
+            await server._client.delete_collection(collection)
+        for index in indexes:
+            await index.close()
