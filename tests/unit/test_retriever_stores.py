@@ -77,10 +77,16 @@ def points(seed: int = 3, count: int = 300) -> list[StoredPoint]:
     return out
 
 
+def server_url() -> str:
+    """The Qdrant server to test against; empty (or ':memory:') for qdrant-client's in-memory Query API."""
+    url = os.environ.get("RETRIEVER_TEST_QDRANT_URL", "")
+    return "" if url == ":memory:" else url
+
+
 @pytest.fixture(scope="module")
 async def stores(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EdgeStore, ServerStore]]:
     edge = EdgeStore(tmp_path_factory.mktemp("edge") / "shard")
-    url = os.environ.get("RETRIEVER_TEST_QDRANT_URL", "")
+    url = server_url()
     collection = f"compare_{uuid.uuid4().hex[:8]}"
     server = (
         ServerStore(url, collection)
