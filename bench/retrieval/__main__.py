@@ -253,6 +253,16 @@ def latency(outcomes: list[Outcome]) -> dict[str, float]:
             "mean_ms": round(float(ms.mean()), 2), "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 2)}  # fmt: skip
 
 
+def spread_subset(queries: list[Any], n: int) -> list[Any]:
+    """About `n` queries spread evenly over each split (tune, held-out) in turn, so that both splits and
+    every query type are in it (a plain stride over queries whose splits alternate took one split only)."""
+    splits: dict[str, list[Any]] = {}
+    for q in queries:
+        splits.setdefault(q.split, []).append(q)
+    per = max(1, n // len(splits))
+    return [q for qs in splits.values() for q in qs[:: max(1, len(qs) // per)][:per]]
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     model = SentenceTransformerEncoder(batch_size=64, threads=args.threads)
     model.load()
@@ -271,8 +281,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 embed_chars=args.embed_chars,
             )
             queries = corpus.labelled.queries
-            if size > 10_000 and len(queries) > args.queries_at_100k:  # both splits, every type
-                queries = queries[:: len(queries) // args.queries_at_100k][: args.queries_at_100k]
+            if size > 10_000 and len(queries) > args.queries_at_100k:
+                queries = spread_subset(queries, args.queries_at_100k)
             with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
                 load = os.getloadavg()
                 results: dict[str, tuple[list[Outcome], dict[str, float]]] = {}

@@ -325,3 +325,19 @@ async def test_a_qdrant_server_and_an_edge_shard_rank_real_korean_notes_alike(tm
             await server._client.delete_collection(collection)
         for index in indexes:
             await index.close()
+
+
+def test_the_benchmarks_query_subset_keeps_both_splits_and_every_type() -> None:
+    from bench.retrieval.__main__ import spread_subset
+    from bench.retrieval.dataset import Query
+
+    types = ("title", "heading", "sentence")
+    queries = [
+        Query(f"q-{n:03d}", types[n // 600], f"q {n}", ["d"], "tune" if n % 2 == 0 else "held-out")
+        for n in range(1800)
+    ]
+    subset = spread_subset(queries, 300)
+    assert len(subset) == 300
+    assert {q.split for q in subset} == {"tune", "held-out"}
+    assert sum(q.split == "held-out" for q in subset) == 150
+    assert {q.type for q in subset if q.split == "held-out"} == set(types)
