@@ -131,6 +131,11 @@ class LlamaCppEngine:
             sampling=Sampling(temperature=0.0),
             json_schema=_WARMUP_SCHEMA,
         )
+        # Prepared here, not by `prepare`: the warm-up's schema is ours, and the first compilation (the
+        # tokenizer's tables) may take longer than GENERATOR_SCHEMA_COMPILE_TIMEOUT_S allows a caller's.
+        tokens = await loop.run_in_executor(self._preparer, self._prompt_tokens, warmup)
+        matcher = await loop.run_in_executor(self._preparer, self._matcher, _WARMUP_SCHEMA)
+        warmup = replace(warmup, prepared=Prepared(prompt_tokens=tuple(tokens), constraint=matcher))
         async for _ in self.generate(warmup):
             pass
 
