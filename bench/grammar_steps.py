@@ -60,8 +60,9 @@ def load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def til_schemas(tokenizer: Any, count: int, prompt_tokens: int, output_len: int) -> list[dict[str, Any]]:
-    """The JSON Schemas the generator hands vLLM for `count` TIL requests, built by the edge's own code."""
+def til_items(tokenizer: Any, count: int, prompt_tokens: int, output_len: int, *, seed: int) -> list[Any]:
+    """The edge's own TIL requests (bench.til_workload's `item.til`) for `count` diffs sized to
+    `prompt_tokens`, built by the edge's code against a stand-in generator."""
     from til.v1 import generator_pb2
 
     from bench.prompts import PromptFactory
@@ -71,19 +72,25 @@ def til_schemas(tokenizer: Any, count: int, prompt_tokens: int, output_len: int)
         model="bench", backend="vllm", max_model_len=4096, default_max_tokens=output_len
     )
 
-    async def make() -> list[dict[str, Any]]:
+    async def make() -> list[Any]:
         workload = TilWorkload(
             tokenizer,
-            PromptFactory(tokenizer, seed=2),
+            PromptFactory(tokenizer, seed=seed),
             target_tokens=prompt_tokens,
             output_len=output_len,
             info=info,
             settings=edge_settings(),
         )
         items = [await workload.item(i) for i in range(count)]
-        return [json.loads(item.til.prepared_schema) for item in items if item.til is not None]
+        return [item.til for item in items if item.til is not None]
 
     return asyncio.run(make())
+
+
+def til_schemas(tokenizer: Any, count: int, prompt_tokens: int, output_len: int) -> list[dict[str, Any]]:
+    """The JSON Schemas the generator hands vLLM for `count` TIL requests, built by the edge's own code."""
+    tils = til_items(tokenizer, count, prompt_tokens, output_len, seed=2)
+    return [json.loads(til.prepared_schema) for til in tils]
 
 
 def vllm_grammar(schema: dict[str, Any]) -> str:

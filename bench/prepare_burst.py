@@ -27,40 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
-from bench.grammar_steps import load_tokenizer
+from bench.grammar_steps import load_tokenizer, til_items
 from services.generator.vllm_engine import SCHEMA_THREADS
 
 
 def til_requests(tokenizer: Any, count: int, prompt_tokens: int, output_len: int) -> list[tuple[Any, Any]]:
     """(chat turns, JSON Schema) of `count` TIL requests as the edge sends them."""
-    from til.v1 import generator_pb2
-
-    from bench.prompts import PromptFactory
-    from bench.til_workload import TilWorkload, edge_settings
     from services.generator.engine import ChatTurn
 
-    info = generator_pb2.GetModelInfoResponse(
-        model="bench", backend="vllm", max_model_len=4096, default_max_tokens=output_len
-    )
-
-    async def make() -> list[tuple[Any, Any]]:
-        workload = TilWorkload(
-            tokenizer,
-            PromptFactory(tokenizer, seed=5),
-            target_tokens=prompt_tokens,
-            output_len=output_len,
-            info=info,
-            settings=edge_settings(),
-        )
-        out = []
-        for i in range(count):
-            item = await workload.item(i)
-            assert item.til is not None
-            turns = tuple(ChatTurn(m["role"], m["content"]) for m in item.til.messages())
-            out.append((turns, item.til.schema()))
-        return out
-
-    return asyncio.run(make())
+    tils = til_items(tokenizer, count, prompt_tokens, output_len, seed=5)
+    assert len(tils) == count
+    return [(tuple(ChatTurn(m["role"], m["content"]) for m in til.messages()), til.schema()) for til in tils]
 
 
 async def burst(
