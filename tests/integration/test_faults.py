@@ -594,7 +594,16 @@ async def test_redis_killed_under_load_fails_no_til_and_hits_resume(
         await asyncio.sleep(3)
         killed_at = time.monotonic()
         redis_server.kill()
-        await asyncio.sleep(4)
+        # The workers' four repeating TILs mostly join generations in progress, which make no look-up
+        # of their own; five new TILs one after another each look the dead cache up (or are skipped).
+        await asyncio.sleep(0.3)
+        probes = []
+        for k in range(5):
+            call = edge.GenerateTil(
+                til_request(f"redis-probe-{k}", generation=tokens(8)), metadata=as_("bob"), timeout=30
+            )
+            probes.append(split(await read_all(call))[0].cache_status)
+        await asyncio.sleep(max(0.0, killed_at + 4 - time.monotonic()))
         restarted_at = time.monotonic()
         redis_server.start()
         hits_resumed = await until(
@@ -625,11 +634,13 @@ async def test_redis_killed_under_load_fails_no_til_and_hits_resume(
         of_them_within_10ms=unavailable_lookups("0.01"),
         within_100ms=unavailable_lookups("0.1"),
         breaker_skips=skipped,
+        probes=len(probes),
         hits_resumed_after_s=round(hits_resumed, 2),
     )
     assert failures == []
     assert during and all(status == edge_pb2.CACHE_STATUS_UNAVAILABLE for status, _ in during)
-    assert skipped > 0  # the breaker stopped calling the dead cache
+    assert probes == [edge_pb2.CACHE_STATUS_UNAVAILABLE] * 5
+    assert skipped > 0  # after EDGE_BREAKER_FAILURES (3) the breaker stopped calling the dead cache
     # Every look-up of the dead cache gave up within 100 ms (EDGE_CACHE_TIMEOUT_S), most at once.
     # (Calls that joined an identical generation in progress made no look-up of their own.)
     assert unavailable_lookups() > 0 and unavailable_lookups("0.1") == unavailable_lookups()
