@@ -264,7 +264,7 @@ def spread_subset(queries: list[Any], n: int) -> list[Any]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    model = SentenceTransformerEncoder(batch_size=64, threads=args.threads)
+    model = SentenceTransformerEncoder(batch_size=64, threads=args.threads, backend=args.backend)
     model.load()
     settings = RetrieverSettings(sparse_analyser=args.analyser)
     analyser = make_sparse_encoder(settings)
@@ -330,6 +330,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "model": model.name,
             "analyser": sparse_key,
             "torch_threads": args.threads,
+            "embedding_backend": model.backend,
         },
     }
 
@@ -343,7 +344,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--analyser", default="kiwi", choices=["kiwi", "lexical"])
     parser.add_argument("--queries-at-100k", type=int, default=300, help="queries run above 10k documents")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the service's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads of an embedding forward pass (the service's default)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "onnx", "torch"],
+        default=RetrieverSettings().embedding_backend,
+        help="what runs the embedding model (RETRIEVER_EMBEDDING_BACKEND; the service's default)",
+    )
     parser.add_argument(
         "--real-embeddings-up-to", type=int, default=REAL_EMBEDDINGS_UP_TO,
         help="documents embedded by the model (default all); the rest get another's embedding plus noise",

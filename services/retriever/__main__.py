@@ -52,6 +52,7 @@ def main() -> None:
             device=settings.embedding_device,
             batch_size=settings.embedding_batch,
             threads=settings.embedding_threads,
+            backend=settings.embedding_backend,
         ),
         make_sparse_encoder(settings),
         multilingual_embeddings=settings.embedding_multilingual,

@@ -32,7 +32,7 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.qdrant_url == "" and s.qdrant_path == ".data/qdrant"
     assert s.collection == "til_documents"
     assert (s.embedding_model, s.embedding_device) == ("", "cpu")
-    assert (s.embedding_threads, s.embedding_multilingual) == (1, False)
+    assert (s.embedding_threads, s.embedding_multilingual, s.embedding_backend) == (1, False, "auto")
     assert (s.default_top_k, s.max_top_k) == (5, 100)
     assert (s.sparse_analyser, s.edge_search_threads) == ("kiwi", 0)
     assert (s.sparse_words, s.bm25_k1, s.bm25_b, s.bm25_avg_terms) == (True, 1.2, 0.3, 256.0)
