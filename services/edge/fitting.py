@@ -1,19 +1,26 @@
 """Fitting a prompt into the model's context next to the output budget, with the model's own tokenizer.
 
-One Tokenize call per request counts the whole prompt; only when it does not fit, a second counts the
+A prompt that surely fits costs no call: its tokens are at most the chat format's own (its messages
+with empty contents, counted once per model and list of roles) plus one per UTF-8 byte of the contents
+(a token of a byte-level BPE, or of SentencePiece with byte fallback, covers at least one byte; the
+model's tokenizer must also keep to that on a sample of Korean Markdown, or the bound is never used).
+Otherwise one Tokenize call counts the whole prompt; only when it does not fit, a second counts the
 part of it that may be cut (with the end offset of each token, so a cut lands on a token boundary).
 Once per model, a sample of Korean Markdown is counted too (how densely the tokenizer packs what the
 model writes, to bound free text in the schema). Nothing is estimated from characters: Korean and code
-break every ratio.
+break every ratio; the bound only decides when counting cannot change the answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
+from prometheus_client import Counter
 from til.v1 import generator_pb2
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ServiceError
 from services.edge.call import CallContext
 from services.edge.clients import TilGenerator
 from services.edge.contract import F, J, OutputBudget, OutputContract
@@ -30,6 +37,20 @@ OUTPUT_SAMPLE = (
 # Tokens a cut body may differ by from its count alone, once it sits in the prompt (merges at its edges,
 # escaping of the tags it sits in).
 EDGE_TOKENS = 16
+# Tokens a message's content may add beyond one per byte where it meets the chat format (a tokenizer's
+# prefix space, a merge across the join undone).
+JOIN_TOKENS = 4
+# Chat shapes (model, roles) whose format is remembered; revisions' histories make new ones.
+MAX_SHAPES = 256
+
+log = logging.getLogger(__name__)
+
+PROMPT_COUNTS = Counter(
+    "tilserve_edge_prompt_counts_total",
+    "Prompts fitted to the context, by how: bound (surely fits: no Tokenize call), counted (one call), "
+    "cut (two calls and a cut body).",
+    ["how"],
+)
 
 
 class PromptFitter:
@@ -41,6 +62,53 @@ class PromptFitter:
     def __init__(self, generator: TilGenerator) -> None:
         self._generator = generator
         self._chars_per_token: dict[str, float] = {}
+        # Per model: whether its tokenizer kept to a token per byte on the output sample.
+        self._bytes_bound: dict[str, bool] = {}
+        # Per (model, roles): the tokens of the chat format with empty contents (None: unknown, never bound).
+        self._frames: dict[tuple[str, tuple[str, ...]], int | None] = {}
+        self._learning: set[asyncio.Task[None]] = set()
+
+    def _bound(self, model: str, chat: generator_pb2.ChatMessages) -> int | None:
+        """At most how many tokens `chat` is, without counting it; None when unknown."""
+        if not self._bytes_bound.get(model):
+            return None
+        shape = (model, tuple(m.role for m in chat.messages))
+        if shape not in self._frames:
+            if len(self._frames) < MAX_SHAPES:
+                self._frames[shape] = None  # learnt once, in the background; counted meanwhile
+                task = asyncio.ensure_future(self._learn_frame(shape, chat))
+                self._learning.add(task)
+                task.add_done_callback(self._learning.discard)
+            return None
+        frame = self._frames[shape]
+        if frame is None:
+            return None
+        contents = sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
+        return frame + contents
+
+    async def _learn_frame(
+        self, shape: tuple[str, tuple[str, ...]], chat: generator_pb2.ChatMessages
+    ) -> None:
+        """Counts the chat format of `shape` with empty contents, and `chat` (of that shape) beside it: a
+        format that does not keep to the bound on it (one that repeats a message, say) is never bounded."""
+        model, roles = shape
+        empty = generator_pb2.ChatMessages(
+            messages=[generator_pb2.ChatMessage(role=role, content="") for role in roles]
+        )
+        request = generator_pb2.TokenizeRequest(
+            inputs=[generator_pb2.TokenizeInput(chat=empty), generator_pb2.TokenizeInput(chat=chat)]
+        )
+        try:
+            frame, real = (
+                r.token_count for r in (await self._generator.tokenize(request, timeout=10)).results
+            )
+        except ServiceError as exc:  # a format that refuses empty messages: always counted
+            log.info("the chat format of %s with roles %s is not bounded: %s", model, roles, exc)
+            return
+        if real <= frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages):
+            self._frames[shape] = frame
+        else:
+            log.info("the chat format of %s with roles %s exceeds the bound: always counted", model, roles)
 
     async def fit(
         self,
@@ -52,10 +120,16 @@ class PromptFitter:
         notices: list[str],
     ) -> tuple[generator_pb2.ChatMessages, str, OutputBudget]:
         """The chat, with the contract's body cut to what the context holds; the body as shown; the budget."""
-        model = (await self._generator.model_info(timeout=ctx.remaining())).model
+        info = await self._generator.model_info(timeout=ctx.remaining())
+        model = info.model
         density = self._chars_per_token.get(model)
         body = contract.body(job)
         chat = contract.chat(job, retrieval, body)
+        if density is not None and info.max_model_len:
+            bound = self._bound(model, chat)
+            if bound is not None and bound + max_tokens <= info.max_model_len:
+                PROMPT_COUNTS.labels("bound").inc()
+                return chat, body, OutputBudget(max_tokens, density)
         inputs = [generator_pb2.TokenizeInput(chat=chat)]
         if density is None:
             inputs.append(generator_pb2.TokenizeInput(text=OUTPUT_SAMPLE))
@@ -64,12 +138,17 @@ class PromptFitter:
         )
         prompt = counted.results[0]
         if density is None:
-            density = len(OUTPUT_SAMPLE) / max(counted.results[1].token_count, 1)
+            sample_tokens = counted.results[1].token_count
+            density = len(OUTPUT_SAMPLE) / max(sample_tokens, 1)
             self._chars_per_token[model] = density
+            self._bytes_bound[model] = 0 < sample_tokens <= len(OUTPUT_SAMPLE.encode())
+            self._bound(model, chat)  # starts learning this chat's format
         budget = OutputBudget(max_tokens, density)
         context = counted.max_model_len
         if not context or prompt.token_count + max_tokens <= context:
+            PROMPT_COUNTS.labels("counted").inc()
             return chat, body, budget
+        PROMPT_COUNTS.labels("cut").inc()
         if not body:
             raise InvalidArgument(
                 f"the prompt is {prompt.token_count} tokens and the output budget {max_tokens}: together more "

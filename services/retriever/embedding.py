@@ -112,13 +112,14 @@ class OnnxTransformer:
         names = self.input_names
 
         class Wrapped(torch.nn.Module):
-            def __init__(self) -> None:
+            def __init__(self, inner: torch.nn.Module) -> None:
                 super().__init__()
-                self.inner = auto_model
+                self.inner = inner
 
             def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
                 out = self.inner(**dict(zip(names, tensors, strict=True)), return_dict=True)
-                return out["last_hidden_state"]
+                hidden: torch.Tensor = out["last_hidden_state"]
+                return hidden
 
         axes = {name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]}
         buffer = io.BytesIO()
@@ -126,9 +127,9 @@ class OnnxTransformer:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    Wrapped().eval(),
+                    Wrapped(auto_model).eval(),
                     tuple(features[n] for n in names),
-                    buffer,
+                    buffer,  # type: ignore[arg-type]  # a file object works; the stub names paths only
                     input_names=names,
                     output_names=["last_hidden_state"],
                     dynamic_axes=axes,
@@ -265,8 +266,8 @@ class SentenceTransformerEncoder:
             with torch.no_grad():
                 for module in list(model)[1:]:
                     features = module(features)
-            vectors = torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1)
-            rows.append(vectors.numpy())
+            unit = torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1)
+            rows.append(unit.numpy())
         if rows:
             stacked = np.concatenate(rows)
             out = np.empty_like(stacked)

@@ -94,6 +94,27 @@ def token_ends(text: str) -> list[int]:
     return ends
 
 
+def counted_for_requests(generator: FakeGenerator) -> list[generator_pb2.TokenizeRequest]:
+    """The Tokenize calls that counted a request's prompt: not those that learnt a chat format (its
+    messages emptied, beside a real chat)."""
+    return [
+        t
+        for t in generator.tokenized
+        if not (
+            len(t.inputs) == 2
+            and t.inputs[0].WhichOneof("input") == "chat"
+            and not any(m.content for m in t.inputs[0].chat.messages)
+        )
+    ]
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -650,7 +671,7 @@ async def test_a_korean_diff_is_fitted_with_two_tokenize_calls_of_the_real_token
     assert "docs/k" in notice and finished.finish_reason == common_pb2.FINISH_REASON_STOP
     # The chat (and, the first time for a model, the output sample); then, as it does not fit, the diff
     # with its token offsets: two calls for the request, not a loop.
-    counted, cut = generator.tokenized
+    counted, cut = counted_for_requests(generator)
     assert not counted.return_offsets and [i.WhichOneof("input") for i in counted.inputs] == ["chat", "text"]
     assert cut.return_offsets and [i.text for i in cut.inputs] == [diff]
     (request,) = generator.requests
@@ -662,19 +683,48 @@ async def test_a_korean_diff_is_fitted_with_two_tokenize_calls_of_the_real_token
     assert content["maxLength"] < 1024
 
 
-async def test_a_prompt_that_fits_costs_one_tokenize_call_of_the_chat_alone_after_the_first() -> None:
+async def test_a_prompt_that_surely_fits_costs_no_tokenize_call_once_its_chat_format_is_known() -> None:
     generator = FakeGenerator()
+    bypass = edge_pb2.CACHE_POLICY_BYPASS
     async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
-        first = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_BYPASS)))
-        second = split(await stack.til(til_request(cache_policy=edge_pb2.CACHE_POLICY_BYPASS)))
-    assert [[i.WhichOneof("input") for i in t.inputs] for t in generator.tokenized] == [
-        ["chat", "text"],
-        ["chat"],
-    ]
+        first = split(await stack.til(til_request(cache_policy=bypass)))
+        await until(lambda: len(generator.tokenized) == 2)  # the format, learnt beside the request
+        second = split(await stack.til(til_request(cache_policy=bypass, diff=DIFF + "+# 두 번째\n")))
+        third = split(await stack.til(til_request(cache_policy=bypass)))
+    counted, learnt = generator.tokenized
+    # The first request counts its chat (and the output sample, once per model) ...
+    assert [i.WhichOneof("input") for i in counted.inputs] == ["chat", "text"]
+    # ... and the chat format is counted with empty messages, beside that chat as a check of the bound.
+    empty, real = learnt.inputs
+    assert [m.content for m in empty.chat.messages] == ["", ""]
+    assert [m.role for m in empty.chat.messages] == [m.role for m in real.chat.messages]
+    assert real.chat == generator.requests[0].chat
     assert not any(t.return_offsets for t in generator.tokenized)
-    # The output sample's density, counted once, still bounds the schema the same way.
-    assert generator.requests[0].output == generator.requests[1].output
-    assert first[2].til_json == second[2].til_json
+    # Later prompts of that format are bounded without a call, and sent as they are.
+    assert len(generator.tokenized) == 2 and len(generator.requests) == 3
+    assert "두 번째" in generator.requests[1].chat.messages[1].content
+    assert generator.requests[0].output == generator.requests[2].output  # the same density, the same schema
+    assert first[2].til_json == second[2].til_json == third[2].til_json
+
+
+async def test_a_prompt_near_the_context_is_counted_and_a_tokenizer_above_a_token_a_byte_always_is() -> None:
+    generator = FakeGenerator(max_model_len=8192, default_max_tokens=1024)
+    bypass = edge_pb2.CACHE_POLICY_BYPASS
+    async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
+        split(await stack.til(til_request(cache_policy=bypass)))
+        await until(lambda: len(generator.tokenized) == 2)
+        # 6 KB of Korean is ~2,000 tokens to the fake, but 6,000 bytes: the bound cannot say it fits.
+        split(await stack.til(til_request(cache_policy=bypass, diff=korean_diff(6 * 1024))))
+    assert len(generator.tokenized) == 3 and len(generator.requests) == 2
+    assert [i.WhichOneof("input") for i in generator.tokenized[2].inputs] == ["chat"]
+
+    # A tokenizer that spends more than a token per byte on the sample is never bounded.
+    expanding = FakeGenerator(text_tokens=lambda text: list(range(1, 2 * len(text.encode()) + 1)))
+    async with edge_stack(generator=expanding, retrieval_top_k=0) as stack:
+        for _ in range(3):
+            split(await stack.til(til_request(cache_policy=bypass)))
+    assert len(expanding.tokenized) == 3 and len(expanding.requests) == 3
+    assert all(t.inputs[0].WhichOneof("input") == "chat" for t in expanding.tokenized)
 
 
 async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorten() -> None:
@@ -686,7 +736,7 @@ async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorte
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     details = raised.value.details() or ""
     assert "shorten til_text" in details and "4096-token context" in details
-    assert generator.requests == [] and len(generator.tokenized) == 1
+    assert generator.requests == [] and len(counted_for_requests(generator)) == 1
 
 
 async def test_a_revision_too_long_for_the_context_is_refused_before_the_generator() -> None:
@@ -701,7 +751,7 @@ async def test_a_revision_too_long_for_the_context_is_refused_before_the_generat
             [r async for r in stack.stub.ReviseTil(revise_request(history=turns), timeout=30)]
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "shorten the history or the TIL" in (raised.value.details() or "")
-    assert generator.requests == [] and len(generator.tokenized) == 1
+    assert generator.requests == [] and len(counted_for_requests(generator)) == 1
 
 
 async def test_an_empty_owner_is_an_owner_of_its_own() -> None:
