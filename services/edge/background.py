@@ -1,4 +1,5 @@
-"""Best-effort writes after a stream (cache stores, index upserts) that must neither delay nor fail it."""
+"""Best-effort work beside a stream (cache stores and index upserts after it, counting a chat format for
+the prompt bound) that must neither delay nor fail it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND_WRITES = Counter(
     "tilserve_edge_background_writes_total",
-    "Cache stores and index upserts after a stream.",
+    "Best-effort background work: cache stores and index upserts after a stream, chat format counts.",
     ["what", "result"],
 )
 

@@ -1,9 +1,11 @@
 """Fitting a prompt into the model's context next to the output budget, with the model's own tokenizer.
 
 A prompt that surely fits costs no call: its tokens are at most the chat format's own (its messages
-with empty contents, counted once per model and list of roles) plus one per UTF-8 byte of the contents
-(a token of a byte-level BPE, or of SentencePiece with byte fallback, covers at least one byte; the
-model's tokenizer must also keep to that on a sample of Korean Markdown, or the bound is never used).
+each holding one placeholder character, counted once per model and list of roles, and checked on a
+real chat of that shape) plus one per UTF-8 byte of the contents and a few at each join. A token of a
+byte-level BPE, or of SentencePiece with byte fallback, covers at least one byte of text; the model's
+tokenizer must also have kept to that on a sample of Korean Markdown, and contents that Unicode
+normalisation could lengthen (not NFC and NFKC already) are always counted.
 Otherwise one Tokenize call counts the whole prompt; only when it does not fit, a second counts the
 part of it that may be cut (with the end offset of each token, so a cut lands on a token boundary).
 Once per model, a sample of Korean Markdown is counted too (how densely the tokenizer packs what the
@@ -13,14 +15,17 @@ break every ratio; the bound only decides when counting cannot change the answer
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
+import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from prometheus_client import Counter
 from til.v1 import generator_pb2
 
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import InvalidArgument
+from services.edge.background import Background
 from services.edge.call import CallContext
 from services.edge.clients import TilGenerator
 from services.edge.contract import F, J, OutputBudget, OutputContract
@@ -40,8 +45,14 @@ EDGE_TOKENS = 16
 # Tokens a message's content may add beyond one per byte where it meets the chat format (a tokenizer's
 # prefix space, a merge across the join undone).
 JOIN_TOKENS = 4
-# Chat shapes (model, roles) whose format is remembered; revisions' histories make new ones.
+# What each message holds when its chat format is counted: formats render an empty message differently
+# (some drop its separator or its whole block), one character they render as any other.
+PLACEHOLDER = "x"
+# Chat shapes (model, roles) whose format is remembered, least recently used first out.
 MAX_SHAPES = 256
+# After a failed count of a format, how long its prompts are counted before it is tried again.
+RETRY_AFTER_S = 60.0
+FORMAT_COUNT_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -52,62 +63,72 @@ PROMPT_COUNTS = Counter(
     ["how"],
 )
 
+Shape = tuple[str, tuple[str, ...]]  # (model, the roles of its messages)
+
+
+def _unchanged_by_normalisation(text: str) -> bool:
+    return unicodedata.is_normalized("NFC", text) and unicodedata.is_normalized("NFKC", text)
+
 
 class PromptFitter:
     """Fits prompts with the generator's tokenizer. How densely the model's tokenizer packs Korean
     Markdown is the same for every request to one model: it is counted once per model id. A request
-    then costs one Tokenize call (the chat) when its prompt fits, and a second (the body, with token
-    offsets) only when the body must be cut."""
+    then costs no call when its prompt surely fits, else one Tokenize call (the chat) when it fits, and
+    a second (the body, with token offsets) only when the body must be cut."""
 
-    def __init__(self, generator: TilGenerator) -> None:
+    def __init__(self, generator: TilGenerator, background: Background) -> None:
         self._generator = generator
+        self._background = background
         self._chars_per_token: dict[str, float] = {}
         # Per model: whether its tokenizer kept to a token per byte on the output sample.
         self._bytes_bound: dict[str, bool] = {}
-        # Per (model, roles): the tokens of the chat format with empty contents (None: unknown, never bound).
-        self._frames: dict[tuple[str, tuple[str, ...]], int | None] = {}
-        self._learning: set[asyncio.Task[None]] = set()
+        # Per model: the smallest context a Tokenize answer gave (replicas may differ).
+        self._context: dict[str, int] = {}
+        # Per shape: the chat format's tokens (None: being counted, or not bounded).
+        self._frames: OrderedDict[Shape, int | None] = OrderedDict()
+        self._retry_at: dict[Shape, float] = {}
 
     def _bound(self, model: str, chat: generator_pb2.ChatMessages) -> int | None:
-        """At most how many tokens `chat` is, without counting it; None when unknown."""
+        """At most how many tokens `chat` is, without counting it; None when that is not known."""
         if not self._bytes_bound.get(model):
             return None
         shape = (model, tuple(m.role for m in chat.messages))
         if shape not in self._frames:
-            if len(self._frames) < MAX_SHAPES:
-                self._frames[shape] = None  # learnt once, in the background; counted meanwhile
-                task = asyncio.ensure_future(self._learn_frame(shape, chat))
-                self._learning.add(task)
-                task.add_done_callback(self._learning.discard)
+            if time.monotonic() >= self._retry_at.get(shape, 0.0):
+                self._frames[shape] = None  # counted in the background; prompts are counted meanwhile
+                while len(self._frames) > MAX_SHAPES:
+                    self._frames.popitem(last=False)
+                self._background.spawn("chat format count", self._count_format(shape, chat))
             return None
+        self._frames.move_to_end(shape)
         frame = self._frames[shape]
-        if frame is None:
+        if frame is None or not all(_unchanged_by_normalisation(m.content) for m in chat.messages):
             return None
-        contents = sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
-        return frame + contents
+        return frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
 
-    async def _learn_frame(
-        self, shape: tuple[str, tuple[str, ...]], chat: generator_pb2.ChatMessages
-    ) -> None:
-        """Counts the chat format of `shape` with empty contents, and `chat` (of that shape) beside it: a
-        format that does not keep to the bound on it (one that repeats a message, say) is never bounded."""
+    async def _count_format(self, shape: Shape, chat: generator_pb2.ChatMessages) -> None:
+        """Counts the chat format of `shape` (a placeholder in each message) and `chat` beside it: a format
+        that does not keep to the bound on it (one that repeats a message, say) is never bounded."""
         model, roles = shape
-        empty = generator_pb2.ChatMessages(
-            messages=[generator_pb2.ChatMessage(role=role, content="") for role in roles]
+        frame_chat = generator_pb2.ChatMessages(
+            messages=[generator_pb2.ChatMessage(role=role, content=PLACEHOLDER) for role in roles]
         )
         request = generator_pb2.TokenizeRequest(
-            inputs=[generator_pb2.TokenizeInput(chat=empty), generator_pb2.TokenizeInput(chat=chat)]
+            inputs=[generator_pb2.TokenizeInput(chat=frame_chat), generator_pb2.TokenizeInput(chat=chat)]
         )
         try:
-            frame, real = (
-                r.token_count for r in (await self._generator.tokenize(request, timeout=10)).results
-            )
-        except ServiceError as exc:  # a format that refuses empty messages: always counted
-            log.info("the chat format of %s with roles %s is not bounded: %s", model, roles, exc)
-            return
-        if real <= frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages):
+            counted = await self._generator.tokenize(request, timeout=FORMAT_COUNT_TIMEOUT_S)
+        except BaseException:
+            self._frames.pop(shape, None)  # counted again after a while: the failure may pass
+            self._retry_at[shape] = time.monotonic() + RETRY_AFTER_S
+            raise  # logged and counted by Background
+        frame, real = (r.token_count for r in counted.results)
+        if shape not in self._frames:
+            return  # evicted meanwhile
+        bound = frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
+        if real <= bound:
             self._frames[shape] = frame
-        else:
+        else:  # stays None: always counted
             log.info("the chat format of %s with roles %s exceeds the bound: always counted", model, roles)
 
     async def fit(
@@ -125,9 +146,10 @@ class PromptFitter:
         density = self._chars_per_token.get(model)
         body = contract.body(job)
         chat = contract.chat(job, retrieval, body)
-        if density is not None and info.max_model_len:
+        context = min(info.max_model_len, self._context.get(model, info.max_model_len))
+        if density is not None and context:
             bound = self._bound(model, chat)
-            if bound is not None and bound + max_tokens <= info.max_model_len:
+            if bound is not None and bound + max_tokens <= context:
                 PROMPT_COUNTS.labels("bound").inc()
                 return chat, body, OutputBudget(max_tokens, density)
         inputs = [generator_pb2.TokenizeInput(chat=chat)]
@@ -145,10 +167,11 @@ class PromptFitter:
             self._bound(model, chat)  # starts learning this chat's format
         budget = OutputBudget(max_tokens, density)
         context = counted.max_model_len
+        if context:
+            self._context[model] = min(context, self._context.get(model, context))
         if not context or prompt.token_count + max_tokens <= context:
             PROMPT_COUNTS.labels("counted").inc()
             return chat, body, budget
-        PROMPT_COUNTS.labels("cut").inc()
         if not body:
             raise InvalidArgument(
                 f"the prompt is {prompt.token_count} tokens and the output budget {max_tokens}: together more "
@@ -170,6 +193,7 @@ class PromptFitter:
             )
         cut, notice = contract.cut(body, _chars_in(whole.offsets, room))
         notices.append(notice)
+        PROMPT_COUNTS.labels("cut").inc()
         return contract.chat(job, retrieval, cut), cut, budget
 
 

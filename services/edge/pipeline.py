@@ -113,7 +113,7 @@ class Pipeline:
         self.background = background or Background()
         self._flights = SingleFlight(slack_s=settings.shared_deadline_slack_s)
         self._reads: dict[tuple[str, str], asyncio.Future[CacheLookup]] = {}
-        self._fitter = PromptFitter(generator)
+        self._fitter = PromptFitter(generator, self.background)
         self.near: NearCache[Replay] = NearCache(
             max_entries=settings.near_cache_entries,
             max_bytes=settings.near_cache_max_bytes,

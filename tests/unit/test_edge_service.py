@@ -95,17 +95,17 @@ def token_ends(text: str) -> list[int]:
 
 
 def counted_for_requests(generator: FakeGenerator) -> list[generator_pb2.TokenizeRequest]:
-    """The Tokenize calls that counted a request's prompt: not those that learnt a chat format (its
-    messages emptied, beside a real chat)."""
-    return [
-        t
-        for t in generator.tokenized
-        if not (
-            len(t.inputs) == 2
-            and t.inputs[0].WhichOneof("input") == "chat"
-            and not any(m.content for m in t.inputs[0].chat.messages)
-        )
-    ]
+    """The Tokenize calls that counted a request's prompt: not those that counted a chat format (a
+    placeholder in each message, beside a real chat)."""
+    return [t for t in generator.tokenized if not is_format_count(t)]
+
+
+def is_format_count(t: generator_pb2.TokenizeRequest) -> bool:
+    return (
+        len(t.inputs) == 2
+        and t.inputs[0].WhichOneof("input") == "chat"
+        and all(m.content == "x" for m in t.inputs[0].chat.messages)
+    )
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -688,16 +688,16 @@ async def test_a_prompt_that_surely_fits_costs_no_tokenize_call_once_its_chat_fo
     bypass = edge_pb2.CACHE_POLICY_BYPASS
     async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
         first = split(await stack.til(til_request(cache_policy=bypass)))
-        await until(lambda: len(generator.tokenized) == 2)  # the format, learnt beside the request
+        await stack.background.drain(5.0)  # the format, counted beside the first request
         second = split(await stack.til(til_request(cache_policy=bypass, diff=DIFF + "+# 두 번째\n")))
         third = split(await stack.til(til_request(cache_policy=bypass)))
     counted, learnt = generator.tokenized
     # The first request counts its chat (and the output sample, once per model) ...
     assert [i.WhichOneof("input") for i in counted.inputs] == ["chat", "text"]
-    # ... and the chat format is counted with empty messages, beside that chat as a check of the bound.
-    empty, real = learnt.inputs
-    assert [m.content for m in empty.chat.messages] == ["", ""]
-    assert [m.role for m in empty.chat.messages] == [m.role for m in real.chat.messages]
+    # ... and the chat format is counted with a placeholder in each message, beside that chat as a check.
+    assert is_format_count(learnt)
+    frame, real = learnt.inputs
+    assert [m.role for m in frame.chat.messages] == [m.role for m in real.chat.messages]
     assert real.chat == generator.requests[0].chat
     assert not any(t.return_offsets for t in generator.tokenized)
     # Later prompts of that format are bounded without a call, and sent as they are.
@@ -707,24 +707,59 @@ async def test_a_prompt_that_surely_fits_costs_no_tokenize_call_once_its_chat_fo
     assert first[2].til_json == second[2].til_json == third[2].til_json
 
 
-async def test_a_prompt_near_the_context_is_counted_and_a_tokenizer_above_a_token_a_byte_always_is() -> None:
+async def test_prompts_the_bound_cannot_vouch_for_are_counted() -> None:
     generator = FakeGenerator(max_model_len=8192, default_max_tokens=1024)
     bypass = edge_pb2.CACHE_POLICY_BYPASS
     async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
         split(await stack.til(til_request(cache_policy=bypass)))
-        await until(lambda: len(generator.tokenized) == 2)
-        # 6 KB of Korean is ~2,000 tokens to the fake, but 6,000 bytes: the bound cannot say it fits.
+        await stack.background.drain(5.0)
+        # 6 KB of Korean is ~2,000 tokens to the fake but 6,000 bytes: the bound cannot say it fits.
         split(await stack.til(til_request(cache_policy=bypass, diff=korean_diff(6 * 1024))))
-    assert len(generator.tokenized) == 3 and len(generator.requests) == 2
-    assert [i.WhichOneof("input") for i in generator.tokenized[2].inputs] == ["chat"]
+        # A presentation form that normalisation turns into more characters than its bytes: counted.
+        split(await stack.til(til_request(cache_policy=bypass, diff=DIFF + "+# \ufb2c \ufb01\n")))
+        # The format is known: a small diff is bounded, not counted.
+        split(await stack.til(til_request(cache_policy=bypass, diff=DIFF + "+# 작다\n")))
+    counted = counted_for_requests(generator)
+    assert len(counted) == 3 and len(generator.requests) == 4
+    assert [[i.WhichOneof("input") for i in t.inputs] for t in counted[1:]] == [["chat"], ["chat"]]
+    assert "\ufb2c" in counted[2].inputs[0].chat.messages[1].content
 
-    # A tokenizer that spends more than a token per byte on the sample is never bounded.
+    # A tokenizer that spends more than a token per byte on the Korean sample is never bounded.
     expanding = FakeGenerator(text_tokens=lambda text: list(range(1, 2 * len(text.encode()) + 1)))
     async with edge_stack(generator=expanding, retrieval_top_k=0) as stack:
         for _ in range(3):
             split(await stack.til(til_request(cache_policy=bypass)))
+            await stack.background.drain(5.0)
     assert len(expanding.tokenized) == 3 and len(expanding.requests) == 3
-    assert all(t.inputs[0].WhichOneof("input") == "chat" for t in expanding.tokenized)
+    assert not any(is_format_count(t) for t in expanding.tokenized)
+
+
+async def test_a_chat_format_that_breaks_the_bound_or_cannot_be_counted_is_always_counted() -> None:
+    # A format that renders each message twice: the check on a real chat finds the bound broken.
+    class Doubling(FakeGenerator):
+        async def Tokenize(self, request: Any, context: Any) -> generator_pb2.TokenizeResponse:
+            response = await super().Tokenize(request, context)
+            for item, result in zip(request.inputs, response.results, strict=True):
+                if item.WhichOneof("input") == "chat":
+                    result.token_count += sum(len(m.content.encode()) for m in item.chat.messages)
+            return response
+
+    # A template that refuses the format's count: retried only after a while (RETRY_AFTER_S).
+    class Refusing(FakeGenerator):
+        async def Tokenize(self, request: Any, context: Any) -> generator_pb2.TokenizeResponse:
+            response = await super().Tokenize(request, context)
+            if is_format_count(request):
+                raise InvalidArgument("this chat template refuses the chat")
+            return response
+
+    bypass = edge_pb2.CACHE_POLICY_BYPASS
+    for generator in (Doubling(), Refusing()):
+        async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
+            for _ in range(3):
+                split(await stack.til(til_request(cache_policy=bypass)))
+                await stack.background.drain(5.0)
+        assert len(counted_for_requests(generator)) == 3, type(generator).__name__
+        assert sum(map(is_format_count, generator.tokenized)) == 1
 
 
 async def test_a_prompt_that_cannot_be_cut_and_does_not_fit_names_what_to_shorten() -> None:
