@@ -71,6 +71,13 @@ PROBES = (
 PROBE_TOLERANCE = 1e-4
 
 
+def preprocess(model: SentenceTransformer, texts: list[str]) -> dict[str, Any]:
+    """The model's input features for `texts` (sentence-transformers 6 `preprocess`, earlier `tokenize`)."""
+    method = getattr(model, "preprocess", None) or model.tokenize
+    features: dict[str, Any] = method(texts)
+    return features
+
+
 class ExportError(RuntimeError):
     """The model's transformer cannot run in ONNX Runtime (not exportable, or not as PyTorch computes it)."""
 
@@ -103,7 +110,7 @@ class OnnxTransformer:
         auto_model = getattr(first, "auto_model", None) or getattr(first, "model", None)
         if not isinstance(auto_model, torch.nn.Module):
             raise ExportError(f"{type(first).__name__} holds no PyTorch model")
-        features = model.preprocess(list(PROBES[:2]))
+        features = preprocess(model, list(PROBES[:2]))
         accepted = set(inspect.signature(auto_model.forward).parameters)
         self.input_names = [k for k, v in features.items() if k in accepted and isinstance(v, torch.Tensor)]
         if "input_ids" not in self.input_names:
@@ -141,6 +148,8 @@ class OnnxTransformer:
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle threads sleep instead of spinning: the retriever shares its cores with other processes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
         self.threads = threads
 
@@ -209,8 +218,8 @@ class SentenceTransformerEncoder:
             # No downloads at run time: a name must already be in the local Hugging Face cache.
             model = SentenceTransformer(ref, device=self.device, local_files_only=True)
             model.eval()
+            self._onnx = self._export(model)  # raises before the model is kept when onnx cannot serve
             self._model = model
-            self._onnx = self._export(model)
             log.info("embedding model %s runs on %s", ref, self.backend)
         return self._model
 
@@ -220,20 +229,24 @@ class SentenceTransformerEncoder:
         try:
             if self.device != "cpu":
                 raise ExportError(f"ONNX Runtime runs here on the CPU only, not {self.device}")
+            if getattr(model, "default_prompt_name", None) or getattr(model, "truncate_dim", None):
+                raise ExportError("a default prompt or a truncated dimension is applied by encode() only")
             try:
                 onnx = OnnxTransformer(model, threads=self.threads)
             except ImportError as exc:
                 raise ExportError(f"{exc.name} is not installed (pip install onnx onnxruntime)") from exc
-            exported = self._encode(model, onnx, PROBES)
-            expected = self._encode(model, None, PROBES)
-            difference = float(np.abs(exported - expected).max())
+            # The probes together (a padded batch) and each alone (a search's query).
+            difference = max(
+                float(np.abs(self._encode(model, onnx, texts) - self._encode(model, None, texts)).max())
+                for texts in (PROBES, *([p] for p in PROBES))
+            )
             if difference > PROBE_TOLERANCE:
                 raise ExportError(
                     f"the exported model's vectors differ from PyTorch's by {difference:.2g} "
                     f"(allowed {PROBE_TOLERANCE})"
                 )
             return onnx
-        except ExportError as exc:
+        except Exception as exc:  # any failure to serve on ONNX Runtime: PyTorch serves, or start stops
             if self.requested_backend == "onnx":
                 raise ExportError(
                     f"RETRIEVER_EMBEDDING_BACKEND=onnx but {self.name} cannot run in ONNX Runtime: {exc}"
@@ -261,7 +274,7 @@ class SentenceTransformerEncoder:
         rows: list[np.ndarray] = []
         for start in range(0, len(order), self.batch_size):
             batch = [texts[i] for i in order[start : start + self.batch_size]]
-            features = model.preprocess(batch)
+            features = preprocess(model, batch)
             features["token_embeddings"] = torch.from_numpy(onnx(features))
             with torch.no_grad():
                 for module in list(model)[1:]:

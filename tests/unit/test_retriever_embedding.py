@@ -82,6 +82,23 @@ def test_an_export_that_computes_other_vectors_is_refused(monkeypatch: pytest.Mo
     assert auto.backend == "torch"
 
 
+def test_any_failure_of_onnx_runtime_at_the_check_leaves_auto_on_pytorch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def failing(self: OnnxTransformer, features: dict[str, Any]) -> np.ndarray:
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    monkeypatch.setattr(OnnxTransformer, "__call__", failing)
+    auto = SentenceTransformerEncoder(threads=1)
+    auto.load()
+    assert auto.backend == "torch" and auto.embed(["query_cache"]).shape == (1, 384)
+    strict = SentenceTransformerEncoder(threads=1, backend="onnx")
+    with pytest.raises(ExportError, match="RUNTIME_EXCEPTION"):
+        strict.load()
+    with pytest.raises(ExportError):  # not left half-loaded on PyTorch
+        strict.load()
+
+
 def test_onnx_runtime_is_for_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     encoder = SentenceTransformerEncoder(threads=1, backend="onnx", device="cuda")
     with pytest.raises(ExportError, match="CPU only, not cuda"):
