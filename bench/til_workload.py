@@ -35,12 +35,24 @@ DATE = "2025-01-01"
 LANGUAGE = "markdown"
 COMMIT_MESSAGES = ("Add benchmark notes",)
 WORDS_PER_LINE = 12
+
+
 # A TIL that meets every rule of the format (for the cache seed).
-SEED_TIL = {
-    "title": f"{DATE} TIL - 벤치마크 메모 추가",
-    "keywords": ["벤치마크", "캐시"],
-    "content": f"# {DATE} TIL\n\n- `notes/bench.md`에 벤치마크 메모가 추가되었다.\n",
-}
+def seed_til(diff: str) -> dict[str, Any]:
+    """The TIL that `edge-hit` replays for `diff`: one that meets the edge's TIL contract for it (the
+    title and keyword layout, a bullet with a fenced block quoting the diff's first added line)."""
+    from services.edge.diffs import changed_files
+    from services.edge.til_format import fence_language, guess_language
+
+    added = next(
+        line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")
+    )
+    fence = fence_language(guess_language(changed_files(diff)))
+    return {
+        "title": f"{DATE} TIL - 벤치마크 메모",
+        "keywords": ["벤치마크", "Markdown 메모", "캐시 설정"],
+        "content": f"# {DATE} TIL\n\n- 벤치마크 메모가 추가되었다.\n```{fence}\n{added}\n```\n",
+    }
 
 
 def diff_of_words(words: list[str], tail: list[str] | None = None) -> str:
@@ -340,6 +352,6 @@ def cache_seed(diff: str, output_len: int, model: str, sampling: Any, prompt_tok
     pipeline = TilPipeline(None, None, None, EdgeSettings())  # type: ignore[arg-type]
     job = pipeline.job(request)
     key = TilPipeline.cache_key(job, model=model, max_tokens=job.max_tokens)
-    til_json = json.dumps(SEED_TIL, ensure_ascii=False)
+    til_json = json.dumps(seed_til(diff), ensure_ascii=False)
     usage = common_pb2.TokenUsage(prompt_tokens=prompt_tokens, completion_tokens=output_len)
     return CacheSeed(TIL_NAMESPACE, key, envelope(json_text=til_json, model=model, usage=usage, til_id=""))

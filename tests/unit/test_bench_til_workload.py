@@ -13,7 +13,15 @@ import pytest
 from til.v1 import common_pb2, edge_pb2
 
 from bench.prompts import PromptFactory
-from bench.til_workload import TilPool, TilWorkload, edge_generate_request, edge_request, edge_settings
+from bench.til_workload import (
+    TilPool,
+    TilWorkload,
+    cache_seed,
+    diff_of_words,
+    edge_generate_request,
+    edge_request,
+    edge_settings,
+)
 from tests.unit.test_edge_service import FakeGenerator, edge_stack
 
 
@@ -185,3 +193,20 @@ async def test_a_target_below_the_chat_frame_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="ask for more than that"):
         await workload.item(0)
+
+
+async def test_the_tils_that_edge_hit_replays_meet_the_edges_contract_for_their_diff() -> None:
+    """E replays a seeded TIL per diff: the edge serves it as a hit, and it breaks no rule of the format."""
+    generator = FakeGenerator()
+    sampling = common_pb2.SamplingParams(temperature=0.0)
+    async with edge_stack(generator=generator, retrieval_top_k=0) as stack:
+        for words in (["alpha", "beta"] * 40, ["캐시", "설정", "query_cache()"] * 30):
+            diff = diff_of_words(words)
+            seed = cache_seed(diff, 256, generator.model, sampling)
+            stack.cacher.entries[(seed.namespace, seed.key)] = seed.value_json
+            messages = await stack.til(edge_request(diff, 256, sampling, edge_pb2.CACHE_POLICY_UNSPECIFIED))
+            started, finished = messages[0].started, messages[-1].finished
+            assert started.cache_status == edge_pb2.CACHE_STATUS_HIT
+            assert list(finished.violations) == []
+            assert diff.splitlines()[4][1:] in finished.til.content  # the diff's first added line, quoted
+    assert generator.requests == []
