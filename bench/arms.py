@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -333,6 +334,39 @@ class _GrpcArm:
         """A connection no stream is using (a new one if every one is busy), before the clock starts."""
         return self._free.pop() if self._free else await self._connect()
 
+    async def _timed(
+        self, stub: Any, call: Callable[[], Any], *, cache_status: bool = False
+    ) -> RequestRecord:
+        """Starts `call` (a til.v1 stream: `started`, deltas, `finished`) and reads it into a record, timed
+        from just before it starts; `stub`'s connection is free again after it. `cache_status`: the
+        edge's, as the record's note."""
+        record = RequestRecord(start=time.monotonic())
+        finished = False
+        try:
+            async for message in call():
+                kind = message.WhichOneof("event")
+                if kind == "delta":
+                    record.message_times.append(time.monotonic())
+                    record.tokens += message.delta.token_count
+                elif kind == "started":
+                    record.prompt_tokens = message.started.prompt_tokens
+                    if cache_status:
+                        from til.v1 import edge_pb2
+
+                        record.note = edge_pb2.CacheStatus.Name(message.started.cache_status)
+                elif kind == "finished":
+                    finished = True
+                    record.tokens = message.finished.usage.completion_tokens
+                    record.server_ttft_ms = message.finished.timings.time_to_first_token_ms
+                    record.server_queue_ms = message.finished.timings.queue_ms
+            if not finished:
+                record.error = "stream ended without finished"
+        except Exception as exc:
+            record.error = _error_name(exc)
+        record.end = time.monotonic()
+        self._free.append(stub)
+        return record
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
@@ -373,28 +407,7 @@ class GeneratorArm(_GrpcArm):
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         request = self._request(prompt, output_len)
         stub = await self._take()
-        record = RequestRecord(start=time.monotonic())
-        finished = False
-        try:
-            async for message in stub.Generate(request, timeout=_RPC_TIMEOUT_S):
-                kind = message.WhichOneof("event")
-                if kind == "delta":
-                    record.message_times.append(time.monotonic())
-                    record.tokens += message.delta.token_count
-                elif kind == "started":
-                    record.prompt_tokens = message.started.prompt_tokens
-                elif kind == "finished":
-                    finished = True
-                    record.tokens = message.finished.usage.completion_tokens
-                    record.server_ttft_ms = message.finished.timings.time_to_first_token_ms
-                    record.server_queue_ms = message.finished.timings.queue_ms
-            if not finished:
-                record.error = "stream ended without finished"
-        except Exception as exc:
-            record.error = _error_name(exc)
-        record.end = time.monotonic()
-        self._free.append(stub)
-        return record
+        return await self._timed(stub, lambda: stub.Generate(request, timeout=_RPC_TIMEOUT_S))
 
 
 class EdgeArm(_GrpcArm):
@@ -449,29 +462,9 @@ class EdgeArm(_GrpcArm):
                 til.diff, output_len, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=til.ignore_eos
             )
         stub = await self._take()
-        record = RequestRecord(start=time.monotonic())
-        finished = False
-        try:
-            async for message in stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S):
-                kind = message.WhichOneof("event")
-                if kind == "delta":
-                    record.message_times.append(time.monotonic())
-                    record.tokens += message.delta.token_count
-                elif kind == "started":
-                    record.prompt_tokens = message.started.prompt_tokens
-                    record.note = edge_pb2.CacheStatus.Name(message.started.cache_status)
-                elif kind == "finished":
-                    finished = True
-                    record.tokens = message.finished.usage.completion_tokens
-                    record.server_ttft_ms = message.finished.timings.time_to_first_token_ms
-                    record.server_queue_ms = message.finished.timings.queue_ms
-            if not finished:
-                record.error = "stream ended without finished"
-        except Exception as exc:
-            record.error = _error_name(exc)
-        record.end = time.monotonic()
-        self._free.append(stub)
-        return record
+        return await self._timed(
+            stub, lambda: stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S), cache_status=True
+        )
 
 
 def network_arm(spec: ArmSpec) -> Arm:
