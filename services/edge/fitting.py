@@ -70,6 +70,21 @@ def _unchanged_by_normalisation(text: str) -> bool:
     return unicodedata.is_normalized("NFC", text) and unicodedata.is_normalized("NFKC", text)
 
 
+def frame_chat(roles: Sequence[str]) -> generator_pb2.ChatMessages:
+    """The chat whose token count is the format's own for these roles: a placeholder in each message."""
+    return generator_pb2.ChatMessages(
+        messages=[generator_pb2.ChatMessage(role=role, content=PLACEHOLDER) for role in roles]
+    )
+
+
+def prompt_bound(frame_tokens: int, chat: generator_pb2.ChatMessages) -> int | None:
+    """At most how many tokens `chat` is, given its format's own count (`frame_chat`); None when a
+    content could be lengthened by Unicode normalisation."""
+    if not all(_unchanged_by_normalisation(m.content) for m in chat.messages):
+        return None
+    return frame_tokens + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
+
+
 class PromptFitter:
     """Fits prompts with the generator's tokenizer. How densely the model's tokenizer packs Korean
     Markdown is the same for every request to one model: it is counted once per model id. A request
@@ -102,19 +117,17 @@ class PromptFitter:
             return None
         self._frames.move_to_end(shape)
         frame = self._frames[shape]
-        if frame is None or not all(_unchanged_by_normalisation(m.content) for m in chat.messages):
-            return None
-        return frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
+        return None if frame is None else prompt_bound(frame, chat)
 
     async def _count_format(self, shape: Shape, chat: generator_pb2.ChatMessages) -> None:
         """Counts the chat format of `shape` (a placeholder in each message) and `chat` beside it: a format
         that does not keep to the bound on it (one that repeats a message, say) is never bounded."""
         model, roles = shape
-        frame_chat = generator_pb2.ChatMessages(
-            messages=[generator_pb2.ChatMessage(role=role, content=PLACEHOLDER) for role in roles]
-        )
         request = generator_pb2.TokenizeRequest(
-            inputs=[generator_pb2.TokenizeInput(chat=frame_chat), generator_pb2.TokenizeInput(chat=chat)]
+            inputs=[
+                generator_pb2.TokenizeInput(chat=frame_chat(roles)),
+                generator_pb2.TokenizeInput(chat=chat),
+            ]
         )
         try:
             counted = await self._generator.tokenize(request, timeout=FORMAT_COUNT_TIMEOUT_S)
@@ -125,8 +138,10 @@ class PromptFitter:
         frame, real = (r.token_count for r in counted.results)
         if shape not in self._frames:
             return  # evicted meanwhile
-        bound = frame + sum(len(m.content.encode()) + JOIN_TOKENS for m in chat.messages)
-        if real <= bound:
+        bound = prompt_bound(frame, chat)
+        if bound is None:  # this chat cannot check the format: the next one of its shape will
+            self._frames.pop(shape, None)
+        elif real <= bound:
             self._frames[shape] = frame
         else:  # stays None: always counted
             log.info("the chat format of %s with roles %s exceeds the bound: always counted", model, roles)
