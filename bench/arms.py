@@ -340,6 +340,8 @@ class _GrpcArm:
         """Starts `call` (a til.v1 stream: `started`, deltas, `finished`) and reads it into a record, timed
         from just before it starts; `stub`'s connection is free again after it. `cache_status`: the
         edge's, as the record's note."""
+        from til.v1 import edge_pb2
+
         record = RequestRecord(start=time.monotonic())
         finished = False
         try:
@@ -351,8 +353,6 @@ class _GrpcArm:
                 elif kind == "started":
                     record.prompt_tokens = message.started.prompt_tokens
                     if cache_status:
-                        from til.v1 import edge_pb2
-
                         record.note = edge_pb2.CacheStatus.Name(message.started.cache_status)
                 elif kind == "finished":
                     finished = True

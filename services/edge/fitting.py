@@ -110,6 +110,7 @@ class PromptFitter:
         shape = (model, tuple(m.role for m in chat.messages))
         if shape not in self._frames:
             if time.monotonic() >= self._retry_at.get(shape, 0.0):
+                self._retry_at.pop(shape, None)
                 self._frames[shape] = None  # counted in the background; prompts are counted meanwhile
                 while len(self._frames) > MAX_SHAPES:
                     self._frames.popitem(last=False)

@@ -95,15 +95,12 @@ class OnnxTransformer:
 
         first = model[0]
         config = getattr(first, "modality_config", {}).get("text", {"method": "forward"})
+        outputs = config.get("method_output_name", "last_hidden_state")
+        outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         output = getattr(first, "module_output_name", "token_embeddings")
         if (
             config.get("method") != "forward"
-            or config.get("method_output_name", "last_hidden_state")
-            not in (
-                "last_hidden_state",
-                ("last_hidden_state",),
-                ["last_hidden_state"],
-            )
+            or outputs != ("last_hidden_state",)
             or output != "token_embeddings"
         ):
             raise ExportError(f"{type(first).__name__} does not give token embeddings from forward()")
@@ -151,7 +148,6 @@ class OnnxTransformer:
         # Idle threads sleep instead of spinning: the retriever shares its cores with other processes.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.threads = threads
 
     def __call__(self, features: dict[str, Any]) -> np.ndarray:
         inputs = {n: features[n].numpy().astype(np.int64, copy=False) for n in self.input_names}
@@ -237,7 +233,7 @@ class SentenceTransformerEncoder:
                 raise ExportError(f"{exc.name} is not installed (pip install onnx onnxruntime)") from exc
             # The probes together (a padded batch) and each alone (a search's query).
             difference = max(
-                float(np.abs(self._encode(model, onnx, texts) - self._encode(model, None, texts)).max())
+                float(np.abs(self._encode_onnx(model, onnx, texts) - self._encode_torch(model, texts)).max())
                 for texts in (PROBES, *([p] for p in PROBES))
             )
             if difference > PROBE_TOLERANCE:
@@ -254,40 +250,42 @@ class SentenceTransformerEncoder:
             log.warning("embedding model %s stays on PyTorch: %s", self.name, exc)
             return None
 
-    def _encode(
-        self, model: SentenceTransformer, onnx: OnnxTransformer | None, texts: Sequence[str]
+    def _encode_torch(self, model: SentenceTransformer, texts: Sequence[str]) -> np.ndarray:
+        vectors = model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _encode_onnx(
+        self, model: SentenceTransformer, onnx: OnnxTransformer, texts: Sequence[str]
     ) -> np.ndarray:
-        if onnx is None:
-            vectors = model.encode(
-                list(texts),
-                batch_size=self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            return np.asarray(vectors, dtype=np.float32)
+        """As `model.encode` does, with the transformer in ONNX Runtime and the other modules as they are."""
         import torch
 
         # Longest first, as sentence-transformers batches, so that a batch pads to similar lengths.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.zeros((len(texts), 0), dtype=np.float32)
         rows: list[np.ndarray] = []
         for start in range(0, len(order), self.batch_size):
-            batch = [texts[i] for i in order[start : start + self.batch_size]]
-            features = preprocess(model, batch)
+            features = preprocess(model, [texts[i] for i in order[start : start + self.batch_size]])
             features["token_embeddings"] = torch.from_numpy(onnx(features))
             with torch.no_grad():
                 for module in list(model)[1:]:
                     features = module(features)
-            unit = torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1)
-            rows.append(unit.numpy())
-        if rows:
-            stacked = np.concatenate(rows)
-            out = np.empty_like(stacked)
-            out[order] = stacked
-        return out.astype(np.float32, copy=False)
+            rows.append(torch.nn.functional.normalize(features["sentence_embedding"].float(), dim=-1).numpy())
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        stacked = np.concatenate(rows)
+        out = np.empty_like(stacked)
+        out[order] = stacked  # back in the caller's order
+        return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         with self._lock:
             model = self._load_locked()
-            return self._encode(model, self._onnx, texts)
+            if self._onnx is None:
+                return self._encode_torch(model, texts)
+            return self._encode_onnx(model, self._onnx, texts)
