@@ -112,6 +112,7 @@ class EngineArm:
         try:
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
             async for out in llm.generate(tokens, params, request_id=f"bench-a-{next(self._ids)}"):
+                _engine_queue(record, out)
                 n = len(out.outputs[0].token_ids)
                 if n:
                     record.message_times.append(time.monotonic())
@@ -168,6 +169,7 @@ class EngineTilArm:
         try:
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
             async for out in llm.generate(tokens, params, request_id=f"bench-at-{next(self._ids)}"):
+                _engine_queue(record, out)
                 ids = out.outputs[0].token_ids
                 if ids:
                     record.message_times.append(time.monotonic())
@@ -181,6 +183,15 @@ class EngineTilArm:
 
     async def close(self) -> None:
         pass
+
+
+def _engine_queue(record: RequestRecord, out: Any) -> None:
+    """The in-process arms' `server_queue_ms`: from the hand-off to vLLM until its scheduler first ran
+    the request, measured as the generator measures its own (vllm_compat.queue_s)."""
+    if record.server_queue_ms is None:
+        from services.generator import vllm_compat
+
+        record.server_queue_ms = vllm_compat.queue_s(out, record.start) * 1000
 
 
 def _til(prompt: Prompt) -> TilRequest:

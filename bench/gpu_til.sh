@@ -7,6 +7,7 @@
 #   2. carry [".vk",".vk3",".dm",".whl",".rds"]     timeout_s 600  bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
 #   3. carry [".rds"]                               timeout_s 600  bash bench/gpu_til.sh measure
 #
+# `profile` (carry [".rds",".pys"]) records the generator with py-spy while PROFILE_ARMS run one at a time.
 # Then copy what comes back under $OUT into bench/results/<name>/ with a README of the facts. On a machine
 # still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values need
 # `down` and `up` first (the edge reads its settings when it starts).
@@ -27,7 +28,7 @@
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN.
 set -u
-step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|down}
+step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
 mkdir -p "$out"
 TREE=/tmp/til-tree  # the tree as `up` found it: the stack and the benchmark run the same code
@@ -85,6 +86,12 @@ logs_to_out() {  # the tails of every log of the run into $out/logs.txt
   for f in "$RUN"/*.log "$RUN"/stack/logs/*.log "$RUN"/stack/*/logs/*.log; do
     if [ -f "$f" ]; then echo "== $f"; tail -n "${1:-40}" "$f"; fi
   done >"$out/logs.txt" 2>&1
+}
+
+diag_to_out() {  # every service's whole log and /tmp/diag (profiles) as one file, $out/diag.tar.gz
+  mkdir -p /tmp/diag/logs
+  for f in "$RUN"/*.log "$RUN"/stack/logs/*.log; do [ -f "$f" ] && cp "$f" /tmp/diag/logs/; done
+  tar -czf "$out/diag.tar.gz" -C /tmp diag
 }
 
 case "$step" in
@@ -150,6 +157,33 @@ measure)
   echo "bench.serving exit $?"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error|error' "$out/serving.log" | cut -c1-260
   logs_to_out 30
+  diag_to_out
+  ;;
+profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFILE_ARMS runs alone at c=100
+  cd $TREE || exit 1
+  for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
+  gen=$(sed -n 's/^started generator (pid \([0-9]*\)).*/\1/p' $RUN/stack.log | tail -1)
+  [ -n "$gen" ] || { echo "no generator pid in $RUN/stack.log"; exit 1; }
+  if ! [ -x /tmp/pys/py-spy ]; then
+    mkdir -p /tmp/pys && python3 -m zipfile -e "$(ls "$OLDPWD"/.pys/*.whl | head -1)" /tmp/pys/w \
+      && cp /tmp/pys/w/py_spy-*.data/scripts/py-spy /tmp/pys/py-spy && chmod +x /tmp/pys/py-spy
+  fi
+  diag=/tmp/diag && rm -rf $diag && mkdir -p $diag
+  for arm in ${PROFILE_ARMS:-generator-til edge}; do
+    # --threads: stacks per thread, so that the event loop's share and the helper threads' stand apart.
+    /tmp/pys/py-spy record --pid "$gen" --rate "${PROFILE_RATE:-250}" --threads --format raw \
+      --output $diag/py-spy-$arm.txt >$diag/py-spy-$arm.log 2>&1 &
+    spy=$!
+    PYTHONPATH=$OURS timeout 240 python3 -m bench.serving --arms "$arm" "${ENGINE[@]}" --concurrency "${PROFILE_CONC:-100}" \
+      --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256 --rounds 2 --min-requests 8 \
+      --client-procs "${CLIENT_PROCS:-6}" --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 \
+      --label "profile: $arm" --out $diag/$arm >$diag/$arm.log 2>&1
+    echo "$arm: exit $?"
+    kill -INT $spy; wait $spy
+    grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|Error' $diag/$arm.log | cut -c1-260
+    tail -2 $diag/py-spy-$arm.log
+  done
+  diag_to_out
   ;;
 ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:batch:fill ..." (before `up`)
   cd $TREE || exit 1

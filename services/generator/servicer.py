@@ -153,9 +153,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                             timings = times.timings()
                             log.info(
                                 "request %s finished (%s): %d prompt tokens (%d cached), %d generated; "
-                                "prepare %.0f ms, queue %.0f ms, first text %.0f ms, total %.0f ms",
+                                "prepare %.1f ms, admitted %.1f ms, queue %.1f ms, first output %.1f ms, "
+                                "first text %.1f ms, total %.0f ms",
                                 request_id, event.finish_reason, event.prompt_tokens, event.cached_prompt_tokens,
-                                event.completion_tokens, (times.prepared - times.arrived) * 1000, timings.queue_ms,
+                                event.completion_tokens, (times.prepared - times.arrived) * 1000,
+                                (times.admitted - times.arrived) * 1000, timings.queue_ms,
+                                (times.first_output_at - times.arrived) * 1000,
                                 timings.time_to_first_token_ms, timings.total_ms,
                             )  # fmt: skip
                             yield generator_pb2.GenerateResponse(finished=_finished(event, timings))
@@ -326,10 +329,13 @@ class _StreamTimes:
     prepared: float = 0.0
     admitted: float = 0.0
     queue_s: float = 0.0
+    # When the engine's first output (the prompt done, a first token made) reached this process.
+    first_output_at: float = 0.0
     first_text_at: float | None = None
     last_text_at: float = 0.0
 
     def started(self, engine_queue_s: float) -> None:
+        self.first_output_at = time.monotonic()
         self.queue_s = (self.admitted - self.arrived) + engine_queue_s
 
     def text_sent(self) -> None:
