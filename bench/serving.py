@@ -67,6 +67,7 @@ class EngineSettings:
     structured_output_parallel_threshold: int | None = None
     structured_output_parallel_workers: int | None = None
     structured_output_parallel_batch_size: int | None = None
+    structured_output_fill: str | None = None
     schema_compile_timeout_s: float = 10.0  # GENERATOR_SCHEMA_COMPILE_TIMEOUT_S
 
 

@@ -401,8 +401,10 @@ class VllmEngine:
         arrival = time.monotonic()
         expiry = self._arm_deadline(llm, engine_request_id, request.deadline, arrival)
         if request.prepared.constraint is not None:
-            # The schema object `params` carries; prepare validated it (vllm_compat.skip_revalidation).
-            vllm_compat.VALIDATED.add(request.prepared.constraint)
+            # Prepare validated this schema (vllm_compat.skip_revalidation). The object marked is the one
+            # `params` carries, not `constraint`: vLLM's StructuredOutputsParams is a pydantic dataclass,
+            # which copies the dict it is given.
+            vllm_compat.VALIDATED.add(params.structured_outputs.json)
         outputs = llm.generate(vllm_compat.tokens_prompt(prompt_ids), params, engine_request_id)
         prompt_tokens = len(prompt_ids)
         completion_tokens = 0

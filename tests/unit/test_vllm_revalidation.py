@@ -12,6 +12,7 @@ import types
 from types import SimpleNamespace
 from typing import Any
 
+import pydantic
 import pytest
 
 from services.generator import vllm_compat
@@ -99,8 +100,16 @@ def test_the_set_is_bounded_and_holds_what_it_names() -> None:
     assert schemas.skipped == 1
 
 
+@pydantic.dataclasses.dataclass
+class PydanticStructuredOutputsParams:
+    """vLLM 0.25.1's StructuredOutputsParams: a pydantic dataclass, so `json` is a copy of the dict given."""
+
+    json: str | dict[str, Any] | None = None
+
+
 @pytest.mark.usefixtures("vllm_names")
 async def test_generate_hands_vllm_the_very_schema_it_marks() -> None:
+    sys.modules["vllm.sampling_params"].StructuredOutputsParams = PydanticStructuredOutputsParams  # type: ignore[attr-defined]
     llm = ScriptedLLM([output("{}", 1, finish="stop")])
     engine = engine_with(PieceTokenizer(), llm)
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
@@ -110,5 +119,6 @@ async def test_generate_hands_vllm_the_very_schema_it_marks() -> None:
     assert request.prepared is not None and request.prepared.constraint is not None
     [_ async for _ in engine.generate(request)]
     sent = llm.requests[0][1].structured_outputs.json
-    assert sent is request.prepared.constraint
-    assert vllm_compat.VALIDATED.take(sent)  # what vLLM's processor would look for, and find
+    assert sent == request.prepared.constraint and sent is not request.prepared.constraint  # pydantic's copy
+    assert vllm_compat.VALIDATED.take(sent)  # what vLLM's processor looks for, and finds
+    assert not vllm_compat.VALIDATED.take(request.prepared.constraint)
