@@ -429,46 +429,29 @@ class EdgeArm(_GrpcArm):
         self.name = spec.name
         self._spec = spec
         self._hit = spec.name == "edge-hit"
-        self._seeded: dict[int, str] = {}
+        self._seeded: dict[int, Any] = {}
 
     def _stub_for(self, channel: Any) -> Any:
         from til.v1 import edge_pb2_grpc
 
         return edge_pb2_grpc.EdgeServiceStub(channel)
 
-    async def _seed(self, prompt: Prompt, output_len: int) -> str:
-        """Stores a TIL under the edge's key for this prompt's diff (untimed); returns the diff."""
-        import grpc
-        from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2
-
-        from bench.til_workload import cache_seed, diff_for
-
-        diff = diff_for(prompt)
-        sampling = common_pb2.SamplingParams(temperature=0.0)
-        seed = cache_seed(diff, output_len, self._spec.model, sampling, prompt_tokens=len(prompt.token_ids))
-        async with grpc.aio.insecure_channel(self._spec.cacher) as channel:
-            await cacher_pb2_grpc.CacherServiceStub(channel).PutEntry(
-                cacher_pb2.PutEntryRequest(
-                    namespace=seed.namespace, key=seed.key, value_json=seed.value_json
-                ),
-                timeout=30,
-            )
-        return diff
+    def hit_request(self, output_len: int) -> Any:
+        """`edge-hit`: the request this arm sends for `output_len` once it has seeded it (None before)."""
+        return self._seeded.get(output_len)
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         from til.v1 import common_pb2, edge_pb2
 
         from bench.til_workload import edge_request
 
-        sampling = common_pb2.SamplingParams(temperature=0.0)
         if self._hit:
             if output_len not in self._seeded:
-                self._seeded[output_len] = await self._seed(prompt, output_len)
-            request = edge_request(
-                self._seeded[output_len], output_len, sampling, edge_pb2.CACHE_POLICY_UNSPECIFIED
-            )
+                self._seeded[output_len] = await seed_hit(self._spec, prompt, output_len)
+            request = self._seeded[output_len]
         else:
             til = _til(prompt)
+            sampling = common_pb2.SamplingParams(temperature=0.0)
             request = edge_request(
                 til.diff, output_len, sampling, edge_pb2.CACHE_POLICY_BYPASS, ignore_eos=til.ignore_eos
             )
@@ -476,6 +459,25 @@ class EdgeArm(_GrpcArm):
         return await self._timed(
             stub, lambda: stub.GenerateTil(request, timeout=_RPC_TIMEOUT_S), cache_status=True
         )
+
+
+async def seed_hit(spec: ArmSpec, prompt: Prompt, output_len: int) -> Any:
+    """Stores a TIL under the edge's key for this prompt's diff through `spec.cacher` (untimed); returns
+    the GenerateTilRequest that the edge answers from it: what `edge-hit` sends, whatever its client."""
+    import grpc
+    from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2, edge_pb2
+
+    from bench.til_workload import cache_seed, diff_for, edge_request
+
+    diff = diff_for(prompt)
+    sampling = common_pb2.SamplingParams(temperature=0.0)
+    seed = cache_seed(diff, output_len, spec.model, sampling, prompt_tokens=len(prompt.token_ids))
+    async with grpc.aio.insecure_channel(spec.cacher) as channel:
+        await cacher_pb2_grpc.CacherServiceStub(channel).PutEntry(
+            cacher_pb2.PutEntryRequest(namespace=seed.namespace, key=seed.key, value_json=seed.value_json),
+            timeout=30,
+        )
+    return edge_request(diff, output_len, sampling, edge_pb2.CACHE_POLICY_UNSPECIFIED)
 
 
 def network_arm(spec: ArmSpec) -> Arm:

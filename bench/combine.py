@@ -24,7 +24,7 @@ def combine(label: str, paths: list[Path]) -> dict[str, Any]:
     rows.sort(
         key=lambda r: (
             r["concurrency"],
-            r["arm"],
+            compare.arm_label(r),
             r.get("generator_replicas", 1),
             r.get("tensor_parallel_size", 1),
         )

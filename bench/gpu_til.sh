@@ -26,7 +26,8 @@
 # port, 8 of the box's 16 cores; their metrics from port 9100 up, clear of the other services),
 # NEAR_CACHE (EDGE_NEAR_CACHE_ENTRIES, 1024: each edge worker answers repeated hits without the cacher
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
-# their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN.
+# their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
+# python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -143,19 +144,22 @@ up)
   logs_to_out 15
   ;;
 measure)
+  [ -x .h2l/h2load ] && export H2LOAD=$PWD/.h2l/h2load  # carried (bench/h2load_kit.sh), for HIT_CLIENT
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
   cmd=(python3 -m bench.serving --arms "$ARMS" "${ENGINE[@]}" --bitmask-parallel-threshold 0 "${BITMASK_ARGS[@]}"
     --concurrency "$CONC" --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256
     --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}" --client-procs "${CLIENT_PROCS:-6}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
+    --hit-client "${HIT_CLIENT:-python}" --edge-metrics 127.0.0.1:9100
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
   { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]} TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-}"
     echo "vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=): $(printf '%q ' "${SERVE[@]}")"; } >>"$out/command.txt"
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
   echo "bench.serving exit $?"
-  grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|all .* failed|Error|error' "$out/serving.log" | cut -c1-260
+  grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \
+    "$out/serving.log" | cut -c1-260
   logs_to_out 30
   diag_to_out
   ;;

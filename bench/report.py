@@ -68,13 +68,23 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(title for _, title, _ in _COLUMNS) + " |"]
     lines.append("|" + "---|" * len(_COLUMNS))
     for row in results["rows"]:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+        shown = {**row, "arm": compare.arm_label(row)}
+        lines.append("| " + " | ".join(_cell(shown, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+    if any(row.get("client") == "h2load" for row in results["rows"]):
+        lines += [
+            "",
+            "`edge-hit (h2load)`: the same cached request sent by h2load (nghttp2's compiled HTTP/2 load"
+            " generator) instead of the Python client processes (`edge-hit`), one call in flight per"
+            " connection. Its TTFT and E2E columns are both the time until the stream ended (h2load does not"
+            " see single messages): a hit is replayed at once, so this bounds its TTFT from above. `client CPU"
+            " ms/req` is h2load's; each call counts only if the edge's metrics counted it OK and a cache hit.",
+        ]
     errors = [row for row in results["rows"] if row.get("errors") or row.get("notes")]
     if errors:
         lines += ["", "Errors and notes:", ""]
         for row in errors:
             lines.append(
-                f"- {row['arm']} @ {row['concurrency']}: errors {row.get('errors') or {}},"
+                f"- {compare.arm_label(row)} @ {row['concurrency']}: errors {row.get('errors') or {}},"
                 f" notes {row.get('notes') or {}}"
             )
     return "\n".join(lines) + "\n" + compare.markdown(results)
@@ -83,7 +93,9 @@ def markdown(results: dict[str, Any]) -> str:
 def series_name(row: dict[str, Any]) -> str:
     """The arm, with its replicas and tensor parallelism where they are not one."""
     replicas, tp = row.get("generator_replicas") or 1, row.get("tensor_parallel_size") or 1
-    return row["arm"] + (f" x{replicas}" if replicas > 1 else "") + (f" TP={tp}" if tp > 1 else "")
+    return (
+        compare.arm_label(row) + (f" x{replicas}" if replicas > 1 else "") + (f" TP={tp}" if tp > 1 else "")
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

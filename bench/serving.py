@@ -8,6 +8,12 @@ network arms talk to servers started beforehand (see bench/README.md and bench/r
         --concurrency 1,16,64,100,128 --input-len 512 --output-len 256 --out bench/results/8b-dummy
 
 Writes results.json, results.md and results.png into --out, the JSON and table after every row.
+
+`--hit-client h2load` (or `both`) measures the `edge-hit` arm with h2load (bench/h2grpc.py), a compiled
+HTTP/2 client, instead of (or besides) the Python client processes: its row says `client: h2load`, and
+its TTFT and E2E are both the time to the end of each stream (a hit is replayed at once, so this bounds
+the TTFT from above). The edge's metrics (`--edge-metrics`, the first worker's) must count every call
+h2load sent as OK and answered from the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import compare
+from bench import compare, h2grpc
 from bench.arms import (
     ALL_ARMS,
     IN_PROCESS,
@@ -33,6 +39,7 @@ from bench.arms import (
     TIL_ARMS,
     Arm,
     ArmSpec,
+    EdgeArm,
     EngineArm,
     EngineTilArm,
     EngineWrapperArm,
@@ -112,6 +119,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="memory bandwidth for the decode floor (default: by device)",
     )
     g.add_argument(
+        "--hit-client",
+        choices=("python", "h2load", "both"),
+        default="python",
+        help="edge-hit: the Python client processes, h2load (a row with client h2load), or both rows",
+    )
+    g.add_argument(
+        "--edge-metrics",
+        default="127.0.0.1:9091",
+        help="h2load edge-hit: the first edge worker's metrics HOST:PORT (worker i: PORT + i)",
+    )
+    g.add_argument(
+        "--edge-workers",
+        type=int,
+        default=0,
+        help="h2load edge-hit: edge workers to read metrics from (0: the consecutive ports that answer)",
+    )
+    g.add_argument(
+        "--h2load-rounds",
+        type=int,
+        default=50,
+        help="h2load edge-hit: measured requests per level = rounds x concurrency",
+    )
+    g.add_argument("--h2load-threads", type=int, default=None, help="h2load threads (default min(4, CPUs))")
+    g.add_argument(
         "--client-procs",
         type=int,
         default=default_client_processes(),
@@ -146,6 +177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown arms {unknown}; choose from {', '.join(ALL_ARMS)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.hit_client != "python":
+        if "edge-hit" not in args.arms:
+            p.error("--hit-client applies to the edge-hit arm, which --arms does not name")
+        try:
+            h2grpc.find_h2load()
+        except h2grpc.H2loadMissing as exc:
+            p.error(str(exc))
     args.model_id = args.model_id or Path(args.model).name
     args.openai_model = args.openai_model or args.model_id
     return args
@@ -196,11 +234,35 @@ def command_line() -> str:
     return (env + " " if env else "") + "python -m bench.serving " + shlex.join(sys.argv[1:])
 
 
+H2LOAD = "h2load"
+
+
+def arm_runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(arm, client) in `--arms` order: client None for an arm's own client, "h2load" for the edge-hit
+    row that h2load measures (`--hit-client`)."""
+    runs: list[tuple[str, str | None]] = []
+    for arm in args.arms:
+        if arm == "edge-hit" and args.hit_client != "python":
+            runs += [(arm, None)] if args.hit_client == "both" else []
+            runs.append((arm, H2LOAD))
+        else:
+            runs.append((arm, None))
+    return runs
+
+
 class Driver:
     """Runs every arm at every level, interleaved, and keeps the results file current."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.runs = arm_runs(args)
+        # Arms whose requests this process or its client processes send.
+        self.python_arms = [arm for arm, client in self.runs if client is None]
+        # h2load's edge-hit: the Python arm that seeded the entry and checks it before each level, the
+        # prompt it seeded, and the edge workers' metrics endpoints.
+        self.hit_arm: EdgeArm | None = None
+        self.hit_prompt: Prompt | None = None
+        self.hit_endpoints: list[str] = []
         self.engine: Any = None
         self.local: dict[str, Arm] = {}
         self.specs: dict[str, ArmSpec] = {}
@@ -221,6 +283,7 @@ class Driver:
                 "min_requests": args.min_requests,
                 "warmup_output_len": args.warmup_output_len,
                 "client_procs": args.client_procs,
+                "hit_client": args.hit_client,
                 "generator_replicas": args.generator_replicas,
             },
             "engine_settings": {},
@@ -297,11 +360,12 @@ class Driver:
         for name in (a for a in args.arms if a in NETWORK):
             model = generator_model if name == "edge-hit" else args.openai_model
             self.specs[name] = ArmSpec(name=name, target=targets[name], model=model, cacher=args.cacher_addr)
-        if self.specs and args.client_procs > 1:
+        python_network = [name for name in self.specs if name in self.python_arms]
+        if python_network and args.client_procs > 1:
             self.clients = ClientProcesses(args.client_procs)
-        elif self.specs:
-            for name, spec in self.specs.items():
-                self.local[name] = network_arm(spec)
+        else:
+            for name in python_network:
+                self.local[name] = network_arm(self.specs[name])
                 await self.local[name].open()
         return pools
 
@@ -366,13 +430,21 @@ class Driver:
         pools = await self.setup()
         out: Path = args.out
         try:
-            for arm in args.arms:
+            for arm in self.python_arms:
                 print(f"[{arm}] first warm-up", flush=True)
                 await self.batch(arm, pools, 8, 4, 16, f"{arm} first warm-up")
+            runs = self.runs
             for level, concurrency in enumerate(args.concurrency):
                 # Rotate the order so that no arm always runs right after another's load.
-                order = args.arms[level % len(args.arms) :] + args.arms[: level % len(args.arms)]
-                for arm in order:
+                order = runs[level % len(runs) :] + runs[: level % len(runs)]
+                for arm, client in order:
+                    if client == H2LOAD:
+                        row = await self.h2load_hits(pools, concurrency)
+                        self.results["rows"].append(row)
+                        print(f"[c={concurrency} {arm} h2load] {row_line(row)}", flush=True)
+                        self.conclude()
+                        write_all(self.results, out, with_plot=False)
+                        continue
                     tag = f"[c={concurrency} {arm}]"
                     print(f"{tag} warm-up: {concurrency} requests", flush=True)
                     # E's warm-up asks for the measured entry (the budget is part of the cache key), so
@@ -398,7 +470,50 @@ class Driver:
         finally:
             await self.close()
 
+    async def h2load_hits(self, pools: dict[str, PromptPool | TilPool], concurrency: int) -> dict[str, Any]:
+        """The edge-hit row at `concurrency` with h2load as the client: the request the Python edge-hit
+        arm sends after its seed, sent by `concurrency` h2load connections with one call in flight each,
+        warmed up with one round, then `--h2load-rounds` rounds measured; the edge's counts must say
+        that every call was answered OK from the cache."""
+        args = self.args
+        spec = self.specs["edge-hit"]
+        tag = f"[c={concurrency} edge-hit h2load]"
+        if self.hit_arm is None:
+            pool = pools["edge-hit"]
+            assert isinstance(pool, TilPool)
+            self.hit_prompt = (await pool.take(1))[0]
+            self.hit_arm = EdgeArm(spec)
+            await self.hit_arm.open()
+            self.hit_endpoints = h2grpc.edge_metrics_endpoints(args.edge_metrics, args.edge_workers)
+            print(f"{tag} edge metrics: {', '.join(self.hit_endpoints)}", flush=True)
+        assert self.hit_prompt is not None
+        # One call through the Python arm (it seeds the entry the first time): the entry must answer as a
+        # hit before h2load runs, and the call gives the lengths a hit replays.
+        check = await self.hit_arm.one(self.hit_prompt, args.output_len)
+        if not check.ok or check.note != "CACHE_STATUS_HIT":
+            raise RuntimeError(f"{tag} the seeded entry did not answer as a hit: {check.error or check.note}")
+        body = h2grpc.grpc_frame(self.hit_arm.hit_request(args.output_len))
+        url = h2grpc.grpc_url(spec.target, h2grpc.EDGE_GENERATE_TIL)
+        warm = h2grpc.Load(concurrency, concurrency, threads=args.h2load_threads)
+        print(f"{tag} warm-up: {warm.describe()}", flush=True)
+        await asyncio.to_thread(h2grpc.run_h2load, url, body, warm)
+        count = max(args.h2load_rounds * concurrency, args.min_requests, concurrency)
+        load = h2grpc.Load(count, concurrency, threads=args.h2load_threads)
+        print(f"{tag} measuring: {load.describe()}", flush=True)
+        before = h2grpc.read_edge_counts(self.hit_endpoints)
+        run = await asyncio.to_thread(h2grpc.run_h2load, url, body, load)
+        delta, problems = h2grpc.settled_delta(self.hit_endpoints, before, load.requests)
+        return {
+            "arm": "edge-hit",
+            "client": H2LOAD,
+            "concurrency": concurrency,
+            **self.row_facts("edge-hit"),
+            **h2load_row(h2grpc.summarize(run), check, delta, problems),
+        }
+
     async def close(self) -> None:
+        if self.hit_arm is not None:
+            await self.hit_arm.close()
         for arm in self.local.values():
             await arm.close()
         if self.clients is not None:
@@ -436,7 +551,64 @@ def model_info_of(args: argparse.Namespace) -> Any:
     )
 
 
+def h2load_row(
+    summary: dict[str, Any], check: RequestRecord, delta: h2grpc.EdgeCounts, problems: list[str]
+) -> dict[str, Any]:
+    """An edge-hit row's figures from an h2load run: the fields of `summarize`'s rows that apply, TTFT
+    and E2E both being the end of the stream; the lengths are those the check call saw replayed."""
+    requests = summary["requests"]
+    http_ok = requests - summary["failures"]
+    confirmed = max(0, min(http_ok, int(delta.codes.get("OK", 0)), int(delta.cached)))
+    errors = dict(summary["failures_by_status"])
+    if unconfirmed := http_ok - confirmed:
+        errors["HTTP 200 but not counted OK and a hit by the edge"] = unconfirmed
+    row: dict[str, Any] = {
+        "requests": requests,
+        "failures": requests - confirmed,
+        "errors": errors,
+        "notes": {"CACHE_STATUS_HIT": int(delta.cached)},
+        "latency": "end of stream",
+        "h2load": {
+            key: summary[key]
+            for key in ("connections", "streams_per_connection", "h2load_threads", "h2load_counts")
+        },
+        "edge_counted": {"codes": {k: int(v) for k, v in delta.codes.items()}, "cached": int(delta.cached)},
+        "edge_problems": problems,
+        "client_cpu_ms_per_request": summary["h2load_cpu_ms_per_request"],
+    }
+    if "end_of_stream_ms_p50" not in summary or not confirmed:
+        return row
+    wall = summary["wall_s"]
+    p50, p99 = summary["end_of_stream_ms_p50"], summary["end_of_stream_ms_p99"]
+    samples = summary["end_of_stream_ms_samples"]
+    row.update(
+        wall_s=wall,
+        output_tok_s=round(check.tokens * confirmed / wall, 1),
+        requests_s=round(confirmed / wall, 3),
+        prompt_tokens_mean=float(check.prompt_tokens),
+        output_tokens_mean=float(check.tokens),
+        ttft_ms_p50=p50,
+        ttft_ms_p99=p99,
+        e2e_ms_p50=p50,
+        e2e_ms_p99=p99,
+        e2e_ms_max=summary["end_of_stream_ms_max"],
+        samples={"e2e_ms": [round(v, 2) for v in samples]},
+    )
+    return row
+
+
 def row_line(row: dict[str, Any]) -> str:
+    if row.get("client") == H2LOAD:
+        h2 = row["h2load"]
+        head = f"{row['requests']} requests over {h2['connections']} connections x {h2['streams_per_connection']}"
+        if "output_tok_s" not in row:
+            return f"{head}: none confirmed: {row['errors']} {row['edge_problems']}"
+        return (
+            f"{head}: end of stream p50 {row['e2e_ms_p50']:.2f} p99 {row['e2e_ms_p99']:.2f} ms,"
+            f" {row['requests_s']:,.0f} req/s, {row['output_tokens_mean']:.0f} out tok/req,"
+            f" h2load CPU {row['client_cpu_ms_per_request']:.3f} ms/req, {row['failures']} failed"
+            + (f" {row['edge_problems']}" if row["edge_problems"] else "")
+        )
     if "output_tok_s" not in row:
         return f"all {row['requests']} requests failed: {row['errors']}"
     return (
