@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=AsyncIterator[Any])
@@ -36,6 +36,7 @@ async def coalesced(
     mergeable: Callable[[T_co], bool],
     merge: Callable[[list[T_co]], T_co],
     interval_s: float = 0.0,
+    pending: Iterable[T_co] = (),
 ) -> AsyncIterator[T_co]:
     """`source`'s items, with runs of mergeable items that are already waiting merged into one.
 
@@ -43,9 +44,10 @@ async def coalesced(
     previous message); each time the consumer asks, every mergeable item waiting is merged. With
     `interval_s`, a mergeable item waits until `interval_s` after the previous merged one was handed out
     (gathering more meanwhile); the first is never held back, nor is any other item. Errors of `source`
-    come after the items before them; closing this closes `source` (its task is cancelled).
+    come after the items before them; closing this closes `source` (its task is cancelled). `pending`:
+    items already read from `source`, handed out first.
     """
-    waiting: collections.deque[T_co] = collections.deque()
+    waiting: collections.deque[T_co] = collections.deque(pending)
     arrived = asyncio.Event()
     ended = False
     error: BaseException | None = None
