@@ -7,7 +7,7 @@ import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T", bound=AsyncIterator[Any])
 T_co = TypeVar("T_co")
@@ -21,13 +21,23 @@ async def aclose(stream: object) -> None:
         await close()
 
 
-@contextlib.asynccontextmanager
-async def closing(stream: T) -> AsyncIterator[T]:
-    """`async with closing(stream):` closes it on the way out, however the block ends."""
-    try:
-        yield stream
-    finally:
-        await aclose(stream)
+class _Closing(Generic[T]):
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: T) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> T:
+        return self._stream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await aclose(self._stream)
+
+
+def closing(stream: T) -> _Closing[T]:
+    """`async with closing(stream):` closes it on the way out, however the block ends. (A class, not
+    a generator-based context manager: it runs on every call.)"""
+    return _Closing(stream)
 
 
 async def coalesced(
