@@ -48,6 +48,8 @@ class Admission:
         self._per_client: collections.Counter[str] = collections.Counter()
         self.active = 0
         self.waiting = 0
+        self._active_gauge = ADMISSION_ACTIVE.labels(pool)  # bound once: labels() costs more than set()
+        self._waiting_gauge = ADMISSION_WAITING.labels(pool)
 
     def _refuse(self, limit: str, message: str) -> ResourceExhausted:
         ADMISSION_REJECTED.labels(self.pool, limit).inc()
@@ -70,19 +72,19 @@ class Admission:
         self._per_client[client] += 1
         try:
             self.waiting += 1
-            ADMISSION_WAITING.labels(self.pool).set(self.waiting)
+            self._waiting_gauge.set(self.waiting)
             try:
                 await self._slots.acquire()
             finally:
                 self.waiting -= 1
-                ADMISSION_WAITING.labels(self.pool).set(self.waiting)
+                self._waiting_gauge.set(self.waiting)
             self.active += 1
-            ADMISSION_ACTIVE.labels(self.pool).set(self.active)
+            self._active_gauge.set(self.active)
             try:
                 yield
             finally:
                 self.active -= 1
-                ADMISSION_ACTIVE.labels(self.pool).set(self.active)
+                self._active_gauge.set(self.active)
                 self._slots.release()
         finally:
             self._per_client[client] -= 1

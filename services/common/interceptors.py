@@ -7,7 +7,6 @@ only raises `ServiceError`s and never touches status codes itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -89,46 +88,96 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(code, fit_details(details))
 
 
+class _MethodMetrics:
+    """One method's metric children, looked up once: `labels()` on every call costs more than the
+    counting itself. Children are made when first used, so no series appears before its first call."""
+
+    def __init__(self, method: str) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.labels = (service, name)
+        self.in_flight = RPC_IN_FLIGHT.labels(service, name)
+        self.seconds = RPC_SECONDS.labels(service, name)
+        self._sent: Counter | None = None
+        self._handled: dict[grpc.StatusCode, Counter] = {}
+
+    @property
+    def sent(self) -> Counter:
+        if self._sent is None:
+            self._sent = STREAM_MESSAGES_SENT.labels(*self.labels)
+        return self._sent
+
+    def handled(self, code: grpc.StatusCode) -> Counter:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = RPC_HANDLED.labels(*self.labels, code.name)
+        return child
+
+
+class _Handling:
+    """One RPC however its handler answers: identity, decoding errors, status mapping, metrics.
+
+    A class rather than a generator-based context manager: it runs on every call."""
+
+    __slots__ = ("_context", "_interceptor", "_method", "_metrics", "_request", "_started")
+
+    def __init__(
+        self,
+        interceptor: ServiceInterceptor,
+        method: str,
+        metrics: _MethodMetrics,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self._interceptor = interceptor
+        self._method = method
+        self._metrics = metrics
+        self._request = request
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        self._started = time.perf_counter()
+        self._metrics.in_flight.inc()
+        try:
+            self._interceptor._identify(self._method, self._context)
+            if isinstance(self._request, MalformedRequest):
+                raise InvalidArgument(self._request.message)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(exc, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            elif isinstance(exc, grpc.aio.AbortError):
+                code = self._context.code() or grpc.StatusCode.UNKNOWN
+            elif isinstance(exc, Exception):
+                code = status_of(exc)[0]
+                await _abort_for(exc, self._context, self._method)  # raises AbortError
+        finally:
+            metrics = self._metrics
+            metrics.in_flight.dec()
+            metrics.handled(code).inc()
+            metrics.seconds.observe(time.perf_counter() - self._started)
+        return False
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Decodes requests safely, authenticates, maps exceptions to statuses, and counts every RPC."""
+    """Decodes requests safely, authenticates, maps exceptions to statuses, and counts every RPC.
+
+    gRPC asks it for every call; the wrapped handler of each method is made once and reused."""
 
     def __init__(self, auth: BearerTokenAuth | None = None) -> None:
         self._auth = auth
+        # method -> (the handler gRPC resolved, its wrapped form)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _identify(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if self._auth is None or method.startswith(OPEN_METHOD_PREFIXES):
             caller_identity.set(peer_identity(context.peer() or ""))
         else:
             caller_identity.set(self._auth.identify(context.invocation_metadata() or ()))
-
-    @contextlib.asynccontextmanager
-    async def _handling(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[str, str]]:
-        """One RPC however its handler answers: identity, decoding errors, status mapping, metrics."""
-        service, _, name = method.lstrip("/").rpartition("/")
-        labels = (service, name)
-        started = time.perf_counter()
-        RPC_IN_FLIGHT.labels(*labels).inc()
-        code = grpc.StatusCode.OK
-        try:
-            self._identify(method, context)
-            if isinstance(request, MalformedRequest):
-                raise InvalidArgument(request.message)
-            yield labels
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:
-            code = status_of(exc)[0]
-            await _abort_for(exc, context, method)
-        finally:
-            RPC_IN_FLIGHT.labels(*labels).dec()
-            RPC_HANDLED.labels(*labels, code.name).inc()
-            RPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
 
     async def intercept_service(
         self,
@@ -139,6 +188,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method: str = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        metrics = _MethodMetrics(method)
         options = {
             "request_deserializer": _safe_deserializer(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
@@ -147,7 +205,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with self._handling(method, request, context):
+                async with _Handling(self, method, metrics, request, context):
                     return await inner_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **options)
@@ -157,19 +215,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             # A handler that writes its messages itself (context.write), as the health service's Watch.
 
             async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
-                async with self._handling(method, request, context):
+                async with _Handling(self, method, metrics, request, context):
                     await inner_stream(request, context)
 
             return grpc.unary_stream_rpc_method_handler(written, **options)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._handling(method, request, context) as labels:
-                sent = STREAM_MESSAGES_SENT.labels(*labels)  # looked up once, not per message
+            async with _Handling(self, method, metrics, request, context):
+                sent = metrics.sent
+                responses = inner_stream(request, context)
                 # Closed on the way out however the call ends: a cancellation that lands while a
                 # message is being sent must still reach the handler (and stop its work) at once.
-                async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                try:
                     async for response in responses:
                         sent.inc()
                         yield response
+                finally:
+                    await responses.aclose()
 
         return grpc.unary_stream_rpc_method_handler(stream, **options)

@@ -6,8 +6,8 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T", bound=AsyncIterator[Any])
 T_co = TypeVar("T_co")
@@ -21,13 +21,23 @@ async def aclose(stream: object) -> None:
         await close()
 
 
-@contextlib.asynccontextmanager
-async def closing(stream: T) -> AsyncIterator[T]:
-    """`async with closing(stream):` closes it on the way out, however the block ends."""
-    try:
-        yield stream
-    finally:
-        await aclose(stream)
+class _Closing(Generic[T]):
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: T) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> T:
+        return self._stream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await aclose(self._stream)
+
+
+def closing(stream: T) -> _Closing[T]:
+    """`async with closing(stream):` closes it on the way out, however the block ends. (A class, not
+    a generator-based context manager: it runs on every call.)"""
+    return _Closing(stream)
 
 
 async def coalesced(
@@ -36,6 +46,7 @@ async def coalesced(
     mergeable: Callable[[T_co], bool],
     merge: Callable[[list[T_co]], T_co],
     interval_s: float = 0.0,
+    pending: Iterable[T_co] = (),
 ) -> AsyncIterator[T_co]:
     """`source`'s items, with runs of mergeable items that are already waiting merged into one.
 
@@ -43,9 +54,10 @@ async def coalesced(
     previous message); each time the consumer asks, every mergeable item waiting is merged. With
     `interval_s`, a mergeable item waits until `interval_s` after the previous merged one was handed out
     (gathering more meanwhile); the first is never held back, nor is any other item. Errors of `source`
-    come after the items before them; closing this closes `source` (its task is cancelled).
+    come after the items before them; closing this closes `source` (its task is cancelled). `pending`:
+    items already read from `source`, handed out first.
     """
-    waiting: collections.deque[T_co] = collections.deque()
+    waiting: collections.deque[T_co] = collections.deque(pending)
     arrived = asyncio.Event()
     ended = False
     error: BaseException | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -22,6 +23,9 @@ CACHE_LOOKUP_SECONDS = Histogram(
     ["namespace", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+# Children looked up once per (namespace, status), a handful: labels() costs more than the count.
+lookups = functools.cache(CACHE_LOOKUPS.labels)
+lookup_seconds = functools.cache(CACHE_LOOKUP_SECONDS.labels)
 
 CACHE_STATUS_NAMES = {
     edge_pb2.CACHE_STATUS_HIT: "hit",
@@ -82,8 +86,8 @@ async def look_up(cache: ResultCache, namespace: str, key: str, policy: int, tim
             else:
                 lookup = CacheLookup(edge_pb2.CACHE_STATUS_HIT, value, expires_in_s=read.expires_in_s)
     status = CACHE_STATUS_NAMES[lookup.status]
-    CACHE_LOOKUPS.labels(namespace, status).inc()
-    CACHE_LOOKUP_SECONDS.labels(namespace, status).observe(time.monotonic() - began)
+    lookups(namespace, status).inc()
+    lookup_seconds(namespace, status).observe(time.monotonic() - began)
     return lookup
 
 

@@ -31,8 +31,11 @@ def check_owner(owner: str, settings: EdgeSettings) -> str:
     return owner
 
 
+_POLICIES = frozenset(edge_pb2.CachePolicy.values())
+
+
 def check_policy(policy: int) -> None:
-    if policy not in edge_pb2.CachePolicy.values():
+    if policy not in _POLICIES:
         raise InvalidArgument(f"cache_policy {policy} is unknown; use UNSPECIFIED, REFRESH or BYPASS")
 
 

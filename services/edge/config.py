@@ -129,7 +129,7 @@ class EdgeSettings(ServerSettings):
         description="Longest a near-cache entry is served (never past the cacher's own expiry): how long a "
         "result replaced through another edge process (CACHE_POLICY_REFRESH) may still be served here.",
     )
-    uvloop: bool = Field(False, description="Run the event loop on uvloop (installed with the package).")
+    uvloop: bool = Field(True, description="Run the event loop on uvloop (installed with the package).")
 
     max_active: int = Field(128, ge=1, description="Calls the edge runs at once.")
     max_waiting: int = Field(512, ge=0, description="Calls that may wait for a slot; more are refused.")

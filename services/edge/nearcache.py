@@ -13,6 +13,7 @@ recently used first out. One per process: workers do not share it.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ NEAR_CACHE = Counter(
     "Near-cache look-ups and changes by namespace and what happened (hit, miss, expired, evicted, stored).",
     ["namespace", "event"],
 )
+# One child per (namespace, event), looked up once: labels() costs more than the count.
+_counted = functools.cache(NEAR_CACHE.labels)
 
 V = TypeVar("V")
 
@@ -67,14 +70,14 @@ class NearCache(Generic[V]):
             return None
         entry = self._entries.get((namespace, key))
         if entry is None:
-            NEAR_CACHE.labels(namespace, "miss").inc()
+            _counted(namespace, "miss").inc()
             return None
         if self._clock() >= entry.expires_at:
             self._drop((namespace, key))
-            NEAR_CACHE.labels(namespace, "expired").inc()
+            _counted(namespace, "expired").inc()
             return None
         self._entries.move_to_end((namespace, key))
-        NEAR_CACHE.labels(namespace, "hit").inc()
+        _counted(namespace, "hit").inc()
         return entry.value
 
     def put(self, namespace: str, key: str, value: V, *, size: int, expires_in_s: float | None) -> None:
@@ -86,11 +89,11 @@ class NearCache(Generic[V]):
             return
         self._entries[(namespace, key)] = _Entry(value, size, self._clock() + life)
         self.bytes += size
-        NEAR_CACHE.labels(namespace, "stored").inc()
+        _counted(namespace, "stored").inc()
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
             self._drop(oldest)
-            NEAR_CACHE.labels(oldest[0], "evicted").inc()
+            _counted(oldest[0], "evicted").inc()
 
     def discard(self, namespace: str, key: str) -> None:
         if (namespace, key) in self._entries:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import zoneinfo
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,12 +26,12 @@ from til.v1 import common_pb2, edge_pb2, generator_pb2
 
 from services.edge.background import Background
 from services.edge.cache import (
-    CACHE_LOOKUPS,
     Cached,
     CacheLookup,
     cache_key,
     envelope,
     look_up,
+    lookups,
     sampling_fields,
     unwrap,
 )
@@ -52,6 +53,7 @@ RESULTS = Counter(
     "Finished results by kind and whether they met every rule.",
     ["kind", "outcome"],
 )
+_results = functools.cache(RESULTS.labels)  # one child per (kind, outcome), looked up once
 
 Event: TypeAlias = (
     edge_pb2.StreamStarted | common_pb2.TextDelta | edge_pb2.TilFinished | edge_pb2.QuestionsFinished
@@ -136,7 +138,7 @@ class Pipeline:
         if job.policy == edge_pb2.CACHE_POLICY_UNSPECIFIED and self.near.enabled:
             near = self.near.get(contract.namespace, key)
             if near is not None:  # a result the cacher holds, without asking it again
-                CACHE_LOOKUPS.labels(contract.namespace, "near_hit").inc()
+                lookups(contract.namespace, "near_hit").inc()
                 for event in self._replay(contract, near, ctx, notices):
                     yield event
                 return
@@ -327,7 +329,7 @@ class Pipeline:
         )
         first_token_ms = ctx.elapsed_ms()
         yield replay.delta
-        RESULTS.labels(contract.kind, "cached").inc()
+        _results(contract.kind, "cached").inc()
         finished = type(replay.finished)()
         finished.CopyFrom(replay.finished)
         finished.timings.queue_ms = ctx.queued_s * 1000.0

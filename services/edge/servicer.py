@@ -8,9 +8,9 @@ is cancelled when the last of them leaves; see flights.py).
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -60,6 +60,10 @@ def _is_delta(event: object) -> bool:
     return type(event) is common_pb2.TextDelta
 
 
+def _is_replay(event: object) -> bool:
+    return isinstance(event, edge_pb2.StreamStarted) and event.cache_status == edge_pb2.CACHE_STATUS_HIT
+
+
 def _joined(deltas: list[common_pb2.TextDelta]) -> common_pb2.TextDelta:
     return common_pb2.TextDelta(
         text="".join(d.text for d in deltas), token_count=sum(d.token_count for d in deltas)
@@ -71,7 +75,7 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, and as long, for a fifth of its cost
 
 
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
@@ -99,11 +103,26 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 deadline=None if remaining is None else arrived + remaining,
                 queued_s=time.monotonic() - arrived,
             )
-            # Deltas that wait while a message is being sent go out together, as one message.
-            events = coalesced(run(job, ctx), mergeable=_is_delta, merge=_joined, interval_s=self._coalesce_s)
-            async with closing(events):
-                async for event in events:
-                    yield response(**{_EVENT_FIELDS[type(event)]: event})
+            source = run(job, ctx)
+            async with closing(source):
+                # `started` is read here: nothing comes before it to merge with.
+                first = await anext(source, None)
+                if first is None:
+                    return
+                if _is_replay(first):
+                    # A cache hit is replayed (pipeline.py): its events are all ready at once, so none
+                    # waits to be merged and they go out as they are, without a reading task.
+                    yield response(**{_EVENT_FIELDS[type(first)]: first})
+                    async for event in source:
+                        yield response(**{_EVENT_FIELDS[type(event)]: event})
+                    return
+                # Deltas that wait while a message is being sent go out together, as one message.
+                events = coalesced(
+                    source, mergeable=_is_delta, merge=_joined, interval_s=self._coalesce_s, pending=(first,)
+                )
+                async with closing(events):
+                    async for event in events:
+                        yield response(**{_EVENT_FIELDS[type(event)]: event})
 
     async def GenerateTil(
         self, request: edge_pb2.GenerateTilRequest, context: grpc.aio.ServicerContext

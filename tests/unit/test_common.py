@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 from pydantic_settings import SettingsConfigDict
 from til.v1 import cacher_pb2, cacher_pb2_grpc, generator_pb2, generator_pb2_grpc
 
@@ -72,6 +73,48 @@ async def test_service_errors_map_to_their_status_codes() -> None:
         bug = await get(channel, "bug")
         assert bug.code() is grpc.StatusCode.INTERNAL  # never UNKNOWN
         assert "secret" not in bug.details()
+
+
+def sample(name: str, method: str, **labels: str) -> float:
+    service, _, rpc = method.rpartition("/")
+    return REGISTRY.get_sample_value(name, {"grpc_service": service, "grpc_method": rpc, **labels}) or 0.0
+
+
+async def test_every_call_is_counted_by_method_and_code_however_often_the_method_is_called() -> None:
+    get_entry, generate = "til.v1.CacherService/GetEntry", "til.v1.GeneratorService/Generate"
+
+    class Streaming(generator_pb2_grpc.GeneratorServiceServicer):
+        async def Generate(self, request, context):
+            for _ in range(3):
+                yield generator_pb2.GenerateResponse()
+
+    streaming = Service(
+        "til.v1.GeneratorService",
+        lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(Streaming(), server),
+    )
+
+    def counts() -> tuple[float, ...]:
+        return (
+            sample("grpc_server_handled_total", get_entry, grpc_code="OK"),
+            sample("grpc_server_handled_total", get_entry, grpc_code="INVALID_ARGUMENT"),
+            sample("grpc_server_handling_seconds_count", get_entry),
+            sample("grpc_server_handled_total", generate, grpc_code="OK"),
+            sample("grpc_server_msg_sent_total", generate),
+        )
+
+    before = counts()
+    async with in_process_server([cacher_service(ScriptedCacher()), streaming]) as (_, channel):
+        stub = cacher_pb2_grpc.CacherServiceStub(channel)
+        for _ in range(3):
+            await stub.GetEntry(cacher_pb2.GetEntryRequest(key="k"))
+            await get(channel, "invalid")
+        generator = generator_pb2_grpc.GeneratorServiceStub(channel)
+        for _ in range(2):
+            assert len([r async for r in generator.Generate(generator_pb2.GenerateRequest())]) == 3
+    after = counts()
+    assert [b - a for a, b in zip(before, after, strict=True)] == [3, 3, 6, 2, 6]
+    assert sample("grpc_server_in_flight", get_entry) == sample("grpc_server_in_flight", generate) == 0
+    assert sample("grpc_server_msg_sent_total", get_entry) == 0  # only streams count messages
 
 
 async def test_downstream_status_passes_through() -> None:
@@ -287,6 +330,19 @@ async def test_coalesced_merges_what_waits_and_never_holds_back_the_first() -> N
     await asyncio.sleep(0.01)
     assert [item async for item in out] == [(2, 3, 4, 5, 6), (7, 8), "f"]
     assert closed.is_set()
+
+
+async def test_coalesced_hands_out_what_was_read_first_while_it_reads_on() -> None:
+    from services.common.streams import coalesced
+
+    async def rest():
+        for n in (1, 2, 3):
+            yield n
+
+    out = coalesced(rest(), mergeable=lambda x: isinstance(x, int), merge=lambda xs: tuple(xs), pending=["s"])
+    assert await anext(out) == "s"
+    await asyncio.sleep(0.01)  # the source is read meanwhile: what it gave waits, and is merged
+    assert [item async for item in out] == [(1, 2, 3)]
 
 
 async def test_coalesced_spaces_merged_items_and_passes_errors_on_after_the_items() -> None:
