@@ -123,16 +123,15 @@ def content_budget(max_tokens: int, chars_per_token: float) -> int:
     return max(len("# YYYY-MM-DD TIL\n") + 1, min(CONTENT_MAX_CHARS, int(room * chars_per_token)))
 
 
-# What `regex_literal` writes for each character it changes (str.translate: one pass in C).
-_REGEX_ESCAPES = str.maketrans(
-    {**{ch: "\\" + ch for ch in "\\^$.|?*+()[]{}/"}, "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-)
+# What `regex_literal` writes for each character it changes, and those characters.
+_REGEX_ESCAPES = {**{ch: "\\" + ch for ch in "\\^$.|?*+()[]{}/"}, "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_REGEX_SPECIAL = re.compile("[" + re.escape("".join(_REGEX_ESCAPES)) + "]")
 
 
 def regex_literal(text: str) -> str:
     """`text` as a regular expression that matches it literally, in the syntax ECMAScript, Python, Rust's
     regex (llguidance) and the generator's translator share: metacharacters escaped, tab as \\t."""
-    return text.translate(_REGEX_ESCAPES)
+    return _REGEX_SPECIAL.sub(lambda special: _REGEX_ESCAPES[special.group()], text)
 
 
 def lines_alternation(lines: tuple[str, ...] | list[str]) -> str:
