@@ -4,6 +4,7 @@ or a log line."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # Each pattern's first group (or the whole match, if it has none) is the secret; the rest is kept for context.
@@ -24,7 +25,8 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "aws-secret-access-key",
         re.compile(
-            r"(?i)aws.{0,20}?(?:secret|key).{0,20}?[=:][ \t]{0,32}[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])"
+            r"aws.{0,20}?(?:secret|key).{0,20}?[=:][ \t]{0,32}[\"']?([A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+            re.IGNORECASE,
         ),
     ),
     (
@@ -41,8 +43,9 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "password-assignment",
         re.compile(
-            r"(?i)(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key|client[_\-]?secret|auth)"
-            r"[\w.\-]{0,64}[ \t]{0,32}[:=][ \t]{0,32}[\"']([^\"'\s]{6,})[\"']"
+            r"(?:password|passwd|pwd|secret|token|api[_\-]?key|access[_\-]?key|client[_\-]?secret|auth)"
+            r"[\w.\-]{0,64}[ \t]{0,32}[:=][ \t]{0,32}[\"']([^\"'\s]{6,})[\"']",
+            re.IGNORECASE,
         ),
     ),
     # KEY=value lines in env files and shell scripts (upper-case names only: code uses other spellings).
@@ -57,8 +60,9 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "password-assignment",
         re.compile(
-            r"(?im)^[+\- ]?[ \t]*[\w\-]{0,64}(?:password|passwd|secret|token|api[_\-]?key|access[_\-]?key)[\w\-]{0,64}"
-            r"[ \t]*:[ \t]*([^\s\"'#,;(){}\[\]$]{8,})[ \t]*$"
+            r"^[+\- ]?[ \t]*[\w\-]{0,64}(?:password|passwd|secret|token|api[_\-]?key|access[_\-]?key)[\w\-]{0,64}"
+            r"[ \t]*:[ \t]*([^\s\"'#,;(){}\[\]$]{8,})[ \t]*$",
+            re.IGNORECASE | re.MULTILINE,
         ),
     ),
 )
@@ -86,14 +90,58 @@ _LITERALS: dict[int, tuple[str, ...]] = {
 # Characters that a case-insensitive pattern matches to an ASCII letter but that str.lower() does not map
 # to that one letter.
 _FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_FOLDED = tuple(chr(c) for c in _FOLD)
+# Each case-insensitive pattern without the flag, run on the lower-cased text instead: it finds the same
+# matches at the same offsets, since lower-casing (after _FOLD) keeps every character's place and maps
+# each character to one that the pattern's classes and letters take or refuse alike, and it runs several
+# times faster (the engine can skip to the letters a match starts with; a 4.6 KiB diff: 310 -> 45 us).
+_TWINS: dict[int, re.Pattern[str]] = {
+    index: re.compile(pattern.pattern, pattern.flags & ~re.IGNORECASE)
+    for index, (_, pattern) in enumerate(_PATTERNS)
+    if pattern.flags & re.IGNORECASE
+}
+# The lower-case literals (of the case-insensitive patterns), each looked for once per text.
+_LOWER_LITERALS = tuple(
+    dict.fromkeys(
+        literal
+        for index, (_, pattern) in enumerate(_PATTERNS)
+        if pattern.flags & re.IGNORECASE
+        for literal in _LITERALS.get(index, ())
+    )
+)
 
 
-def _may_match(index: int, pattern: re.Pattern[str], text: str, lowered: str) -> bool:
-    literals = _LITERALS.get(index)
-    if literals is None:
+def _occurs(literals: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether any of `literals` occurs in a text: one search when they share their first character (the
+    engine then skips ahead to it; ten AWS prefixes in a 2.8 KiB diff: 23 -> 2 us), else one scan each."""
+    if len({literal[0] for literal in literals}) == 1:
+        search = re.compile("|".join(map(re.escape, literals))).search
+        return lambda text: search(text) is not None
+    return lambda text: any(literal in text for literal in literals)
+
+
+# Per case-sensitive pattern, its test of the text; per case-insensitive one, its lower-case literals.
+_GATES: dict[int, Callable[[str], bool] | frozenset[str]] = {
+    index: frozenset(literals) if pattern.flags & re.IGNORECASE else _occurs(literals)
+    for index, (_, pattern) in enumerate(_PATTERNS)
+    if (literals := _LITERALS.get(index)) is not None
+}
+
+
+def _may_match(index: int, text: str, found: set[str]) -> bool:
+    """Whether pattern `index` may match `text`, `found` being the lower-case literals that occur in it."""
+    gate = _GATES.get(index)
+    if gate is None:
         return True
-    where = lowered if pattern.flags & re.IGNORECASE else text
-    return any(literal in where for literal in literals)
+    if isinstance(gate, frozenset):
+        return not found.isdisjoint(gate)
+    return gate(text)
+
+
+def _lowered(text: str) -> str:
+    if not text.isascii() and any(ch in text for ch in _FOLDED):
+        text = text.translate(_FOLD)
+    return text.lower()
 
 
 @dataclass(frozen=True)
@@ -106,22 +154,38 @@ class Redacted:
 def redact(text: str) -> Redacted:
     """Replaces every secret found in `text` with `[REDACTED:<kind>]`."""
     kinds: list[str] = []
-    lowered = text.translate(_FOLD).lower()
+    lowered = _lowered(text)
+    # The lower-case literals are looked for in the text as it came in (not as redacted so far); a twin
+    # runs on the text as redacted so far, lower-cased.
+    found = {literal for literal in _LOWER_LITERALS if literal in lowered}
     for index, (kind, pattern) in enumerate(_PATTERNS):
-        if not _may_match(index, pattern, text, lowered):
+        if not _may_match(index, text, found):
             continue
-
-        def replace(match: re.Match[str], kind: str = kind) -> str:
-            secret = match.group(1) if match.re.groups else match.group(0)
-            if "[REDACTED:" in secret:
-                return match.group(0)
-            kinds.append(kind)
-            if match.re.groups == 0:
-                return f"[REDACTED:{kind}]"
-            start, end = match.span(1)
-            whole = match.group(0)
-            offset = match.start(0)
-            return whole[: start - offset] + f"[REDACTED:{kind}]" + whole[end - offset :]
-
-        text = pattern.sub(replace, text)
+        twin = _TWINS.get(index)
+        if twin is not None and len(lowered) == len(text):  # (a Unicode version may lengthen a lower-casing)
+            matches = twin.finditer(lowered)
+        else:
+            matches = pattern.finditer(text)
+        replaced = _replaced(text, matches, kind, kinds)
+        if replaced is not text:
+            text = replaced
+            lowered = _lowered(text)
     return Redacted(text, tuple(kinds))
+
+
+def _replaced(text: str, matches: Iterator[re.Match[str]], kind: str, kinds: list[str]) -> str:
+    """`text` with the secret of each match (its first group, or all of it) replaced; `text` itself when
+    none was (a secret already redacted is left as it is)."""
+    parts: list[str] = []
+    done = 0
+    for match in matches:
+        start, end = match.span(1) if match.re.groups else match.span(0)
+        if "[REDACTED:" in text[start:end]:
+            continue
+        kinds.append(kind)
+        parts += (text[done:start], f"[REDACTED:{kind}]")
+        done = end
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return "".join(parts)

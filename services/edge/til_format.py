@@ -123,18 +123,15 @@ def content_budget(max_tokens: int, chars_per_token: float) -> int:
     return max(len("# YYYY-MM-DD TIL\n") + 1, min(CONTENT_MAX_CHARS, int(room * chars_per_token)))
 
 
+# What `regex_literal` writes for each character it changes, and those characters.
+_REGEX_ESCAPES = {**{ch: "\\" + ch for ch in "\\^$.|?*+()[]{}/"}, "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_REGEX_SPECIAL = re.compile("[" + re.escape("".join(_REGEX_ESCAPES)) + "]")
+
+
 def regex_literal(text: str) -> str:
     """`text` as a regular expression that matches it literally, in the syntax ECMAScript, Python, Rust's
     regex (llguidance) and the generator's translator share: metacharacters escaped, tab as \\t."""
-    out = []
-    for ch in text:
-        if ch in "\\^$.|?*+()[]{}/":
-            out.append("\\" + ch)
-        elif ch in "\t\n\r":
-            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r"}[ch])
-        else:
-            out.append(ch)
-    return "".join(out)
+    return _REGEX_SPECIAL.sub(lambda special: _REGEX_ESCAPES[special.group()], text)
 
 
 def lines_alternation(lines: tuple[str, ...] | list[str]) -> str:
@@ -153,16 +150,16 @@ def _trie(words: list[str]) -> str:
     branches: list[str] = []
     i = 0
     while i < len(rest):
-        j = i
-        while j < len(rest) and rest[j][0] == rest[i][0]:
+        j = i + 1
+        first = rest[i][0]
+        while j < len(rest) and rest[j][0] == first:
             j += 1
-        group = rest[i:j]
-        prefix = _common_prefix(group)
-        tails = [w[len(prefix) :] for w in group]
-        body = regex_literal(prefix)
-        if len(group) > 1:
-            body += _trie(tails)
-        branches.append(body)
+        if j - i == 1:  # a line no other shares a start with: itself
+            branches.append(regex_literal(rest[i]))
+        else:
+            group = rest[i:j]
+            prefix = _common_prefix(group[0], group[-1])  # sorted: the first and last differ most
+            branches.append(regex_literal(prefix) + _trie([w[len(prefix) :] for w in group]))
         i = j
     if not branches:
         return ""
@@ -170,12 +167,16 @@ def _trie(words: list[str]) -> str:
     return alternation + ("?" if optional else "")
 
 
-def _common_prefix(words: list[str]) -> str:
-    first, last = min(words), max(words)
-    n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
-        n += 1
-    return first[:n]
+def _common_prefix(first: str, last: str) -> str:
+    """The longest common prefix of two strings (a binary search over slice comparisons, done in C)."""
+    low, high = 0, min(len(first), len(last))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if first[:mid] == last[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return first[:low]
 
 
 @dataclass(frozen=True)
@@ -215,15 +216,17 @@ def _layout(date: str, language: str, lines: tuple[str, ...] | None, content_max
         stripped = tuple(dict.fromkeys(line.lstrip(" \t") for line in lines))
         # Shorter lines only when the longest would leave room for fewer than three in a block. Every
         # bullet has its code block even when the budget is too small for one (then maxLength is dropped).
+        quoted: tuple[str, ...] = ()
         for cap in (max(len(line) for line in stripped), 80, 60, 40, 20):
             fitting = tuple(line for line in stripped if len(line) <= cap)
             if not fitting:
                 break
+            quoted = fitting
             line_max = INDENT_MAX + max(len(line) for line in fitting)
             code_lines = max(1, min(MAX_CODE_LINES, code_room // (line_max + 1)))
-            code_line = f"{_INDENT}{lines_alternation(fitting)}"
             if code_room // (line_max + 1) >= 3:
                 break
+        code_line = f"{_INDENT}{lines_alternation(quoted)}"  # built once, for the cap chosen
     item_max = bullet_max + (block_overhead + code_lines * (line_max + 1) if code_line else 0)
     items = max(1, min(MAX_ITEMS, (room + 1) // (item_max + 1)))
     block = f"{fence_pattern}(?:(?:{code_line})\\n){{1,{code_lines}}}```\\n" if code_line else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Any
 
@@ -13,7 +14,14 @@ from services.edge.config import EdgeSettings, channel_target
 from services.edge.diffs import changed_files, changed_identifiers, fit_diff, guess_language, looks_like_diff
 from services.edge.prompt import TIL_PROMPT_VERSION, data, til_chat
 from services.edge.question_format import check_questions, questions_schema
-from services.edge.til_format import KEYWORD_PATTERN, check_til, personal_expressions, til_schema
+from services.edge.til_format import (
+    KEYWORD_PATTERN,
+    check_til,
+    lines_alternation,
+    personal_expressions,
+    regex_literal,
+    til_schema,
+)
 
 DATE = "2024-05-01"
 GOOD: dict[str, Any] = {
@@ -158,6 +166,22 @@ def test_til_schema_is_what_the_grammar_can_enforce() -> None:
         assert not title.fullmatch(f"{DATE} TIL - 캐시{escaped}도입")
         assert not keyword.fullmatch(f"캐시{escaped}")
     assert json.dumps(GOOD["title"], ensure_ascii=False)[1:-1] == GOOD["title"]
+
+
+def test_the_code_line_trie_matches_exactly_its_lines() -> None:
+    rng = random.Random(5)
+    alphabet = "ab.*+?()[]{}|^$/\\\t 가="
+    for _ in range(200):  # lines full of metacharacters, many sharing a long start
+        stem = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        lines = {stem + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(12)}
+        # and lines that start others
+        lines |= {line[: len(line) // 2] for line in list(lines)[:3] if len(line) > 1}
+        pattern = re.compile(lines_alternation(sorted(lines)))
+        for line in lines:
+            assert pattern.fullmatch(line), (line, pattern.pattern)
+        for probe in {line + "a" for line in lines} | {line[:-1] for line in lines} | {stem + "zz"}:
+            assert bool(pattern.fullmatch(probe)) == (probe in lines), (probe, pattern.pattern)
+    assert regex_literal("a.b\t(x)\n") == "a\\.b\\t\\(x\\)\\n"
 
 
 def test_prompt_fences_data_and_states_the_rules() -> None:

@@ -131,3 +131,37 @@ def test_the_edge_redacts_a_text_asked_again_from_memory_with_the_same_result_an
     huge = "+" + "x" * redaction._RECENT_MAX_TEXT_CHARS
     redaction.redact_text(huge, [])
     assert huge not in redaction._RECENT
+
+
+def test_each_case_insensitive_pattern_and_its_twin_on_the_lowered_text_find_the_same_secrets() -> None:
+    """`redact` runs a case-insensitive pattern as a case-sensitive twin on the text lower-cased: the same
+    matches at the same offsets, also for characters that match an ASCII letter only case-insensitively."""
+    import random
+
+    from services.common import redaction
+
+    folding = [chr(c) for c in range(0x250) if re.fullmatch("[a-z]", chr(c), re.IGNORECASE)]
+    folding += ["\u0130", "\u0131", "\u017f", "\u212a", "\u1e9e", "\u03a3"]
+    pieces = [
+        *folding,
+        *"=:'\" \t\n-_./+[]$#",
+        "password",
+        "PassWord",
+        "tOkEn",
+        "aWs",
+        "key",
+        "SECRET",
+        "ſecret",
+    ]
+    twins = redaction._TWINS
+    assert set(twins) == {i for i, (_, p) in enumerate(redaction._PATTERNS) if p.flags & re.IGNORECASE}
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+        text += rng.choice(["", " = 'hunter2hunter2'", ": correcthorse", "=" + AWS_SECRET])
+        lowered = redaction._lowered(text)
+        assert len(lowered) == len(text)
+        for index, twin in twins.items():
+            pattern = redaction._PATTERNS[index][1]
+            expected = [(m.span(), m.span(1)) for m in pattern.finditer(text)]
+            assert [(m.span(), m.span(1)) for m in twin.finditer(lowered)] == expected, (index, text)
