@@ -418,7 +418,11 @@ class GeneratorArm(_GrpcArm):
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         request = self._request(prompt, output_len)
         stub = await self._take()
-        return await self._timed(stub, lambda: stub.Generate(request, timeout=_RPC_TIMEOUT_S))
+        from services.common import sent_at
+
+        return await self._timed(
+            stub, lambda: stub.Generate(request, timeout=_RPC_TIMEOUT_S, metadata=sent_at.stamp())
+        )
 
 
 class EdgeArm(_GrpcArm):

@@ -38,6 +38,8 @@ from til.v1 import (
     retriever_pb2_grpc,
 )
 
+from services.common import sent_at
+
 log = logging.getLogger(__name__)
 
 GENERATOR_RETRIES = Counter(
@@ -341,7 +343,7 @@ class GeneratorClient:
                 replica = self.replicas.pick(exclude=tried)
                 tried.append(replica)
                 remaining = None if deadline is None else deadline - time.monotonic()
-                call = replica.stub.Generate(request, timeout=remaining)
+                call = replica.stub.Generate(request, timeout=remaining, metadata=sent_at.stamp())
                 replica.outstanding += 1
                 try:
                     async for response in call:

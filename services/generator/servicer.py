@@ -15,6 +15,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 from til.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from services.common import sent_at
 from services.common.admission import Admission
 from services.common.errors import (
     DeadlineExceeded,
@@ -112,7 +113,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
-        times = _StreamTimes(arrived=time.monotonic())
+        times = _StreamTimes(
+            arrived=time.monotonic(), sent_delay_s=sent_at.delay_s(context.invocation_metadata())
+        )
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline passed before generation started")
@@ -154,12 +157,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                             log.info(
                                 "request %s finished (%s): %d prompt tokens (%d cached), %d generated; "
                                 "prepare %.1f ms, admitted %.1f ms, queue %.1f ms, first output %.1f ms, "
-                                "first text %.1f ms, total %.0f ms",
+                                "first text %.1f ms, total %.0f ms%s",
                                 request_id, event.finish_reason, event.prompt_tokens, event.cached_prompt_tokens,
                                 event.completion_tokens, (times.prepared - times.arrived) * 1000,
                                 (times.admitted - times.arrived) * 1000, timings.queue_ms,
                                 (times.first_output_at - times.arrived) * 1000,
-                                timings.time_to_first_token_ms, timings.total_ms,
+                                timings.time_to_first_token_ms, timings.total_ms, times.sent_note(),
                             )  # fmt: skip
                             yield generator_pb2.GenerateResponse(finished=_finished(event, timings))
                             return
@@ -326,6 +329,8 @@ class _StreamTimes:
     """Wall-clock marks of one stream, for its `Timings` and the latency histograms."""
 
     arrived: float
+    # From the caller's stamp (services.common.sent_at) to this handler's start, when the caller stamped.
+    sent_delay_s: float | None = None
     prepared: float = 0.0
     admitted: float = 0.0
     queue_s: float = 0.0
@@ -337,6 +342,11 @@ class _StreamTimes:
     def started(self, engine_queue_s: float) -> None:
         self.first_output_at = time.monotonic()
         self.queue_s = (self.admitted - self.arrived) + engine_queue_s
+
+    def sent_note(self) -> str:
+        if self.sent_delay_s is None:
+            return ""
+        return f"; reached this handler {self.sent_delay_s * 1000:.1f} ms after the caller sent it"
 
     def text_sent(self) -> None:
         now = time.monotonic()

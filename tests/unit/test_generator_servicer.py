@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 from til.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from services.common import sent_at
 from services.common.admission import Admission
 from services.generator.engine import (
     ChatTurn,
@@ -549,3 +551,34 @@ async def test_the_prepared_request_is_what_the_engine_generates() -> None:
         _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))]
     (seen,) = engine.requests
     assert seen.prepared == Prepared(prompt_tokens=(1, 2, 3))
+
+
+async def test_a_stamped_call_logs_how_long_it_took_to_reach_the_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.generator.servicer")
+    async with generator(ScriptedEngine()) as stub:
+        sent = (("x-tilserve-sent-at", f"{time.time() - 0.25:.6f}"),)  # as if sent 250 ms ago
+        [
+            _
+            async for _ in stub.Generate(
+                generator_pb2.GenerateRequest(request_id="s", prompt="Hi"), metadata=sent
+            )
+        ]
+        [_ async for _ in stub.Generate(generator_pb2.GenerateRequest(request_id="u", prompt="Hi"))]
+    lines = {
+        r.getMessage().split()[1]: r.getMessage() for r in caplog.records if " finished (" in r.getMessage()
+    }
+    waited = re.search(r"reached this handler ([\d.]+) ms after the caller sent it", lines["s"])
+    assert waited is not None and 250 <= float(waited.group(1)) < 5000
+    assert "reached this handler" not in lines["u"]
+
+
+def test_sent_at_reads_only_its_own_well_formed_stamp() -> None:
+    ((header, value),) = sent_at.stamp()
+    assert header == sent_at.HEADER and abs(float(value) - time.time()) < 5
+    assert sent_at.delay_s([("other", "1"), (header, value)]) is not None
+    assert sent_at.delay_s([(header, f"{time.time() + 60:.6f}")]) == 0.0  # a clock ahead of ours
+    assert sent_at.delay_s([(header, "soon")]) is None
+    assert sent_at.delay_s([(header, b"1.0")]) is None  # a binary value is not a stamp
+    assert sent_at.delay_s(None) is None
