@@ -7,6 +7,7 @@ SERVING on the standard health service and stops them (SIGTERM, then SIGKILL) in
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,8 +35,33 @@ DEFAULT_PORTS = {"edge": 50051, "generator": 50052, "retriever": 50053, "cacher"
 DEFAULT_METRICS_PORTS = {"edge": 9091, "generator": 9092, "retriever": 9093, "cacher": 9094}
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, below the kernel's ephemeral range: a port the kernel picked for `bind(0)` can be
+    taken by any outgoing connection's local end before the service binds it (a test once failed so)."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(10_000, max(low, 10_001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # nothing free below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

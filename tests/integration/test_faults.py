@@ -641,9 +641,10 @@ async def test_redis_killed_under_load_fails_no_til_and_hits_resume(
     assert during and all(status == edge_pb2.CACHE_STATUS_UNAVAILABLE for status, _ in during)
     assert probes == [edge_pb2.CACHE_STATUS_UNAVAILABLE] * 5
     assert skipped > 0  # after EDGE_BREAKER_FAILURES (3) the breaker stopped calling the dead cache
-    # Every look-up of the dead cache gave up within 100 ms (EDGE_CACHE_TIMEOUT_S), most at once.
+    # Every look-up of the dead cache gave up by its 100 ms timeout (EDGE_CACHE_TIMEOUT_S), most at once:
+    # within the next bucket, 250 ms, since one that runs to its timeout ends a little after 100 ms.
     # (Calls that joined an identical generation in progress made no look-up of their own.)
-    assert unavailable_lookups() > 0 and unavailable_lookups("0.1") == unavailable_lookups()
+    assert unavailable_lookups() > 0 and unavailable_lookups("0.25") == unavailable_lookups()
 
 
 async def test_fuzzed_requests_get_clear_statuses_from_the_real_processes(secure: Secure) -> None:
