@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 14 on two H200s of one host (device kind nvidia-h200-x2): generator replicas behind one edge, and
-# tensor parallelism. Device calls back to back from the checkout's root, after `bash bench/gpu_prepare.sh`:
+# tensor parallelism. Device calls back to back from the checkout's root, after `bash bench/gpu_prepare.sh`
+# (the kit's first part travels in two halves, .vk1a/a and .vk1b/b, since with the tree it is over 64 MiB):
 #
-#   1. kind nvidia-h200-x2, carry [".vk",".vk1"]                      bash bench/gpu_two.sh stage1
+#   1a. kind nvidia-h200-x2, carry [".vk1a"]      mkdir -p /tmp/p && cp .vk1a/a /tmp/p/a
+#   1b. carry [".vk",".vk1b"]   cat /tmp/p/a .vk1b/b >/tmp/p/kit.tar.xz.part00 && bash .vk/vkit_append.sh /tmp/p/kit.tar.xz.part00
 #   2. carry [".vk",".vk3",".dm",".whl",".rds"]                        bash bench/gpu_two.sh stage2
 #   3. carry [".rds"]   bash bench/gpu_two.sh one    one generator on GPU 0 behind the edge      (~4 min)
 #   4. carry [".rds"]   bash bench/gpu_two.sh two    one generator per GPU behind one edge       (~4 min)
@@ -15,9 +17,11 @@
 # stops it; rows carry generator_replicas and tensor_parallel_size. Results also stay in /tmp/two-out
 # for `combine`. Same engine settings as bench/gpu_til.sh but each engine has its GPU(s) to itself
 # (MEM 0.85). NCCL_NVLS_ENABLE=0 for TP (bench/gpu_stack.py sets it): NVLink multicast is off on these
-# machines. Knobs: CONC, ROUNDS, MEM, EDGE_EXTRA.
+# machines. Grammar masks are filled as issue 13 settled (bench/results/issue13-h200-s18): llguidance's own
+# parallel fill, 14 threads, batches of 1024 (BITMASK_FILL, BITMASK_WORKERS, BITMASK_BATCH). Knobs: CONC,
+# ROUNDS, MEM, EDGE_WORKERS, CLIENT_PROCS, EDGE_EXTRA.
 set -u
-step=${1:?usage: gpu_two.sh stage1|stage2|one|two|tp2|combine}
+step=${1:?usage: gpu_two.sh stage2|one|two|tp2|combine}
 out=${OUT:-/tmp/two-final}
 mkdir -p "$out"
 TREE=/tmp/til-tree
@@ -26,19 +30,23 @@ META=/tmp/tilserve-meta
 KEEP=/tmp/two-out
 DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
 MODEL_ID=llama3-8b-shape-dummy
-# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): the edge's TIL prompt
-# alone (system prompt and template) has ~640 tokens since the TIL grammar quotes the diff.
-INPUT_LEN=${INPUT_LEN:-768}
+# Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): 512, as issue 13 measured.
+
+INPUT_LEN=${INPUT_LEN:-512}
 MEM=${MEM:-0.85}
 CONC=${CONC:-1,200}
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$SITE:$META:$TREE:$TREE/gen
 EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
-  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-4} EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
+  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-8} EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
 GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
   GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
-  GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0)
+  GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0
+  GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS=${BITMASK_WORKERS:-14}
+  GENERATOR_STRUCTURED_OUTPUT_PARALLEL_BATCH_SIZE=${BITMASK_BATCH:-1024})
+# (the plugin's variable, exported: every process started here inherits it, each engine core too)
+export TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-llguidance}
 
 phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
   local name=$1 replicas=$2 gpus=$3 arms=$4
@@ -50,7 +58,8 @@ phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
     stack_env+=(--env "$kv")
   done
   local serving="python3 -m bench.serving --arms $arms --model $DUMMY --model-id $MODEL_ID --concurrency $CONC \
---input-len $INPUT_LEN --til-input-len $INPUT_LEN --output-len 256 --rounds ${ROUNDS:-2} --generator-replicas $replicas \
+--input-len $INPUT_LEN --til-input-len $INPUT_LEN --output-len 256 --rounds ${ROUNDS:-2} --min-requests 8 \
+--client-procs ${CLIENT_PROCS:-6} --generator-replicas $replicas \
 --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 \
 --label 'Issue 14: $name ($replicas x generator, $gpus GPU each)' --out $KEEP/$name"
   echo "python3 -m bench.gpu_stack --replicas $replicas --gpus-per-replica $gpus ${stack_env[*]} --run \"$serving\"" \
@@ -66,7 +75,7 @@ phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
 }
 
 case "$step" in
-stage1 | stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
+stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
 one) phase one 1 1 generator-til,edge ;;
 two) phase two 2 1 edge ;;
 tp2) phase tp2 1 2 generator-til,edge ;;
