@@ -31,7 +31,6 @@ KEEP=/tmp/two-out
 DUMMY=/tmp/vkit_models/llama3-8b-shape-smollm2-tok-dummy
 MODEL_ID=llama3-8b-shape-dummy
 # Prompt tokens of every arm, plain and TIL alike (ratios need equal lengths): 512, as issue 13 measured.
-
 INPUT_LEN=${INPUT_LEN:-512}
 MEM=${MEM:-0.85}
 CONC=${CONC:-1,200}
