@@ -21,7 +21,7 @@
 # parallel fill, 14 threads, batches of 1024 (BITMASK_FILL, BITMASK_WORKERS, BITMASK_BATCH). Knobs: CONC,
 # ROUNDS, MEM, EDGE_WORKERS, CLIENT_PROCS, EDGE_EXTRA.
 set -u
-step=${1:?usage: gpu_two.sh stage2|one|two|tp2|combine}
+step=${1:?usage: gpu_two.sh stage2|one|two|tp2|ceiling|combine}
 out=${OUT:-/tmp/two-final}
 mkdir -p "$out"
 TREE=/tmp/til-tree
@@ -78,10 +78,27 @@ stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
 one) phase one 1 1 generator-til,edge ;;
 two) phase two 2 1 edge ;;
 tp2) phase tp2 1 2 generator-til,edge ;;
+ceiling)  # the engine alone (in-process AsyncLLM, no tilserve process) on GPU 0 at c=100 and c=200: how
+  # much one GPU gains from a batch twice as large bounds what a second replica can add
+  cd $TREE || exit 1
+  for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
+  rm -rf "$KEEP/ceiling" && mkdir -p "$KEEP/ceiling" "$out/ceiling"
+  cmd=(python3 -m bench.serving --arms engine,engine-til --model "$DUMMY" --model-id $MODEL_ID --load-format dummy
+    --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization "$MEM" --max-num-seqs 256
+    --no-enable-prefix-caching --engine-seed 0 --bitmask-parallel-threshold 0
+    --bitmask-parallel-workers "${BITMASK_WORKERS:-14}" --bitmask-parallel-batch-size "${BITMASK_BATCH:-1024}"
+    --concurrency "${CEIL_CONC:-100,200}" --input-len $INPUT_LEN --til-input-len $INPUT_LEN --output-len 256
+    --rounds "${ROUNDS:-2}" --min-requests 8 --label "Issue 14: the engine alone on one H200" --out "$KEEP/ceiling")
+  printf '%q ' "${cmd[@]}" >"$KEEP/ceiling/command.txt"
+  CUDA_VISIBLE_DEVICES=0 timeout 540 "${cmd[@]}" >"$KEEP/ceiling/serving.log" 2>&1
+  echo "bench.serving exit $?"
+  grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|Error' "$KEEP/ceiling/serving.log" | cut -c1-260
+  cp "$KEEP/ceiling"/* "$out/ceiling/" 2>/dev/null
+  ;;
 combine)
   cd $TREE || exit 1
   python3 -m bench.combine --label "Issue 14: replicas and tensor parallelism on two H200s" --out "$out" \
-    $KEEP/one/results.json $KEEP/two/results.json $KEEP/tp2/results.json
+    $KEEP/one/results.json $KEEP/two/results.json $KEEP/tp2/results.json $KEEP/ceiling/results.json
   for p in one two tp2; do cp "$KEEP/$p/command.txt" "$out/command-$p.txt" 2>/dev/null; done
   ;;
 *) echo "unknown step $step"; exit 2 ;;
