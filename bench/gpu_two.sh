@@ -19,7 +19,8 @@
 # (MEM 0.85). NCCL_NVLS_ENABLE=0 for TP (bench/gpu_stack.py sets it): NVLink multicast is off on these
 # machines. Grammar masks are filled as issue 13 settled (bench/results/issue13-h200-s18): llguidance's own
 # parallel fill, 14 threads, batches of 1024 (BITMASK_FILL, BITMASK_WORKERS, BITMASK_BATCH). Knobs: CONC,
-# ROUNDS, MEM, EDGE_WORKERS, CLIENT_PROCS, EDGE_EXTRA.
+# ROUNDS, MEM, EDGE_WORKERS, CLIENT_PROCS, EDGE_EXTRA, ARMS, SUFFIX (of the phase's folder: CONC=512
+# SUFFIX=-512 ARMS=edge runs one and two again at saturation, beside the first results).
 set -u
 step=${1:?usage: gpu_two.sh stage2|one|two|tp2|ceiling|combine}
 out=${OUT:-/tmp/two-final}
@@ -75,9 +76,9 @@ phase() {  # $1 name, $2 replicas, $3 GPUs per replica, $4 arms
 
 case "$step" in
 stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
-one) phase one 1 1 generator-til,edge ;;
-two) phase two 2 1 edge ;;
-tp2) phase tp2 1 2 generator-til,edge ;;
+one) phase one${SUFFIX:-} 1 1 "${ARMS:-generator-til,edge}" ;;
+two) phase two${SUFFIX:-} 2 1 "${ARMS:-edge}" ;;
+tp2) phase tp2${SUFFIX:-} 1 2 "${ARMS:-generator-til,edge}" ;;
 ceiling)  # the engine alone (in-process AsyncLLM, no tilserve process) on GPU 0 at c=100 and c=200: how
   # much one GPU gains from a batch twice as large bounds what a second replica can add
   cd $TREE || exit 1
