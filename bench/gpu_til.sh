@@ -27,7 +27,8 @@
 # NEAR_CACHE (EDGE_NEAR_CACHE_ENTRIES, 1024: each edge worker answers repeated hits without the cacher
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
-# python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`).
+# python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
+# STREAM_INTERVAL (below).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -68,13 +69,19 @@ BITMASK_ARGS=()
   BITMASK_ARGS+=(--bitmask-parallel-batch-size "$BITMASK_BATCH"); }
 # (the plugin's variable, exported: every process started here inherits it, the generator's engine core too)
 [ -n "${BITMASK_FILL:-}" ] && export TILSERVE_VLLM_BITMASK_FILL=$BITMASK_FILL
+# STREAM_INTERVAL: vLLM's stream_interval (tokens a message after the first) for every engine alike: the
+# generator (GENERATOR_STREAM_INTERVAL), vllm serve (--stream-interval) and the in-process arms.
+INTERVAL_ARGS=()
+[ -n "${STREAM_INTERVAL:-}" ] && { GENERATOR_ENV+=(GENERATOR_STREAM_INTERVAL=$STREAM_INTERVAL)
+  INTERVAL_ARGS+=(--stream-interval "$STREAM_INTERVAL"); }
 # Stock vLLM's server with the same engine settings and structured-output backend as our generator.
 SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$DUMMY" --served-model-name $MODEL_ID
   --load-format dummy --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization "$MEM" --max-num-seqs 256
   --no-enable-prefix-caching --seed 0 --host 127.0.0.1 --port 8000
-  --structured-outputs-config '{"backend":"guidance","disable_any_whitespace":true,"disable_additional_properties":true}')
+  --structured-outputs-config '{"backend":"guidance","disable_any_whitespace":true,"disable_additional_properties":true}'
+  "${INTERVAL_ARGS[@]}")
 ENGINE=(--model "$DUMMY" --model-id $MODEL_ID --load-format dummy --dtype bfloat16 --max-model-len 4096
-  --gpu-memory-utilization "$MEM" --max-num-seqs 256 --no-enable-prefix-caching --engine-seed 0)
+  --gpu-memory-utilization "$MEM" --max-num-seqs 256 --no-enable-prefix-caching --engine-seed 0 "${INTERVAL_ARGS[@]}")
 
 wait_for() {  # $1 what, $2 seconds, $3 pid that must stay alive, $4... the check
   local what=$1 limit=$2 pid=$3; shift 3

@@ -76,6 +76,7 @@ class EngineSettings:
     structured_output_parallel_batch_size: int | None = None
     structured_output_fill: str | None = None
     schema_compile_timeout_s: float = 10.0  # GENERATOR_SCHEMA_COMPILE_TIMEOUT_S
+    stream_interval: int | None = None  # GENERATOR_STREAM_INTERVAL
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,6 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     e.add_argument("--engine-seed", type=int, default=0)
     e.add_argument("--load-format", default="auto", help='"dummy": random weights, real speed')
+    e.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="vLLM's tokens a message (GENERATOR_STREAM_INTERVAL)",
+    )
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument(
         "--bitmask-parallel-threshold",
@@ -203,6 +210,7 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.engine_seed,
+        stream_interval=args.stream_interval,
         load_format=args.load_format,
         trust_remote_code=args.trust_remote_code,
         structured_output_parallel_threshold=args.bitmask_parallel_threshold,

@@ -162,11 +162,12 @@ async def serve(
     running = await start_server(settings, services)
     names = ", ".join(running.service_names)
     log.info(
-        "listening on %s:%d (%s); metrics on :%s",
+        "listening on %s:%d (%s); metrics on :%s; event loop: %s",
         settings.host,
         running.port,
         names,
         settings.metrics_port or "off",
+        type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
     )
 
     stop = asyncio.Event()

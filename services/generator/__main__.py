@@ -6,11 +6,10 @@ llama.cpp, and turns SERVING once the model is loaded and has generated a few to
 
 from __future__ import annotations
 
-import asyncio
-
 from services.common.admission import Admission
 from services.common.server import serve
 from services.common.settings import load_settings
+from services.common.workers import run_loop
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GenerationLimits, GeneratorServicer
@@ -31,8 +30,7 @@ def build_engine(settings: GeneratorSettings) -> GenerationEngine:
     return LlamaCppEngine(settings)
 
 
-async def main() -> None:
-    settings = load_settings(GeneratorSettings)
+async def main(settings: GeneratorSettings) -> None:
     engine = build_engine(settings)
     servicer = GeneratorServicer(
         engine,
@@ -50,4 +48,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    generator_settings = load_settings(GeneratorSettings)
+    run_loop(lambda: main(generator_settings), uvloop=generator_settings.uvloop)

@@ -78,6 +78,11 @@ class GeneratorSettings(ServerSettings):
         10.0, gt=0, description="Longest a request's JSON Schema may take to compile before INVALID_ARGUMENT."
     )
 
+    uvloop: bool = Field(
+        True,
+        description="Run the event loop on uvloop (installed with the package), as `vllm serve` does: every "
+        "stream's messages and, on vLLM, the engine's output handling share this one loop.",
+    )
     fake_token_interval_s: float = Field(
         0.01, ge=0, description="fake backend: seconds between two streamed tokens."
     )
@@ -93,6 +98,13 @@ class GeneratorSettings(ServerSettings):
     max_num_seqs: int | None = Field(256, ge=1)
     enable_prefix_caching: bool | None = Field(True)
     seed: int | None = Field(0, ge=0)
+    stream_interval: int | None = Field(
+        None,
+        ge=1,
+        description="vllm: tokens per streamed message after the first (vLLM's stream_interval; the first "
+        "token and the last are never held back). Larger: fewer messages, less work on the generator's "
+        "event loop at many streams. Unset: vLLM's 1, a message a token.",
+    )
     load_format: str = Field("auto")
     trust_remote_code: bool = Field(False)
     # Structured-output bitmasks (services/generator/vllm_plugin.py). Unset: vLLM's own way (one thread

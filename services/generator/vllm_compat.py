@@ -62,6 +62,7 @@ def resolved_settings(llm: AsyncLLM) -> dict[str, str]:
         "kv_cache_blocks": cache.num_gpu_blocks,
         "kv_block_size": cache.block_size,
         "seed": model.seed,
+        "stream_interval": sched.stream_interval,
         "load_format": config.load_config.load_format,
         "structured_outputs_backend": config.structured_outputs_config.backend,
     }

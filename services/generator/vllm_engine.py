@@ -109,6 +109,8 @@ class VllmSettings(Protocol):
     @property
     def seed(self) -> int | None: ...
     @property
+    def stream_interval(self) -> int | None: ...
+    @property
     def load_format(self) -> str: ...
     @property
     def trust_remote_code(self) -> bool: ...
@@ -145,6 +147,7 @@ def engine_args(settings: VllmSettings) -> dict[str, Any]:
         "max_num_seqs": settings.max_num_seqs,
         "enable_prefix_caching": settings.enable_prefix_caching,
         "seed": settings.seed,
+        "stream_interval": settings.stream_interval,
     }
     # "" counts as unset too: an empty environment variable means "vLLM decides".
     args.update({k: v for k, v in optional.items() if v is not None and v != ""})

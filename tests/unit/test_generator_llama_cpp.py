@@ -443,11 +443,14 @@ async def test_invalid_requests_are_refused_within_a_second_while_the_engine_is_
     await until_load(engine, IDLE, within_s=2.0)
 
 
-async def port_once_serving(stderr: asyncio.StreamReader) -> int:
-    """Reads a starting `python -m services.generator`'s log until it serves; the port it listens on."""
+async def port_once_serving(stderr: asyncio.StreamReader, lines: list[bytes] | None = None) -> int:
+    """Reads a starting `python -m services.generator`'s log until it serves; the port it listens on.
+    `lines`, when given, gets every line read."""
     port = 0
     while b"SERVING til.v1.GeneratorService" not in (line := await stderr.readline()):
         assert line, "the generator exited before SERVING"
+        if lines is not None:
+            lines.append(line)
         if match := re.search(rb"listening on [\d.]+:(\d+)", line):
             port = int(match.group(1))
     return port
@@ -467,8 +470,11 @@ async def test_python_m_services_generator_turns_serving_and_drains() -> None:
     assert stderr is not None
 
     try:
-        port = await asyncio.wait_for(port_once_serving(stderr), 60)
+        log_lines: list[bytes] = []
+        port = await asyncio.wait_for(port_once_serving(stderr, log_lines), 60)
         assert port
+        # uvloop by default (GENERATOR_UVLOOP), as `vllm serve` runs: one loop carries every stream.
+        assert any(b"event loop: uvloop" in line for line in log_lines), log_lines
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="til.v1.GeneratorService")

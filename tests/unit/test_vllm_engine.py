@@ -49,6 +49,7 @@ class Settings:
     max_num_seqs: int | None = 128
     enable_prefix_caching: bool | None = True
     seed: int | None = 7
+    stream_interval: int | None = 4
     load_format: str = "dummy"
     trust_remote_code: bool = False
     structured_output_parallel_threshold: int | None = None
@@ -109,6 +110,7 @@ def test_engine_args_carry_every_setting() -> None:
         "max_num_seqs": 128,
         "enable_prefix_caching": True,
         "seed": 7,
+        "stream_interval": 4,
     }
 
 
@@ -120,6 +122,7 @@ def test_unset_settings_leave_vllm_defaults() -> None:
         max_num_seqs=None,
         enable_prefix_caching=None,
         seed=None,
+        stream_interval=None,
     )
     args = engine_args(settings)
     for key in (
@@ -129,6 +132,7 @@ def test_unset_settings_leave_vllm_defaults() -> None:
         "max_num_seqs",
         "enable_prefix_caching",
         "seed",
+        "stream_interval",
     ):
         assert key not in args
     assert engine_args(replace(settings, tokenizer="/tok"))["tokenizer"] == "/tok"
