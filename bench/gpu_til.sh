@@ -23,7 +23,7 @@
 # (every TIL arm sends the same diffs: with it on, the second arm on an engine would find the first's
 # prompts cached), seed 0, llguidance. Knobs: CONC, ROUNDS, MIN_REQ, ARMS, MEM, LABEL, EDGE_EXTRA
 # (more EDGE_NAME=VALUE words for the edge and the benchmark alike), EDGE_WORKERS (edge processes on one
-# port, 8 of the box's 16 cores; their metrics from port 9100 up, clear of the other services),
+# port, 12 of the box's 16 cores: E met its bound with 12, not 8, in issue13-h200-s19-diag; metrics from 9100 up),
 # NEAR_CACHE (EDGE_NEAR_CACHE_ENTRIES, 1024: each edge worker answers repeated hits without the cacher
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
@@ -53,7 +53,7 @@ OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata 
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.
 EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
-  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-8} EDGE_NEAR_CACHE_ENTRIES=${NEAR_CACHE:-1024}
+  EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-12} EDGE_NEAR_CACHE_ENTRIES=${NEAR_CACHE:-1024}
   EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
 GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=$MODEL_ID
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
