@@ -72,18 +72,13 @@ def parse_schema(text: str, limits: SchemaLimits = LIMITS) -> dict[str, Any]:
     # the bracket count (`json_depth`, ~10x a parse) is paid only by a schema refused for its depth.
     try:
         schema = json.loads(text)
-    except RecursionError:
-        schema = _TOO_DEEP
-    except json.JSONDecodeError as exc:
-        raise SchemaError(f"not valid JSON: {exc}") from exc
-    try:
-        if schema is _TOO_DEEP:
-            raise _TooDeep
         check_size(schema, limits)
-    except _TooDeep:
+    except (RecursionError, _TooDeep):
         raise SchemaError(
             f"the schema nests {json_depth(text)} levels deep; at most {limits.max_depth}"
         ) from None
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"not valid JSON: {exc}") from exc
     if not isinstance(schema, dict):
         raise SchemaError(f"must be a JSON object (a JSON Schema), not a JSON {type(schema).__name__}")
     return schema
@@ -91,9 +86,6 @@ def parse_schema(text: str, limits: SchemaLimits = LIMITS) -> dict[str, Any]:
 
 class _TooDeep(SchemaError):
     pass
-
-
-_TOO_DEEP = object()
 
 
 def json_depth(text: str) -> int:
