@@ -28,7 +28,7 @@
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
 # python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
-# STREAM_INTERVAL (below).
+# STREAM_INTERVAL and OUTPUT_CHUNK (below).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -49,6 +49,11 @@ CONC=${CONC:-1,100}
 # measured D after C_til: 1.1 against 4.0 ms of prepare at c=1). D's bounds are the ones that count.
 ARMS=${ARMS:-engine,engine-til,openai,openai-til,generator,edge,generator-til,edge-hit}
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# OUTPUT_CHUNK: vLLM's VLLM_V1_OUTPUT_PROC_CHUNK_SIZE (128) for every engine alike (exported: the stack,
+# vllm serve and the in-process arms inherit it). AsyncLLM's output handler processes a step's outputs in
+# chunks of this many requests and yields the event loop between chunks; at 100 streams one chunk is the
+# whole step, so a call arriving meanwhile waits for all of it (issue13-h200-s19-diag: the untested lead).
+[ -n "${OUTPUT_CHUNK:-}" ] && export VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=$OUTPUT_CHUNK
 OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.
@@ -165,6 +170,7 @@ measure)
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
   { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]} TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-}"
+    echo "every engine: VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=${VLLM_V1_OUTPUT_PROC_CHUNK_SIZE:-unset (128)}"
     echo "vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=): $(printf '%q ' "${SERVE[@]}")"; } >>"$out/command.txt"
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
   echo "bench.serving exit $?"
