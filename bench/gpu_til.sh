@@ -9,8 +9,10 @@
 #
 # `profile` (carry [".rds",".pys"]) records the generator with py-spy while PROFILE_ARMS run one at a time.
 # Then copy what comes back under $OUT into bench/results/<name>/ with a README of the facts. On a machine
-# still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values need
-# `down` and `up` first (the edge reads its settings when it starts).
+# still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values, and
+# STREAM_INTERVAL, OUTPUT_CHUNK or BITMASK_* for the stack's generator, need `down` and `up` first (the
+# services read their settings when they start; `up` records what it started with in $RUN/up-env.txt,
+# which `measure` copies into command.txt).
 #
 # `up` starts, as daemons that outlive the call, our stack (cacher + generator on vLLM with tilserve's
 # plugin filling grammar masks in parallel + edge) and then stock `vllm serve` (no plugin: VLLM_PLUGINS=
@@ -147,6 +149,9 @@ up)
   PYTHONPATH=$OURS setsid nohup python3 -m bench.gpu_stack --data $RUN/stack --hold "${stack_env[@]}" \
     >$RUN/stack.log 2>&1 </dev/null &
   echo $! >$RUN/stack.pid
+  { echo "generator: ${GENERATOR_ENV[*]} TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-}"; echo "edge: ${EDGE_ENV[*]}"
+    echo "vllm serve: $(printf '%q ' "${SERVE[@]}")"
+    echo "every engine: VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=${VLLM_V1_OUTPUT_PROC_CHUNK_SIZE:-unset (128)}"; } >$RUN/up-env.txt
   wait_for "our stack" 420 $! test -f $RUN/stack/ready || { logs_to_out 60; exit 1; }
   [ -n "${SKIP_SERVE:-}" ] && { logs_to_out 15; exit 0; }  # a run without B and B_til
   cd /tmp  # nothing of tilserve on its path, not even the working directory
@@ -169,9 +174,10 @@ measure)
     --hit-client "${HIT_CLIENT:-python}" --edge-metrics 127.0.0.1:9100
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
-  { echo; echo "edge and benchmark: ${EDGE_ENV[*]}"; echo "generator: ${GENERATOR_ENV[*]} TILSERVE_VLLM_BITMASK_FILL=${BITMASK_FILL:-}"
-    echo "every engine: VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=${VLLM_V1_OUTPUT_PROC_CHUNK_SIZE:-unset (128)}"
-    echo "vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=): $(printf '%q ' "${SERVE[@]}")"; } >>"$out/command.txt"
+  { echo; echo "benchmark: ${EDGE_ENV[*]}"
+    echo "in-process engines: VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=${VLLM_V1_OUTPUT_PROC_CHUNK_SIZE:-unset (128)}"
+    echo "the stack and vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=), as \`up\` started them:"
+    cat $RUN/up-env.txt 2>/dev/null || echo "(no $RUN/up-env.txt)"; } >>"$out/command.txt"
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
   echo "bench.serving exit $?"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \

@@ -8,8 +8,11 @@
 #   2. carry [".vk",".vk3",".dm",".whl",".rds"]                        bash bench/gpu_two.sh stage2
 #   3. carry [".rds"]   bash bench/gpu_two.sh one    one generator on GPU 0 behind the edge      (~4 min)
 #   4. carry [".rds"]   bash bench/gpu_two.sh two    one generator per GPU behind one edge       (~4 min)
-#   5. carry [".rds"]   bash bench/gpu_two.sh tp2    one generator over both GPUs (TP=2)         (~5 min)
-#   6.                  bash bench/gpu_two.sh combine   one table: results.json/.md/.png
+#   5. carry [".rds"]   bash bench/gpu_two.sh tp2    one generator over both GPUs (TP=2)         (~3 min)
+#   6. carry [".rds"]   bash bench/gpu_two.sh ceiling   the in-process engine alone on GPU 0     (~2 min)
+#   7. carry [".rds"]   CONC=512 SUFFIX=-512 ARMS=edge ROUNDS=1 bash -c 'bash bench/gpu_two.sh one; bash bench/gpu_two.sh two'
+#   8.                  bash bench/gpu_two.sh combine   one table of every phase run: results.json/.md/.png
+# (bench/results/issue14-h200x2 is steps 1-7 as run on 2026-11-29, with the times each took.)
 #
 # Each of 3-5 starts the stack (bench/gpu_stack.py: cacher, generators, edge with EDGE_GENERATOR_ADDR
 # listing every replica), drives the TIL arms through it at c=1 and c=200 (edge, and generator-til
@@ -20,7 +23,8 @@
 # machines. Grammar masks are filled as issue 13 settled (bench/results/issue13-h200-s18): llguidance's own
 # parallel fill, 14 threads, batches of 1024 (BITMASK_FILL, BITMASK_WORKERS, BITMASK_BATCH). Knobs: CONC,
 # ROUNDS, MEM, EDGE_WORKERS, CLIENT_PROCS, EDGE_EXTRA, ARMS, SUFFIX (of the phase's folder: CONC=512
-# SUFFIX=-512 ARMS=edge runs one and two again at saturation, beside the first results).
+# SUFFIX=-512 ARMS=edge runs one and two again at saturation, beside the first results), CEIL_CONC (the
+# ceiling's levels, 100,200). STREAM_INTERVAL is not applied here (vLLM's default, a message a token).
 set -u
 step=${1:?usage: gpu_two.sh stage2|one|two|tp2|ceiling|combine}
 out=${OUT:-/tmp/two-final}
@@ -99,8 +103,8 @@ ceiling)  # the engine alone (in-process AsyncLLM, no tilserve process) on GPU 0
 combine)
   cd $TREE || exit 1
   python3 -m bench.combine --label "Issue 14: replicas and tensor parallelism on two H200s" --out "$out" \
-    $KEEP/one/results.json $KEEP/two/results.json $KEEP/tp2/results.json $KEEP/ceiling/results.json
-  for p in one two tp2; do cp "$KEEP/$p/command.txt" "$out/command-$p.txt" 2>/dev/null; done
+    $KEEP/*/results.json
+  for f in $KEEP/*/command.txt; do cp "$f" "$out/command-$(basename "$(dirname "$f")").txt"; done
   ;;
 *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -79,6 +79,13 @@ class EngineSettings:
     stream_interval: int | None = None  # GENERATOR_STREAM_INTERVAL
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", required=True, help=f"comma-separated, from: {', '.join(ALL_ARMS)}")
@@ -165,9 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--load-format", default="auto", help='"dummy": random weights, real speed')
     e.add_argument(
         "--stream-interval",
-        type=int,
+        type=_at_least_one,
         default=None,
-        help="vLLM's tokens a message (GENERATOR_STREAM_INTERVAL)",
+        help="vLLM's tokens a message after the first (GENERATOR_STREAM_INTERVAL)",
     )
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument(

@@ -47,6 +47,11 @@ async def main(settings: GeneratorSettings) -> None:
     await serve(settings, [servicer.service()], warmup=engine.start, shutdown=engine.close)
 
 
+def run() -> None:
+    """Loads the settings, then serves on the event loop they ask for."""
+    settings = load_settings(GeneratorSettings)
+    run_loop(lambda: main(settings), uvloop=settings.uvloop)
+
+
 if __name__ == "__main__":
-    generator_settings = load_settings(GeneratorSettings)
-    run_loop(lambda: main(generator_settings), uvloop=generator_settings.uvloop)
+    run()

@@ -61,7 +61,9 @@ PREPARE = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 INTER_TOKEN_LATENCY = Histogram(
-    "tilserve_generator_inter_token_latency_seconds", "Time between consecutive text deltas of one stream.",
+    "tilserve_generator_inter_token_latency_seconds",
+    "Time between tokens of one stream: the gap between two text messages over the later one's tokens "
+    "(several with GENERATOR_STREAM_INTERVAL, or when the engine merged steps).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
 )  # fmt: skip
 PROMPT_TOKENS = Counter("tilserve_generator_prompt_tokens", "Prompt tokens of requests the engine started.")
@@ -136,7 +138,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 async with closing(self._engine.generate(engine_request)) as events:
                     async for event in events:
                         if isinstance(event, EngineDelta):
-                            times.text_sent()
+                            times.text_sent(event.token_count)
                             OUTPUT_TOKENS.inc(event.token_count)
                             yield generator_pb2.GenerateResponse(
                                 delta=common_pb2.TextDelta(text=event.text, token_count=event.token_count)
@@ -348,13 +350,13 @@ class _StreamTimes:
             return ""
         return f"; reached this handler {self.sent_delay_s * 1000:.1f} ms after the caller sent it"
 
-    def text_sent(self) -> None:
+    def text_sent(self, tokens: int) -> None:
         now = time.monotonic()
         if self.first_text_at is None:
             self.first_text_at = now
             TIME_TO_FIRST_TOKEN.observe(now - self.arrived)
         else:
-            INTER_TOKEN_LATENCY.observe(now - self.last_text_at)
+            INTER_TOKEN_LATENCY.observe((now - self.last_text_at) / max(tokens, 1))
         self.last_text_at = now
 
     def timings(self) -> common_pb2.Timings:

@@ -47,6 +47,8 @@ def build_async_llm(engine_kwargs: dict[str, Any], stat_logger: Callable[..., An
 
 def resolved_settings(llm: AsyncLLM) -> dict[str, str]:
     """The engine's settings as vLLM resolved them (the KV cache size is known only after start-up)."""
+    from vllm import envs
+
     config = llm.vllm_config
     model, cache, sched = config.model_config, config.cache_config, config.scheduler_config
     resolved: dict[str, Any] = {
@@ -63,6 +65,9 @@ def resolved_settings(llm: AsyncLLM) -> dict[str, str]:
         "kv_block_size": cache.block_size,
         "seed": model.seed,
         "stream_interval": sched.stream_interval,
+        # Requests the output handler processes between two yields of the event loop (an environment
+        # variable of vLLM's, read when the handler runs: what it reads here is what it uses).
+        "output_proc_chunk_size": envs.VLLM_V1_OUTPUT_PROC_CHUNK_SIZE,
         "load_format": config.load_config.load_format,
         "structured_outputs_backend": config.structured_outputs_config.backend,
     }

@@ -244,7 +244,8 @@ def _deep(depth: int) -> str:
 
 
 HOSTILE = {
-    "5,000 levels deep": (_deep(5000), "nests 5001 levels deep; at most 64"),
+    "5,000 levels deep": (_deep(5000), "nests 5001 levels deep; at most 64"),  # past json's recursion guard
+    "100 levels deep": (_deep(100), "nests 101 levels deep; at most 64"),  # parsed, then refused by its size
     "10k optional properties": (
         json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
         "an object has 10000 properties; at most 256",

@@ -582,3 +582,23 @@ def test_sent_at_reads_only_its_own_well_formed_stamp() -> None:
     assert sent_at.delay_s([(header, "soon")]) is None
     assert sent_at.delay_s([(header, b"1.0")]) is None  # a binary value is not a stamp
     assert sent_at.delay_s(None) is None
+
+
+def test_inter_token_latency_is_per_token_when_a_message_carries_several(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.generator import servicer as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    name = "tilserve_generator_inter_token_latency_seconds"
+    before_sum = REGISTRY.get_sample_value(f"{name}_sum") or 0.0
+    before_count = REGISTRY.get_sample_value(f"{name}_count") or 0.0
+    times = module._StreamTimes(arrived=99.9)
+    times.text_sent(1)  # the first token: time to first token, not a gap
+    now[0] += 0.040
+    times.text_sent(4)  # 40 ms for 4 tokens (GENERATOR_STREAM_INTERVAL=4): 10 ms a token
+    now[0] += 0.010
+    times.text_sent(1)
+    assert REGISTRY.get_sample_value(f"{name}_count") == before_count + 2
+    assert REGISTRY.get_sample_value(f"{name}_sum") == pytest.approx(before_sum + 0.020)
