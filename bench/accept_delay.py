@@ -118,7 +118,12 @@ def serve(args: argparse.Namespace) -> None:
             for queue in list(streams):
                 queue.put_nowait(0)
             if args.step_busy_ms:
-                _spin(args.step_busy_ms / 1e3)  # the engine's output processing, in one callback
+                # the engine's output processing: in --step-chunks callbacks with the loop yielded between
+                # them, as vLLM's output handler does every VLLM_V1_OUTPUT_PROC_CHUNK_SIZE requests
+                for chunk in range(args.step_chunks):
+                    if chunk:
+                        await asyncio.sleep(0)
+                    _spin(args.step_busy_ms / 1e3 / args.step_chunks)
 
     busy: list[float] = []  # each loop turn's time outside select(), while measuring
 
@@ -407,7 +412,13 @@ def main() -> int:
     p.add_argument("--spread", type=float, default=0.5, help="stream length varies by +- this share")
     p.add_argument("--interval-ms", type=float, default=10.0, help="the stand-in engine's step")
     p.add_argument("--work-us", type=float, default=0.0, help="CPU on the server's loop per delta")
-    p.add_argument("--step-busy-ms", type=float, default=0.0, help="CPU on the loop per step, in one go")
+    p.add_argument("--step-busy-ms", type=float, default=0.0, help="CPU on the loop per step")
+    p.add_argument(
+        "--step-chunks",
+        type=int,
+        default=1,
+        help="callbacks the step's CPU is split into (loop yielded between)",
+    )
     p.add_argument("--prepare-ms", type=float, default=0.0, help="CPU on the server's loop per call")
     p.add_argument("--thread-ms", type=float, default=0.0, help="Python CPU per call on a worker thread")
     p.add_argument("--threads", type=int, default=4, help="worker threads for --thread-ms")
@@ -486,6 +497,7 @@ def main() -> int:
         "work_us": args.work_us,
         "prepare_ms": args.prepare_ms,
         "step_busy_ms": args.step_busy_ms,
+        "step_chunks": args.step_chunks,
         "thread_ms": args.thread_ms,
         "switch_interval_ms": args.switch_interval_ms or None,
         "sent_to_handler_ms": _percentiles(delays),
