@@ -42,7 +42,8 @@ def test_vram_peak_samples_nvidia_smi_above_what_was_in_use_before(
     # 1000 MiB in use before (another engine), then 1500, 4000, 2500 on two GPUs' worth of lines.
     fake.write_text(
         "#!/bin/sh\n"
-        f"n=$(cat {calls} 2>/dev/null || echo 0); echo $((n + 1)) > {calls}\n"
+        # The count is replaced whole (written, then renamed): the test reads it meanwhile.
+        f"n=$(cat {calls} 2>/dev/null || echo 0); echo $((n + 1)) > {calls}.$$ && mv {calls}.$$ {calls}\n"
         "case $n in 0) echo 600; echo 400;; 1) echo 1500; echo 0;; 2) echo 4000; echo 0;; *) echo 2500; echo 0;; esac\n"
     )
     fake.chmod(0o755)
