@@ -113,8 +113,15 @@ def serve(args: argparse.Namespace) -> None:
             yield generator_pb2.GenerateResponse(finished=generator_pb2.GenerateFinished())
 
     async def step() -> None:
+        due = time.monotonic()
         while True:
-            await asyncio.sleep(args.interval_ms / 1e3)
+            if args.fixed_rate:
+                # steps on a clock, as an engine core in its own process makes them, however long the
+                # loop takes over each one's outputs (a step that comes late comes at once)
+                due += args.interval_ms / 1e3
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            else:
+                await asyncio.sleep(args.interval_ms / 1e3)
             for queue in list(streams):
                 queue.put_nowait(0)
             if args.step_busy_ms:
@@ -414,6 +421,11 @@ def main() -> int:
     p.add_argument("--work-us", type=float, default=0.0, help="CPU on the server's loop per delta")
     p.add_argument("--step-busy-ms", type=float, default=0.0, help="CPU on the loop per step")
     p.add_argument(
+        "--fixed-rate",
+        action="store_true",
+        help="a step every --interval-ms on a clock (default: --interval-ms after the last step's work)",
+    )
+    p.add_argument(
         "--step-chunks",
         type=int,
         default=1,
@@ -498,6 +510,7 @@ def main() -> int:
         "prepare_ms": args.prepare_ms,
         "step_busy_ms": args.step_busy_ms,
         "step_chunks": args.step_chunks,
+        "fixed_rate": args.fixed_rate,
         "thread_ms": args.thread_ms,
         "switch_interval_ms": args.switch_interval_ms or None,
         "sent_to_handler_ms": _percentiles(delays),
