@@ -54,7 +54,7 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTH
 # OUTPUT_CHUNK: vLLM's VLLM_V1_OUTPUT_PROC_CHUNK_SIZE (128) for every engine alike (exported: the stack,
 # vllm serve and the in-process arms inherit it). AsyncLLM's output handler processes a step's outputs in
 # chunks of this many requests and yields the event loop between chunks; at 100 streams one chunk is the
-# whole step, so a call arriving meanwhile waits for all of it (issue13-h200-s19-diag: the untested lead).
+# whole step. A one-variable check for the H200; the CPU toy (bench/results/accept-delay-cpu) saw no gain.
 [ -n "${OUTPUT_CHUNK:-}" ] && export VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=$OUTPUT_CHUNK
 OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
