@@ -30,7 +30,8 @@
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
 # python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
-# STREAM_INTERVAL and OUTPUT_CHUNK (below).
+# STREAM_INTERVAL and OUTPUT_CHUNK (below), H2LOAD_ROUNDS (h2load's hits = this x concurrency, 500: at
+# ~18k hits/s the 50 of s19 were a quarter second of load).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -171,7 +172,7 @@ measure)
     --concurrency "$CONC" --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256
     --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}" --client-procs "${CLIENT_PROCS:-6}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
-    --hit-client "${HIT_CLIENT:-python}" --edge-metrics 127.0.0.1:9100
+    --hit-client "${HIT_CLIENT:-python}" --edge-metrics 127.0.0.1:9100 --h2load-rounds "${H2LOAD_ROUNDS:-500}"
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
   { echo; echo "benchmark: ${EDGE_ENV[*]}"
