@@ -376,6 +376,8 @@ def _json_safe_class(body: str, start: int, out: list[str]) -> int:
             items.append("\\" + c if c in "[&~" else c)
             i += 1
         first = False
+    if items and items[-1] == "-":  # a literal `-` at the end would run into the `--` or range after it
+        items[-1] = "\\-"
     content = "".join(items)
     out.append(f"[^{content}{_CONTROL}]" if negated else f"[{content}--[{_CONTROL}]]")
     return i + 1

@@ -191,6 +191,19 @@ def test_pattern_strings_match_exactly_what_the_regex_matches(
 
 
 @pytest.mark.model
+@pytest.mark.parametrize(
+    ("pattern", "python"),
+    [("^[a=-]+$", "[a=-]+"), ("^[-a=]+$", "[-a=]+"), (r"^[a=\-]+$", r"[a=\-]+"), ("^[^a-]+$", "[^a-]+")],
+)
+def test_a_literal_dash_in_a_class_stays_a_dash(accepts: Accepts, pattern: str, python: str) -> None:
+    """A class ending in `-` once lost it on llguidance's side (the control characters' `--[...]` came
+    right after it), so the grammar refused what Python's re (the TIL checker) allowed."""
+    for value in ["a-=", "-", "a", "=a", "b-c"]:
+        schema = {"type": "string", "pattern": pattern}
+        assert accepts(schema, dumps(value)) is bool(re.fullmatch(python, value)), value
+
+
+@pytest.mark.model
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=texts, max_length=st.integers(0, 12))
 def test_max_length_counts_characters_not_json_text(accepts: Accepts, value: str, max_length: int) -> None:
