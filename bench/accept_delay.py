@@ -393,6 +393,7 @@ def _drive_generator(args: argparse.Namespace) -> int:
         server.wait(timeout=60)
     wanted = set(ids)
     delays = []
+    loop = re.search(r"event loop: (\w+)", Path(log_path).read_text())
     for line in Path(log_path).read_text().splitlines():
         m = re.search(r"request (\S+) finished.*reached this handler ([\d.]+) ms", line)
         if m and m.group(1) in wanted:
@@ -403,6 +404,7 @@ def _drive_generator(args: argparse.Namespace) -> int:
         "streams": args.streams,
         "clients": f"{args.client_procs} procs x {args.channels or 'per-stream'} channels",
         "generator_env": args.generator_env,
+        "event_loop": loop.group(1) if loop else "not logged",  # GENERATOR_UVLOOP
         "sent_to_handler_ms": _percentiles(delays),
         "sent_to_started_ms": _percentiles(firsts),
         "log": log_path,
