@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import nearest_rank
 from services.stack import free_port
 
 
@@ -327,17 +328,19 @@ def client(
 def _percentiles(values: list[float], digits: int = 1) -> dict[str, float | int]:
     if not values:
         return {"n": 0}
-    v = sorted(values)
 
     def q(p: float) -> float:
-        return round(v[min(len(v) - 1, int(p * len(v)))], digits)
+        return round(nearest_rank(values, p), digits)
 
-    return {"n": len(v), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(v[-1], digits),
-            "mean": round(statistics.fmean(v), digits)}  # fmt: skip
+    return {"n": len(values), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(max(values), digits),
+            "mean": round(statistics.fmean(values), digits)}  # fmt: skip
 
 
-def _clients(args: argparse.Namespace) -> tuple[list[float], list[float], list[str], float, float]:
-    """Runs the client processes; their delays, times to `started` and request ids (measured calls)."""
+def _clients(
+    args: argparse.Namespace,
+) -> tuple[list[float], list[float], list[str], list[float], float, float]:
+    """Runs the client processes; their delays, times to `started`, request ids and accept delays (measured
+    calls), and when measuring began and ended."""
     now = time.time()
     begin_at, end_at = now + args.warmup_s, now + args.warmup_s + args.duration_s
     ctx = mp.get_context("spawn")

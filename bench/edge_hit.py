@@ -47,6 +47,7 @@ import grpc
 from til.v1 import cacher_pb2, cacher_pb2_grpc, common_pb2, edge_pb2, edge_pb2_grpc
 
 from bench import h2grpc
+from bench.metrics import nearest_rank
 from bench.til_workload import cache_seed, edge_request
 from services.stack import SERVICES, LocalStack, free_port
 
@@ -98,11 +99,6 @@ def cpu_seconds(pid: int) -> float:
         # utime, stime, cutime, cstime (fields 14-17 of stat; after the name they start at index 11)
         total += sum(int(x) for x in fields[11:15]) / ticks
     return total
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def one(stub: edge_pb2_grpc.EdgeServiceStub, req: edge_pb2.GenerateTilRequest) -> dict[str, Any]:
@@ -260,10 +256,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_statuses": dict(
             collections.Counter(edge_pb2.CacheStatus.Name(r["cache_status"]) for r in results)
         ),
-        "first_message_ms_p50": round(percentile(firsts, 0.5), 2),
-        "first_message_ms_p99": round(percentile(firsts, 0.99), 2),
-        "total_ms_p50": round(percentile(totals, 0.5), 2),
-        "total_ms_p99": round(percentile(totals, 0.99), 2),
+        "first_message_ms_p50": round(nearest_rank(firsts, 0.5), 2),
+        "first_message_ms_p99": round(nearest_rank(firsts, 0.99), 2),
+        "total_ms_p50": round(nearest_rank(totals, 0.5), 2),
+        "total_ms_p99": round(nearest_rank(totals, 0.99), 2),
         "requests_per_s": round(len(results) / wall, 1),
         "edge_cpu_s": round(cpu, 3),
         "edge_cpu_ms_per_request": round(1000 * cpu / len(results), 3),

@@ -83,8 +83,8 @@ stage2) OUT=$out bash "$(dirname "$0")/gpu_til.sh" "$step" ;;
 one) phase one${SUFFIX:-} 1 1 "${ARMS:-generator-til,edge}" ;;
 two) phase two${SUFFIX:-} 2 1 "${ARMS:-edge}" ;;
 tp2) phase tp2${SUFFIX:-} 1 2 "${ARMS:-generator-til,edge}" ;;
-ceiling)  # the engine alone (in-process AsyncLLM, no tilserve process) on GPU 0 at c=100 and c=200: how
-  # much one GPU gains from a batch twice as large bounds what a second replica can add
+ceiling)  # the engine alone (in-process AsyncLLM, no tilserve process) on GPU 0 at c=100 and c=200: what
+  # one GPU gains from a batch twice as large says what a second replica can be expected to add
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
   rm -rf "$KEEP/ceiling" && mkdir -p "$KEEP/ceiling" "$out/ceiling"

@@ -70,6 +70,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The value at rank floor(q x n) of the sorted values (q from 0 to 1, no interpolation); NaN for
+    no values. The small CPU benchmarks' percentiles (bench.edge_hit, bench.accept_delay)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
     """One row of the results table: throughput and latency percentiles over a measured batch."""
     ok = [r for r in records if r.ok]
