@@ -150,47 +150,58 @@ async def serve(
     warmup: Callable[[], Awaitable[None]] | None = None,
     shutdown: Callable[[], Awaitable[None]] | None = None,
     monitor: Callable[[RunningServer], Awaitable[None]] | None = None,
+    listen_after_warmup: bool = False,
 ) -> None:
     """Runs a service process until SIGTERM or SIGINT, then drains and returns (exit code 0).
 
     `monitor`, when given, runs from SERVING until the drain begins; it may turn readiness off and on
     (`set_not_serving`, `set_serving`) while a backend is away. Its failure stops the service.
+    `listen_after_warmup`: the port is bound only once the warm-up is done, for processes that share
+    it (SO_REUSEPORT): one still warming up must not be handed connections the others could serve.
     """
     configure_logging(settings.log_level, json_lines=settings.log_json)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
-    running = await start_server(settings, services)
-    names = ", ".join(running.service_names)
-    log.info(
-        "listening on %s:%d (%s); metrics on :%s; event loop: %s",
-        settings.host,
-        running.port,
-        names,
-        settings.metrics_port or "off",
-        type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
-    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    running = None if listen_after_warmup else await _listening(settings, services)
     try:
         if warmup is not None and (error := await _until_done_or_stopped(warmup(), stop)) is not None:
             log.error("warm-up failed: %s", error, exc_info=error)
-            await running.stop(0)
+            if running is not None:
+                await running.stop(0)
             raise SystemExit(1)
         if not stop.is_set():
+            if running is None:
+                running = await _listening(settings, services)
             await running.set_serving()
-            log.info("SERVING %s on port %d", names, running.port)
+            log.info("SERVING %s on port %d", ", ".join(running.service_names), running.port)
             error = None if monitor is None else await _until_done_or_stopped(monitor(running), stop)
             if error is None:
                 await stop.wait()
             else:
                 log.error("monitor failed: %s; stopping", error, exc_info=error)
-        log.info("draining: NOT_SERVING, up to %.1fs for in-flight calls", settings.grace_period_s)
-        await running.stop(settings.grace_period_s)
+        if running is not None:
+            log.info("draining: NOT_SERVING, up to %.1fs for in-flight calls", settings.grace_period_s)
+            await running.stop(settings.grace_period_s)
     finally:
         if shutdown is not None:
             await shutdown()
         log.info("stopped")
+
+
+async def _listening(settings: ServerSettings, services: Sequence[Service]) -> RunningServer:
+    running = await start_server(settings, services)
+    log.info(
+        "listening on %s:%d (%s); metrics on :%s; event loop: %s",
+        settings.host,
+        running.port,
+        ", ".join(running.service_names),
+        settings.metrics_port or "off",
+        type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop or asyncio
+    )
+    return running

@@ -32,7 +32,7 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, None]], *, uvloop: bool = Fa
         asyncio.run(main())
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Linux: this process gets SIGTERM when its parent dies (and exits now if it already has)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -55,7 +55,7 @@ def run_workers(count: int, work: Callable[[int], None]) -> int:
         if pid == 0:  # pragma: no cover - runs in the child, which leaves through os._exit
             code = 1
             try:
-                _die_with_parent(parent)
+                die_with_parent(parent)
                 work(index)
                 code = 0
             except SystemExit as exc:

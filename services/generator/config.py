@@ -83,6 +83,17 @@ class GeneratorSettings(ServerSettings):
         description="Run the event loop on uvloop (installed with the package), as `vllm serve` does: every "
         "stream's messages and, on vLLM, the engine's output handling share this one loop.",
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="vllm: gRPC front-end processes on the one port (SO_REUSEPORT), each with its own event "
+        "loop and vLLM client, sharing one engine core, as `vllm serve --api-server-count` runs. More than 1 "
+        "spreads what one loop does per stream at many streams (taking calls, tokenizing, output "
+        "processing, messages). Each front-end admits up to the active and waiting limits by itself and "
+        "serves metrics on GENERATOR_METRICS_PORT + its index. (fake backend: each front-end has its own "
+        "fake engine, for tests of the layout.)",
+    )
     fake_token_interval_s: float = Field(
         0.01, ge=0, description="fake backend: seconds between two streamed tokens."
     )
@@ -184,6 +195,21 @@ class GeneratorSettings(ServerSettings):
         if context is not None and value >= context:
             raise ValueError(f"must be below GENERATOR_MAX_MODEL_LEN ({context}) to leave room for a prompt")
         return value
+
+    @model_validator(mode="after")
+    def _frontends_need_vllm_and_a_port(self) -> GeneratorSettings:
+        if self.frontends > 1:
+            if self.backend == "llama_cpp":
+                raise ValueError(
+                    f"GENERATOR_FRONTENDS={self.frontends} needs GENERATOR_BACKEND=vllm (front-ends share "
+                    "a vLLM engine core; llama.cpp runs in the generator's own process)"
+                )
+            if self.port == 0:
+                raise ValueError(
+                    f"GENERATOR_FRONTENDS={self.frontends} needs a fixed GENERATOR_PORT: the front-ends "
+                    "share one port, and port 0 would give each its own"
+                )
+        return self
 
     @property
     def active_limit(self) -> int:

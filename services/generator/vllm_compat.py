@@ -8,10 +8,11 @@ request's `scheduled_ts`), the reason is written beside it; a vLLM upgrade start
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,22 +28,109 @@ def version() -> str:
     return str(vllm.__version__)
 
 
-def build_async_llm(engine_kwargs: dict[str, Any], stat_logger: Callable[..., Any]) -> AsyncLLM:
-    """vLLM's `AsyncLLM` for `AsyncEngineArgs(**engine_kwargs)`; blocks until the engine core is up.
+@dataclass(frozen=True)
+class FrontEnd:
+    """One of several front-end processes that share one engine core (vLLM's multi-API-server layout:
+    `vllm serve --api-server-count`). Each has its own `AsyncLLM` client, bound to its own pair of
+    ZMQ addresses, which the engine core connects to."""
 
-    `engine_kwargs["structured_outputs_config"]` is a plain dict here (the tests have no vLLM).
-    """
+    index: int
+    count: int
+    input_address: str
+    output_address: str
+
+
+def _async_engine_args(engine_kwargs: dict[str, Any], *, api_count: int = 1, api_rank: int = 0) -> Any:
+    """`AsyncEngineArgs(**engine_kwargs)`; `engine_kwargs["structured_outputs_config"]` is a plain dict
+    (the tests have no vLLM). `api_count`/`api_rank`: front-ends sharing the engine, and which this is
+    (-1: the process that launches the engine core), as `vllm serve` sets them."""
     from vllm import AsyncEngineArgs
     from vllm.config import StructuredOutputsConfig
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = dict(engine_kwargs)
     kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
+    args = AsyncEngineArgs(**kwargs)
+    # Fields of AsyncEngineArgs that vLLM's own `run_multi_api_server` and API server workers set.
+    args._api_process_count = api_count
+    args._api_process_rank = api_rank
+    return args
+
+
+def build_async_llm(
+    engine_kwargs: dict[str, Any], stat_logger: Callable[..., Any], frontend: FrontEnd | None = None
+) -> AsyncLLM:
+    """vLLM's `AsyncLLM` for `AsyncEngineArgs(**engine_kwargs)`; blocks until the engine core is up.
+
+    Without `frontend` it starts its own engine core. With one, it is that front-end's client of the
+    engine core `SharedEngineCore` launched, as vLLM's API server workers build theirs.
+    """
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
     # OPENAI_API_SERVER picks the same batch defaults as `vllm serve` on this GPU.
-    return AsyncLLM.from_engine_args(
-        AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger]
+    usage = UsageContext.OPENAI_API_SERVER
+    if frontend is None:
+        return AsyncLLM.from_engine_args(
+            _async_engine_args(engine_kwargs), usage_context=usage, stat_loggers=[stat_logger]
+        )
+    args = _async_engine_args(engine_kwargs, api_count=frontend.count, api_rank=frontend.index)
+    return AsyncLLM.from_vllm_config(
+        args.create_engine_config(usage_context=usage),
+        usage_context=usage,
+        stat_loggers=[stat_logger],
+        enable_log_requests=args.enable_log_requests,
+        disable_log_stats=args.disable_log_stats,
+        client_addresses={"input_address": frontend.input_address, "output_address": frontend.output_address},
+        client_count=frontend.count,
+        client_index=frontend.index,
     )
+
+
+class SharedEngineCore:
+    """vLLM's engine core for `count` front-ends, launched as `vllm serve --api-server-count` does
+    (`run_multi_api_server`): the configuration and every front-end's addresses first, then
+    `launching()`, inside which the front-ends must be started (the engine connects to them), and whose
+    end waits until the engine core is up. `shutdown()` stops it."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], count: int) -> None:
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.utils import get_engine_zmq_addresses
+
+        self.count = count
+        self._args = _async_engine_args(engine_kwargs, api_count=count, api_rank=-1)
+        self._config = self._args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self._addresses = get_engine_zmq_addresses(self._config, count)
+        self._manager: Any = None
+        self._coordinator: Any = None
+
+    def frontends(self) -> list[FrontEnd]:
+        inputs, outputs = self._addresses.inputs, self._addresses.outputs
+        return [FrontEnd(i, self.count, inputs[i], outputs[i]) for i in range(self.count)]
+
+    @contextlib.contextmanager
+    def launching(self) -> Iterator[None]:
+        from vllm.v1.engine.utils import launch_core_engines
+        from vllm.v1.executor import Executor
+
+        with launch_core_engines(
+            self._config,
+            Executor.get_class(self._config),
+            not self._args.disable_log_stats,
+            self._addresses,
+            self.count,
+        ) as (manager, coordinator, _addresses, _tensor_queue):
+            self._manager, self._coordinator = manager, coordinator
+            yield
+
+    def sentinels(self) -> list[Any]:
+        """What `multiprocessing.connection.wait` sees become ready when an engine process ends."""
+        return list(self._manager.sentinels()) if self._manager is not None else []
+
+    def shutdown(self) -> None:
+        for part in (self._manager, self._coordinator):
+            if part is not None:
+                part.shutdown()
+        self._manager = self._coordinator = None
 
 
 def resolved_settings(llm: AsyncLLM) -> dict[str, str]:

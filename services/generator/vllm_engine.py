@@ -173,6 +173,26 @@ def bitmask_parallelism(settings: VllmSettings, env: Mapping[str, str]) -> Bitma
     return asked if asked.fill is not None else replace(asked, fill=from_env.fill)
 
 
+def apply_bitmask_environment(settings: VllmSettings) -> BitmaskParallelism:
+    """Sets our vLLM plugin's variables in this process's environment (which the engine core process
+    inherits) to the bitmask parallelism asked for, and returns it."""
+    wanted = bitmask_parallelism(settings, os.environ)
+    for name, value in wanted.environment().items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return wanted
+
+
+def frontend_settings(frontend: vllm_compat.FrontEnd | None) -> dict[str, str]:
+    """engine_settings entries for the front-end layout: how many share the engine core, and which
+    one answered."""
+    if frontend is None:
+        return {"frontends": "1"}
+    return {"frontends": str(frontend.count), "frontend_index": str(frontend.index)}
+
+
 def asked_settings(settings: VllmSettings) -> dict[str, str]:
     """engine_settings before start: the engine arguments and the bitmask parallelism asked for."""
     asked = {k: str(v) for k, v in engine_args(settings).items()}
@@ -245,8 +265,11 @@ class _Loaded:
 class VllmEngine:
     """vLLM's AsyncLLM behind the `GenerationEngine` protocol."""
 
-    def __init__(self, settings: VllmSettings) -> None:
+    def __init__(self, settings: VllmSettings, frontend: vllm_compat.FrontEnd | None = None) -> None:
         self._settings = settings
+        # One of several front-ends sharing an engine core (services.generator.frontends), or None:
+        # this process starts its own.
+        self._frontend = frontend
         self._counts = SchedulerCounts()
         self._loaded: _Loaded | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -288,19 +311,15 @@ class VllmEngine:
         BitmaskParallelismNotApplied when it was asked for and the engine core does not run with it.
         """
         started = time.monotonic()
-        wanted = bitmask_parallelism(self._settings, os.environ)
-        # The engine core is another process: our vLLM plugin reads these there.
-        for name, value in wanted.environment().items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        # The engine core is another process: our vLLM plugin reads these there. (A shared engine core
+        # was launched by the front-ends' parent, which set them the same way before.)
+        wanted = apply_bitmask_environment(self._settings)
         # vLLM validates a schema again in `add_request`, on this event loop; prepare already did.
         validation = vllm_compat.skip_revalidation()
         # Built on the event loop, as `vllm serve` builds it: the constructor blocks until the
         # engine core process has loaded the model, and its queues bind to this loop.
         llm = vllm_compat.build_async_llm(
-            engine_args(self._settings), vllm_compat.scheduler_stat_logger(self._counts)
+            engine_args(self._settings), vllm_compat.scheduler_stat_logger(self._counts), self._frontend
         )
         self._loaded = _Loaded(
             llm=llm,
@@ -317,6 +336,7 @@ class VllmEngine:
                 **vllm_compat.resolved_settings(llm),
                 **in_force,
                 "structured_outputs_validation": validation,
+                **frontend_settings(self._frontend),
             },
         )
         log.info("vLLM engine up in %.1fs: %s", time.monotonic() - started, self.info.engine_settings)

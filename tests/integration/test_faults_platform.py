@@ -19,7 +19,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from til.v1 import cacher_pb2, cacher_pb2_grpc, edge_pb2, edge_pb2_grpc
+from til.v1 import (
+    cacher_pb2,
+    cacher_pb2_grpc,
+    common_pb2,
+    edge_pb2,
+    edge_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+)
 
 from services.stack import LocalStack, free_port
 from tests.integration.test_faults import read_all, report, split, til_request, tokens
@@ -323,3 +331,76 @@ async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) 
         assert all(state(pid) == "gone" for pid in workers)
     finally:
         stack.stop()
+
+
+def generated(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Generate"
+    )
+
+
+async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
+    """GENERATOR_FRONTENDS=2 on the fake backend (each front-end its own fake engine): the layout a vLLM
+    engine core is shared in (processes, one port, signals, metrics ports), without vLLM."""
+    metrics = free_port_pair()  # front-end i serves metrics on GENERATOR_METRICS_PORT + i
+    stack = LocalStack(
+        data_dir=tmp_path,
+        ports={"generator": free_port()},
+        metrics_ports={"generator": metrics},
+        services=("generator",),
+        env={
+            "generator": {
+                "GENERATOR_BACKEND": "fake",
+                "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.001",
+                "GENERATOR_FRONTENDS": "2",
+            }
+        },
+    )
+    await stack.start(timeout_s=120)
+    try:
+        supervisor = stack.processes["generator"].process
+        assert supervisor is not None
+        children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
+        children_now = [int(p) for p in children.read_text().split()]  # noqa: ASYNC240
+        # The spawned front-ends (multiprocessing may start its resource tracker beside them).
+        frontends = [pid for pid in children_now if "resource_tracker" not in cmdline(pid)]
+        assert len(frontends) == 2, [cmdline(pid) for pid in children_now]
+
+        async def generate(n: int) -> str:  # a connection of its own: the kernel picks a front-end
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(stack.address("generator"), options=own) as channel:
+                stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+                request = generator_pb2.GenerateRequest(
+                    prompt=f"p{n}", stopping=common_pb2.StoppingCriteria(max_tokens=8)
+                )
+                text = ""
+                async for reply in stub.Generate(request, timeout=60):
+                    if reply.HasField("delta"):
+                        text += reply.delta.text
+                return text
+
+        try:
+            texts = await asyncio.gather(*(generate(n) for n in range(24)))
+        except grpc.aio.AioRpcError:
+            print("generator log:\n" + stack.processes["generator"].log_tail(60))
+            raise
+        per_frontend = [generated(metrics), generated(metrics + 1)]
+        report("2 generator front-ends on one port", calls=len(texts), handled_per_frontend=per_frontend)
+        assert all(texts)
+        assert sum(per_frontend) == 24 and min(per_frontend) > 0  # both front-ends took calls
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+        assert all(state(pid) == "gone" for pid in frontends)
+    finally:
+        stack.stop()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -383,3 +383,53 @@ async def test_closing_coalesced_stops_its_source() -> None:
     async with closing(coalesced(endless(), mergeable=lambda x: True, merge=lambda xs: xs)) as out:
         await anext(out)
     assert cancelled.is_set()
+
+
+@pytest.mark.parametrize("after_warmup", [False, True])
+async def test_a_process_sharing_its_port_binds_it_only_once_warmed_up(after_warmup: bool) -> None:
+    """serve(listen_after_warmup=True), as each generator front-end runs: while it warms up the kernel
+    must not hand it connections that the front-ends already up could serve."""
+    import os
+    import signal
+    import socket
+
+    from services.common.server import serve
+    from services.stack import free_port
+
+    port = free_port()
+    settings = ServerSettings(port=port, grace_period_s=0)
+    warming, warmed = asyncio.Event(), asyncio.Event()
+
+    async def warmup() -> None:
+        warming.set()
+        await warmed.wait()
+
+    def accepts() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    serving = asyncio.create_task(
+        serve(settings, [_health_only()], warmup=warmup, listen_after_warmup=after_warmup)
+    )
+    await asyncio.wait_for(warming.wait(), 10)
+    assert accepts() is not after_warmup  # bound during the warm-up only without the option
+    warmed.set()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(100):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service="test.Only"), timeout=1)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.05)
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.05)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler: drain and return
+    await asyncio.wait_for(serving, 10)
+    assert not accepts()
+
+
+def _health_only() -> Service:
+    return Service("test.Only", lambda server: None)

@@ -79,7 +79,8 @@ def built(monkeypatch: pytest.MonkeyPatch, vllm_classes: tuple[type, type]) -> d
     manager_cls, core_cls = vllm_classes
     state: dict[str, Any] = {"plugin": True}
 
-    def build(engine_kwargs: dict[str, Any], stat_logger: Any) -> StandInLLM:
+    def build(engine_kwargs: dict[str, Any], stat_logger: Any, frontend: Any = None) -> StandInLLM:
+        state["frontend"] = frontend
         # The engine core starts here: what the plugin sees there is the environment now.
         environment = {k: v for k, v in os.environ.items() if k.startswith("TILSERVE_VLLM_")}
         if state["plugin"] and environment:
@@ -233,3 +234,30 @@ def test_generator_settings_name_the_parallelism(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("GENERATOR_STRUCTURED_OUTPUT_PARALLEL_WORKERS", "0")
     with pytest.raises(ValidationError, match="structured_output_parallel_workers"):
         GeneratorSettings()
+
+
+async def test_a_frontend_builds_its_client_of_the_shared_engine_core_and_says_which(
+    built: dict[str, Any],
+) -> None:
+    frontend = vllm_compat.FrontEnd(
+        index=1, count=4, input_address="ipc://in-1", output_address="ipc://out-1"
+    )
+    engine = VllmEngine(Settings(), frontend)
+    await engine.start()
+    try:
+        assert built["frontend"] is frontend
+        settings = engine.info.engine_settings
+        assert (settings["frontends"], settings["frontend_index"]) == ("4", "1")
+    finally:
+        await engine.close()
+
+
+async def test_a_lone_generator_starts_its_own_engine_core(built: dict[str, Any]) -> None:
+    engine = VllmEngine(Settings())
+    await engine.start()
+    try:
+        assert built["frontend"] is None
+        assert engine.info.engine_settings["frontends"] == "1"
+        assert "frontend_index" not in engine.info.engine_settings
+    finally:
+        await engine.close()

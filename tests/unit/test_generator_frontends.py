@@ -1,0 +1,248 @@
+"""GENERATOR_FRONTENDS: the settings, the supervisor of the front-end processes, and how the front-ends
+and the engine core are built from vLLM's pieces (stand-ins here, with vLLM 0.25.1's signatures; the
+real ones run on the GPU, bench/results)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from services.generator import frontends, vllm_compat
+from services.generator.config import GeneratorSettings
+from services.generator.frontends import Supervisor, frontend_settings
+from services.generator.vllm_compat import FrontEnd
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+def test_several_frontends_need_an_engine_core_to_share() -> None:
+    with pytest.raises(ValidationError, match="GENERATOR_FRONTENDS=2 needs GENERATOR_BACKEND=vllm"):
+        GeneratorSettings(backend="llama_cpp", frontends=2)
+
+
+def test_several_frontends_need_a_fixed_port() -> None:
+    with pytest.raises(ValidationError, match="needs a fixed GENERATOR_PORT"):
+        GeneratorSettings(backend="vllm", model="m", frontends=2, port=0)
+
+
+def test_one_frontend_is_the_default_and_any_backend_takes_it() -> None:
+    assert GeneratorSettings(backend="llama_cpp").frontends == 1
+    assert GeneratorSettings(backend="vllm", model="m", frontends=4).frontends == 4
+
+
+def test_each_frontend_serves_metrics_on_its_own_port() -> None:
+    settings = GeneratorSettings(backend="vllm", model="m", frontends=3, metrics_port=9300)
+    assert [frontend_settings(settings, i).metrics_port for i in range(3)] == [9300, 9301, 9302]
+    off = settings.model_copy(update={"metrics_port": 0})
+    assert frontend_settings(off, 2).metrics_port == 0
+
+
+# --- the supervisor, on real processes ----------------------------------------------------------------
+
+
+def _until_sigterm(code: int, ready: Any) -> None:  # a front-end that drains on SIGTERM, exits `code`
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ready.set()
+    stop.wait(60)
+    sys.exit(code if stop.is_set() else 99)
+
+
+def _exit_at_once(code: int, ready: Any) -> None:
+    ready.set()
+    sys.exit(code)
+
+
+@contextmanager
+def started(*targets: tuple[Any, int]) -> Iterator[list[Any]]:
+    readiness = [SPAWN.Event() for _ in targets]
+    processes = [
+        SPAWN.Process(target=target, args=(code, ready))
+        for (target, code), ready in zip(targets, readiness, strict=True)
+    ]
+    try:
+        for proc in processes:
+            proc.start()
+        for ready in readiness:  # each has its SIGTERM handler in place
+            assert ready.wait(60)
+        yield processes
+    finally:
+        for proc in processes:
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+
+
+def _later(seconds: float, action: Any) -> None:
+    threading.Timer(seconds, action).start()
+
+
+def test_a_signal_reaches_every_frontend_and_clean_exits_give_zero() -> None:
+    with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, list, grace_s=5)
+        _later(1.0, lambda: supervisor.forward(signal.SIGTERM))
+        assert supervisor.run() == 0
+        assert [p.exitcode for p in processes] == [0, 0]  # each drained after the signal, not killed
+
+
+def test_a_frontend_that_fails_stops_the_others_and_gives_its_code() -> None:
+    with started((_exit_at_once, 3), (_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, list, grace_s=5)
+        assert supervisor.run() == 3
+        assert processes[1].exitcode == 0  # stopped by the supervisor's SIGTERM, not left running
+
+
+def test_a_frontend_that_exits_unasked_counts_as_a_failure_even_with_zero() -> None:
+    with started((_exit_at_once, 0), (_until_sigterm, 0)) as processes:
+        assert Supervisor(processes, list, grace_s=5).run() == 1
+        assert processes[1].exitcode == 0
+
+
+def test_the_engine_core_ending_stops_every_frontend() -> None:
+    engine_end, engine_alive = SPAWN.Pipe(duplex=False)  # readable once the "engine" side closes
+    with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, lambda: [engine_end], grace_s=5)
+        _later(1.0, engine_alive.close)
+        assert supervisor.run() == 1
+        assert [p.exitcode for p in processes] == [0, 0]
+
+
+def test_frontends_that_outlast_the_grace_are_killed() -> None:
+    with started((_until_sigterm, 0)) as processes:
+        # A front-end stuck past grace + margin: the margin is 10 s, so the test shortens it.
+        supervisor = Supervisor(processes, list, grace_s=0)
+        old = frontends._EXIT_MARGIN_S
+        frontends._EXIT_MARGIN_S = 0.5
+        try:
+            os.kill(processes[0].pid, signal.SIGSTOP)  # it cannot drain: stopped
+            supervisor.forward(signal.SIGTERM)
+            started_at = time.monotonic()
+            assert supervisor.run() == 1  # killed is not a clean exit
+            assert time.monotonic() - started_at < 10
+            assert processes[0].exitcode == -signal.SIGKILL
+        finally:
+            frontends._EXIT_MARGIN_S = old
+
+
+# --- vLLM's pieces, as stand-ins with vLLM 0.25.1's signatures -----------------------------------------
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`vllm` modules that record how they are called: AsyncEngineArgs, AsyncLLM, launch_core_engines."""
+    calls: dict[str, Any] = {"events": []}
+
+    class AsyncEngineArgs:
+        _api_process_count = 1
+        _api_process_rank = 0
+
+        def __init__(self, **kwargs: Any) -> None:
+            self.kwargs = kwargs
+            self.enable_log_requests = kwargs.get("enable_log_requests", False)
+            self.disable_log_stats = False
+
+        def create_engine_config(self, usage_context: Any) -> Any:
+            return types.SimpleNamespace(
+                api_count=self._api_process_count, api_rank=self._api_process_rank, usage=usage_context
+            )
+
+    class AsyncLLM:
+        @classmethod
+        def from_vllm_config(cls, vllm_config: Any, **kwargs: Any) -> Any:
+            calls["from_vllm_config"] = (vllm_config, kwargs)
+            return "client"
+
+        @classmethod
+        def from_engine_args(cls, engine_args: Any, **kwargs: Any) -> Any:
+            calls["from_engine_args"] = (engine_args, kwargs)
+            return "own engine"
+
+    def get_engine_zmq_addresses(config: Any, count: int) -> Any:
+        return types.SimpleNamespace(
+            inputs=[f"ipc://in-{i}" for i in range(count)], outputs=[f"ipc://out-{i}" for i in range(count)]
+        )
+
+    class Manager:
+        def sentinels(self) -> list[int]:
+            return [7]
+
+        def shutdown(self) -> None:
+            calls["events"].append("shutdown")
+
+    @contextmanager
+    def launch_core_engines(config: Any, executor: Any, log_stats: bool, addresses: Any, count: int) -> Any:
+        calls["launch"] = (config, executor, log_stats, addresses, count)
+        calls["events"].append("launched")
+        yield Manager(), None, addresses, None
+        calls["events"].append("handshake")
+
+    modules = {
+        "vllm": types.SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs),
+        "vllm.config": types.SimpleNamespace(StructuredOutputsConfig=lambda **kw: ("structured", kw)),
+        "vllm.usage.usage_lib": types.SimpleNamespace(
+            UsageContext=types.SimpleNamespace(OPENAI_API_SERVER="openai")
+        ),
+        "vllm.v1.engine.async_llm": types.SimpleNamespace(AsyncLLM=AsyncLLM),
+        "vllm.v1.engine.utils": types.SimpleNamespace(
+            get_engine_zmq_addresses=get_engine_zmq_addresses, launch_core_engines=launch_core_engines
+        ),
+        "vllm.v1.executor": types.SimpleNamespace(
+            Executor=types.SimpleNamespace(get_class=lambda config: "executor")
+        ),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+KWARGS = {"model": "m", "structured_outputs_config": {"backend": "guidance"}}
+
+
+def test_a_frontend_is_a_client_of_its_own_addresses(stand_in_vllm: dict[str, Any]) -> None:
+    frontend = FrontEnd(index=2, count=3, input_address="ipc://in-2", output_address="ipc://out-2")
+    assert vllm_compat.build_async_llm(KWARGS, "logger", frontend) == "client"
+    config, kwargs = stand_in_vllm["from_vllm_config"]
+    assert (config.api_count, config.api_rank, config.usage) == (3, 2, "openai")
+    assert kwargs["client_addresses"] == {"input_address": "ipc://in-2", "output_address": "ipc://out-2"}
+    assert (kwargs["client_count"], kwargs["client_index"]) == (3, 2)
+    assert kwargs["stat_loggers"] == ["logger"] and kwargs["usage_context"] == "openai"
+    assert "from_engine_args" not in stand_in_vllm
+
+
+def test_without_a_frontend_the_generator_starts_its_own_engine(stand_in_vllm: dict[str, Any]) -> None:
+    assert vllm_compat.build_async_llm(KWARGS, "logger") == "own engine"
+    args, kwargs = stand_in_vllm["from_engine_args"]
+    assert args.kwargs["structured_outputs_config"] == ("structured", {"backend": "guidance"})
+    assert (args._api_process_count, args._api_process_rank) == (1, 0)
+    assert kwargs["stat_loggers"] == ["logger"]
+
+
+def test_the_shared_engine_core_is_launched_for_every_frontend(stand_in_vllm: dict[str, Any]) -> None:
+    core = vllm_compat.SharedEngineCore(KWARGS, 3)
+    assert core.frontends() == [FrontEnd(i, 3, f"ipc://in-{i}", f"ipc://out-{i}") for i in range(3)]
+    assert core.sentinels() == []  # nothing launched yet
+    with core.launching():
+        stand_in_vllm["events"].append("front-ends started")
+    config, executor, log_stats, addresses, count = stand_in_vllm["launch"]
+    # The launching process is rank -1 of 3, as in `vllm serve --api-server-count 3`.
+    assert (config.api_count, config.api_rank, executor, log_stats, count) == (3, -1, "executor", True, 3)
+    assert addresses.inputs == ["ipc://in-0", "ipc://in-1", "ipc://in-2"]
+    assert core.sentinels() == [7]
+    core.shutdown()
+    core.shutdown()  # twice is harmless
+    # The front-ends start before the handshake (the engine core connects to them), as vLLM does.
+    assert stand_in_vllm["events"] == ["launched", "front-ends started", "handshake", "shutdown"]
