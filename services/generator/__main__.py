@@ -8,6 +8,8 @@ each serving the port (`frontends`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from services.common.admission import Admission
 from services.common.server import serve
 from services.common.settings import load_settings
@@ -36,8 +38,20 @@ def build_engine(settings: GeneratorSettings, frontend: FrontEnd | None = None) 
     return LlamaCppEngine(settings)
 
 
-async def main(settings: GeneratorSettings, frontend: FrontEnd | None = None) -> None:
+async def main(
+    settings: GeneratorSettings,
+    frontend: FrontEnd | None = None,
+    all_warmed: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serves until SIGTERM. `frontend`, `all_warmed`: this process is one of several front-ends
+    (`frontends`), which join the port together once every one of them has warmed up."""
     engine = build_engine(settings, frontend)
+
+    async def warmup() -> None:
+        await engine.start()
+        if all_warmed is not None:
+            await all_warmed()
+
     servicer = GeneratorServicer(
         engine,
         GenerationLimits(
@@ -53,7 +67,7 @@ async def main(settings: GeneratorSettings, frontend: FrontEnd | None = None) ->
     await serve(
         settings,
         [servicer.service()],
-        warmup=engine.start,
+        warmup=warmup,
         shutdown=engine.close,
         # Front-ends share the port: each joins it once it can serve.
         listen_after_warmup=frontend is not None,

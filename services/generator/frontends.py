@@ -12,7 +12,8 @@ the same layout with the generator's gRPC server in each front-end:
 - it starts the front-ends (spawned: fresh interpreters, no state of this one) before the engine's
   start-up handshake, as vLLM does: the engine core connects to each front-end's ZMQ sockets;
 - each front-end serves the generator on GENERATOR_PORT (SO_REUSEPORT: the kernel spreads
-  connections over them), its metrics on GENERATOR_METRICS_PORT + index, its own health;
+  connections over them), its metrics on GENERATOR_METRICS_PORT + index, its own health; they bind
+  the port together, once all have warmed up (a connection stays with the front-end it reached);
 - SIGTERM or SIGINT is passed to the front-ends, each drains by itself; then the engine core stops.
   A front-end or the engine core that dies stops the rest: whatever supervises the service restarts it
   whole.
@@ -20,11 +21,13 @@ the same layout with the generator's gRPC server in each front-end:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -39,6 +42,9 @@ log = logging.getLogger("services.generator.frontends")
 
 # After SIGTERM, how long past the drain's grace the front-ends get before they are killed.
 _EXIT_MARGIN_S = 10.0
+# The longest one front-end waits for the others to warm up (they share the engine core, so they are up
+# within seconds of each other; vLLM's own wait for an engine core is 600 s).
+_WARM_UP_TIMEOUT_S = 600.0
 
 
 def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSettings:
@@ -48,12 +54,28 @@ def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSetti
     return settings
 
 
-def _serve_frontend(settings: GeneratorSettings, frontend: FrontEnd, parent: int) -> None:
+async def _all_warmed(barrier: Any) -> None:
+    """Waits until every front-end has warmed up. A connection stays with the front-end it reached, so
+    the first one up must not take every early client (an edge's channels, say) while the others warm
+    up: they all join the port together."""
+    try:
+        await asyncio.to_thread(barrier.wait, _WARM_UP_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        raise RuntimeError("another front-end failed or stopped before it warmed up") from None
+    except asyncio.CancelledError:
+        barrier.abort()  # a stop while waiting: free this thread (and the others') now
+        raise
+
+
+def _serve_frontend(settings: GeneratorSettings, frontend: FrontEnd, parent: int, barrier: Any) -> None:
     """A front-end process: the generator service on its share of the engine core."""
     die_with_parent(parent)
     from services.generator.__main__ import main
 
-    run_loop(lambda: main(frontend_settings(settings, frontend.index), frontend), uvloop=settings.uvloop)
+    run_loop(
+        lambda: main(frontend_settings(settings, frontend.index), frontend, lambda: _all_warmed(barrier)),
+        uvloop=settings.uvloop,
+    )
 
 
 class Supervisor:
@@ -157,10 +179,11 @@ def run_frontends(settings: GeneratorSettings) -> int:
     count = settings.frontends
     core = _engine_core(settings)
     spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(count)
     processes = [
         spawn.Process(
             target=_serve_frontend,
-            args=(settings, frontend, os.getpid()),
+            args=(settings, frontend, os.getpid(), barrier),
             name=f"generator-frontend-{frontend.index}",
         )
         for frontend in core.frontends()
@@ -173,7 +196,7 @@ def run_frontends(settings: GeneratorSettings) -> int:
         with core.launching():
             for proc in processes:
                 proc.start()
-        log.info("engine core up; front-ends: %s", ", ".join(str(p.pid) for p in processes))
+        log.info("front-ends started: %s", ", ".join(str(p.pid) for p in processes))
         return supervisor.run()
     finally:
         for proc in processes:

@@ -4,6 +4,7 @@ real ones run on the GPU, bench/results)."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -246,3 +247,36 @@ def test_the_shared_engine_core_is_launched_for_every_frontend(stand_in_vllm: di
     core.shutdown()  # twice is harmless
     # The front-ends start before the handshake (the engine core connects to them), as vLLM does.
     assert stand_in_vllm["events"] == ["launched", "front-ends started", "handshake", "shutdown"]
+
+
+# --- joining the port together ------------------------------------------------------------------------
+
+
+async def test_front_ends_join_the_port_only_when_all_have_warmed_up() -> None:
+    barrier = threading.Barrier(2)
+    first = asyncio.ensure_future(frontends._all_warmed(barrier))
+    await asyncio.sleep(0.2)
+    assert not first.done()  # the other front-end is still warming up
+    await frontends._all_warmed(barrier)
+    await asyncio.wait_for(first, 5)
+
+
+async def test_a_front_end_that_fails_its_warm_up_fails_the_others_at_once() -> None:
+    barrier = threading.Barrier(2)
+    waiting = asyncio.ensure_future(frontends._all_warmed(barrier))
+    await asyncio.sleep(0.1)
+    barrier.abort()  # what a stopped front-end's wait does
+    with pytest.raises(RuntimeError, match="another front-end failed or stopped"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_stop_while_waiting_releases_every_waiter() -> None:
+    barrier = threading.Barrier(3)
+    one = asyncio.ensure_future(frontends._all_warmed(barrier))
+    other = asyncio.ensure_future(frontends._all_warmed(barrier))
+    await asyncio.sleep(0.1)
+    one.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await one
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(other, 5)  # not left waiting out the timeout
