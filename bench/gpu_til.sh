@@ -30,7 +30,8 @@
 # hop), CLIENT_PROCS (the benchmark's client processes, 6: at ~0.5 ms of client CPU a hit, 4 were near
 # their limit at c=100), SKIP_SERVE (no vllm serve), INPUT_LEN, HIT_CLIENT (bench.serving --hit-client:
 # python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
-# STREAM_INTERVAL and OUTPUT_CHUNK (below), H2LOAD_ROUNDS (h2load's hits = this x concurrency, 500: at
+# STREAM_INTERVAL and OUTPUT_CHUNK (below), FRONTENDS (GENERATOR_FRONTENDS: the generator's gRPC front-end
+# processes sharing its engine core, as `vllm serve --api-server-count`; unset: 1), H2LOAD_ROUNDS (h2load's hits = this x concurrency, 500: at
 # ~18k hits/s the 50 of s19 were a quarter second of load).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
@@ -82,6 +83,11 @@ BITMASK_ARGS=()
 INTERVAL_ARGS=()
 [ -n "${STREAM_INTERVAL:-}" ] && { GENERATOR_ENV+=(GENERATOR_STREAM_INTERVAL=$STREAM_INTERVAL)
   INTERVAL_ARGS+=(--stream-interval "$STREAM_INTERVAL"); }
+# FRONTENDS: our generator only. (vllm serve keeps its one API server, what a user starts by default; the
+# in-process arms have no server.) Its front-ends' metrics are on 9092 + i, below the edge's 9100.
+# Each edge worker then opens two connections per front-end (the kernel hands each connection to one).
+[ -n "${FRONTENDS:-}" ] && { GENERATOR_ENV+=(GENERATOR_FRONTENDS=$FRONTENDS)
+  EDGE_ENV+=(EDGE_GENERATOR_CONNECTIONS=$((2 * FRONTENDS))); }
 # Stock vLLM's server with the same engine settings and structured-output backend as our generator.
 SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$DUMMY" --served-model-name $MODEL_ID
   --load-format dummy --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization "$MEM" --max-num-seqs 256
@@ -198,7 +204,8 @@ profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFIL
   diag=/tmp/diag && rm -rf $diag && mkdir -p $diag
   for arm in ${PROFILE_ARMS:-generator-til edge}; do
     # --threads: stacks per thread, so that the event loop's share and the helper threads' stand apart.
-    /tmp/pys/py-spy record --pid "$gen" --rate "${PROFILE_RATE:-250}" --threads --format raw \
+    # --subprocesses: with FRONTENDS, $gen is the supervisor and the front-ends are its children.
+    /tmp/pys/py-spy record --pid "$gen" --subprocesses --rate "${PROFILE_RATE:-250}" --threads --format raw \
       --output $diag/py-spy-$arm.txt >$diag/py-spy-$arm.log 2>&1 &
     spy=$!
     PYTHONPATH=$OURS timeout 240 python3 -m bench.serving --arms "$arm" "${ENGINE[@]}" --concurrency "${PROFILE_CONC:-100}" \

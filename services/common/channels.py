@@ -55,13 +55,18 @@ class ClientTls:
 
 
 def open_channel(
-    target: str, *, max_message_bytes: int = 4 * 1024 * 1024, tls: ClientTls | None = None
+    target: str,
+    *,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    tls: ClientTls | None = None,
+    own_connection: bool = False,
 ) -> grpc.aio.Channel:
     """A channel to `target` (host:port, or dns:///name:port for every replica), TLS when `tls` is given.
 
     Nothing on the client's side ends a running call: no idle timeout applies while a call is open,
     keepalive follows the servers' rule (above), and a server's GOAWAY at its connection age lets the
     calls on the old connection finish (within the server's grace) while new calls open a new one.
+    `own_connection`: a connection of its own even beside another channel to the same target.
     """
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -71,6 +76,9 @@ def open_channel(
         # Retries are decided by the caller (before the first token only), not by the channel.
         ("grpc.enable_retries", 0),
     ]
+    if own_connection:
+        # Not shared with other channels to the same target (gRPC's global subchannel pool would).
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     if tls.server_name:

@@ -75,12 +75,18 @@ async def main(settings: EdgeSettings, worker: int = 0) -> None:
     if worker and settings.metrics_port:
         settings = settings.model_copy(update={"metrics_port": settings.metrics_port + worker})
 
-    def connect(target: str) -> grpc.aio.Channel:
-        return open_channel(target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls)
+    def connect(target: str, own: bool = False) -> grpc.aio.Channel:
+        return open_channel(
+            target, max_message_bytes=settings.max_message_bytes, tls=settings.peer_tls, own_connection=own
+        )
 
     try:
         channels = [connect(target) for target in (settings.retriever_target, settings.cacher_target)]
-        replicas = GeneratorReplicas.from_addr(settings.generator_addr, connect)
+        replicas = GeneratorReplicas.from_addr(
+            settings.generator_addr,
+            lambda target: connect(target, own=True),
+            connections=settings.generator_connections,
+        )
     except OSError as exc:
         raise SystemExit(f"cannot read the EDGE_PEER_TLS_* files: {exc}") from None
     following = asyncio.ensure_future(replicas.watch())

@@ -180,22 +180,32 @@ class GeneratorReplicas:
         dns: tuple[str, int] | None = None,
         failure_cool_down_s: float = 2.0,
         resolve_every_s: float = 10.0,
+        connections: int = 1,
     ) -> None:
         self._connect = connect
         self._dns = dns
         self._failure_cool_down_s = failure_cool_down_s
         self._resolve_every_s = resolve_every_s
-        self.replicas: list[Replica] = [Replica(target, connect(target)) for target in targets]
+        # Connections per target, each a `Replica` of its own (`connect` must give each its own
+        # connection): a generator with several front-ends on one port gets one per connection, as the
+        # kernel hands each connection to one of them, and streams spread over the connections.
+        self._connections = connections
+        self.replicas: list[Replica] = self._open(targets)
         self._retired: list[Replica] = []
         self._watches: dict[Replica, asyncio.Task[None]] = {}
         self._turn = 0
 
+    def _open(self, targets: Sequence[str]) -> list[Replica]:
+        return [
+            Replica(target, self._connect(target)) for target in targets for _ in range(self._connections)
+        ]
+
     @classmethod
     def from_addr(
-        cls, addr: str, connect: Callable[[str], grpc.aio.Channel], **options: float
+        cls, addr: str, connect: Callable[[str], grpc.aio.Channel], *, connections: int = 1, **options: float
     ) -> GeneratorReplicas:
         targets, dns = replica_targets(addr)
-        return cls(targets, connect, dns=dns, **options)  # type: ignore[arg-type]
+        return cls(targets, connect, dns=dns, connections=connections, **options)
 
     @classmethod
     def of_channel(cls, channel: grpc.aio.Channel) -> GeneratorReplicas:
@@ -251,17 +261,20 @@ class GeneratorReplicas:
             )
             return
         targets = sorted({_host_port(str(info[4][0]), port) for info in infos})
-        known = {r.target: r for r in self.replicas}
+        known: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            known.setdefault(replica.target, []).append(replica)
         if set(targets) == set(known):
             return
         log.info("generator replicas for %s: %s", name, ", ".join(targets))
-        for target, replica in known.items():
+        for target, replicas in known.items():
             if target not in targets:
-                self._retired.append(replica)  # closed at the end: streams may still run on it
-                task = self._watches.pop(replica, None)
-                if task is not None:
-                    task.cancel()
-        self.replicas = [known.get(t) or Replica(t, self._connect(t)) for t in targets]
+                for replica in replicas:
+                    self._retired.append(replica)  # closed at the end: streams may still run on it
+                    task = self._watches.pop(replica, None)
+                    if task is not None:
+                        task.cancel()
+        self.replicas = [r for t in targets for r in (known.get(t) or self._open([t]))]
 
     async def close(self) -> None:
         for replica in [*self.replicas, *self._retired]:

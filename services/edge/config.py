@@ -62,6 +62,15 @@ class EdgeSettings(ServerSettings):
         "127.0.0.1:50052",
         description="host:port, dns:///name:port (all replicas), or a comma list of IP:port.",
     )
+    generator_connections: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Connections to each generator address (each worker); a stream goes to the one with "
+        "the fewest open. A generator with several front-ends on one port (GENERATOR_FRONTENDS) needs "
+        "several: the kernel hands each connection to one front-end. About twice the front-ends "
+        "spreads the streams evenly enough.",
+    )
     retriever_addr: str = Field("127.0.0.1:50053")
     cacher_addr: str = Field("127.0.0.1:50054")
 

@@ -149,3 +149,48 @@ async def test_a_plain_channel_is_one_replica() -> None:
         assert (await run(client))[-1] == "finished"
         assert (await client.model_info()).model == "fake-model"
         await channel.close()
+
+
+@pytest.mark.parametrize("own_connection", [True, False])
+async def test_several_connections_to_one_address_spread_the_streams(own_connection: bool) -> None:
+    """EDGE_GENERATOR_CONNECTIONS=3: a generator with front-ends on one port gets three connections from
+    each edge worker (the kernel hands each to one front-end), with the streams spread over them. Without
+    a connection of its own each channel would share one with the others (gRPC's global pool)."""
+    fake = FakeGenerator(hang_after=0)
+    async with in_process_server(
+        [service(GENERATOR, generator_pb2_grpc.add_GeneratorServiceServicer_to_server, fake)]
+    ) as (running, _):
+        replicas = GeneratorReplicas.from_addr(
+            f"127.0.0.1:{running.port}",
+            lambda target: open_channel(target, own_connection=own_connection),
+            connections=3,
+        )
+        try:
+            client = GeneratorClient(replicas)
+            held = [await hold(client, replicas) for _ in range(6)]
+            assert [r.outstanding for r in replicas.replicas] == [2, 2, 2]
+            assert len({r.channel for r in replicas.replicas}) == 3
+            # The server's view: one TCP connection (client port) per channel, or one for all.
+            assert len(set(fake.peers)) == (3 if own_connection else 1)
+            await release(held)
+        finally:
+            await replicas.close()
+
+
+async def test_a_resolved_name_gets_its_connections_per_address_and_keeps_them() -> None:
+    opened: list[str] = []
+
+    def connect(target: str) -> grpc.aio.Channel:
+        opened.append(target)
+        return open_channel(target, own_connection=True)
+
+    replicas = GeneratorReplicas([], connect, dns=("127.0.0.1", 50052), connections=2)
+    try:
+        await replicas._resolve()
+        first = list(replicas.replicas)
+        assert [r.target for r in first] == ["127.0.0.1:50052", "127.0.0.1:50052"]
+        assert first[0].channel is not first[1].channel
+        await replicas._resolve()  # the same addresses: the same connections, none reopened
+        assert replicas.replicas == first and len(opened) == 2
+    finally:
+        await replicas.close()

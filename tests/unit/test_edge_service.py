@@ -137,6 +137,8 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     hang_after: int | None = None  # deltas sent before the stream blocks forever
     delay_s: float = 0.0  # before each delta
     requests: list[generator_pb2.GenerateRequest] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    """The caller's address of each Generate (its connection)."""
     time_remaining: list[float | None] = field(default_factory=list)
     model_info_calls: int = 0
     tokenized: list[generator_pb2.TokenizeRequest] = field(default_factory=list)
@@ -167,6 +169,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServiceServicer):
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[generator_pb2.GenerateResponse]:
         self.requests.append(request)
+        self.peers.append(context.peer())
         self.time_remaining.append(context.time_remaining())
         failure, fail_after = self.failures.pop(0) if self.failures else (None, None)
         if self.error is not None and failure is None:
