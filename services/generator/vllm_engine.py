@@ -277,6 +277,8 @@ class VllmEngine:
         self._aborts: set[asyncio.Task[None]] = set()
         # vLLM aborts by the id it was given; callers' ids need not be unique, these are.
         self._sequence = itertools.count()
+        # Front-ends share one engine core: each numbers its requests apart from the others'.
+        self._id_tag = "" if frontend is None else f"f{frontend.index}."
         # One thread, as vLLM's own server does: a fast tokenizer's truncation and padding are
         # shared mutable state, and the GIL serializes the work anyway; the point is only to keep
         # a long chat template off the event loop.
@@ -420,7 +422,7 @@ class VllmEngine:
         assert request.prepared is not None
         prompt_ids = list(request.prepared.prompt_tokens)
         params = self._sampling_params(request, request.prepared.constraint)
-        engine_request_id = f"{request.request_id}-{next(self._sequence)}"
+        engine_request_id = f"{request.request_id}-{self._id_tag}{next(self._sequence)}"
         arrival = time.monotonic()
         expiry = self._arm_deadline(llm, engine_request_id, request.deadline, arrival)
         if request.prepared.constraint is not None:
