@@ -86,7 +86,7 @@ INTERVAL_ARGS=()
 # FRONTENDS: our generator only. (vllm serve keeps its one API server, what a user starts by default; the
 # in-process arms have no server.) Its front-ends' metrics are on 9092 + i, below the edge's 9100.
 # Each edge worker then opens two connections per front-end (the kernel hands each connection to one).
-[ -n "${FRONTENDS:-}" ] && { GENERATOR_ENV+=(GENERATOR_FRONTENDS=$FRONTENDS)
+[ -n "${FRONTENDS:-}" ] && { GENERATOR_ENV+=(GENERATOR_FRONTENDS=$FRONTENDS GENERATOR_METRICS_PORT=9120)
   EDGE_ENV+=(EDGE_GENERATOR_CONNECTIONS=$((2 * FRONTENDS))); }
 # Stock vLLM's server with the same engine settings and structured-output backend as our generator.
 SERVE=(python3 -m vllm.entrypoints.openai.api_server --model "$DUMMY" --served-model-name $MODEL_ID
@@ -185,8 +185,19 @@ measure)
     echo "in-process engines: VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=${VLLM_V1_OUTPUT_PROC_CHUNK_SIZE:-unset (128)}"
     echo "the stack and vllm serve (PYTHONPATH=$SITE VLLM_PLUGINS=), as \`up\` started them:"
     cat $RUN/up-env.txt 2>/dev/null || echo "(no $RUN/up-env.txt)"; } >>"$out/command.txt"
-  PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" >"$out/serving.log" 2>&1
-  echo "bench.serving exit $?"
+  # The box's CPU while the arms run: vmstat each second, and each process's CPU time before and after
+  # (its difference says who used the cores; the clients, the edge and the generator share them).
+  cpu_snapshot() { ps -eo pid,ppid,cputime,args --sort=-cputime | cut -c1-200 | head -60; }
+  cpu_snapshot >"$out/cpu-before.txt"
+  vmstat -t 1 >"$out/vmstat.txt" 2>&1 &
+  vm=$!
+  # serving-times.log: the same lines with the time each was printed, to place vmstat's seconds in an arm.
+  PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" 2>&1 | while IFS= read -r line; do
+    printf '%s\n' "$line"; printf '%s %s\n' "$(date +%T.%3N)" "$line" >>"$out/serving-times.log"
+  done >"$out/serving.log"
+  echo "bench.serving exit ${PIPESTATUS[0]}"
+  kill $vm 2>/dev/null
+  cpu_snapshot >"$out/cpu-after.txt"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \
     "$out/serving.log" | cut -c1-260
   logs_to_out 30
