@@ -130,7 +130,13 @@ class EngineTilArm:
     """A_til: the edge's request for a diff, straight into AsyncLLM.
 
     The chat template ran when the prompt was made (D's edge and generator do theirs inside the clock);
-    the schema is the one the generator would hand vLLM (prepared when the prompt was made).
+    the schema is the one the generator would hand vLLM, prepared (and so validated, with the same
+    llguidance) when the prompt was made. Its hand-off is the generator's: SamplingParams built for
+    the request, its schema marked validated so that vLLM does not validate it again on this event
+    loop (`vllm_compat.skip_revalidation`, installed by the engine's start). Until session 20 A_til
+    left vLLM to validate every schema again (~3.5 ms a TIL schema, bench/results/issue13-h200-s18):
+    in a burst the requests then reached `add_request` one after another, each timed only from its
+    turn, so that wait was in no TTFT of A_til, while the generator's own is in D's and C_til's.
     """
 
     name = "engine-til"
@@ -138,35 +144,28 @@ class EngineTilArm:
     def __init__(self, engine: VllmEngine) -> None:
         self._engine = engine
         self._ids = itertools.count()
-        self._params: dict[tuple[str, int, bool], Any] = {}
 
     async def open(self) -> None:
         pass
 
     def _sampling(self, til: TilRequest, output_len: int) -> Any:
-        key = (til.prepared_schema, output_len, til.ignore_eos)
-        if key not in self._params:
-            from vllm import SamplingParams
-            from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        """As the generator's `VllmEngine.generate` builds and marks them."""
+        from services.generator import vllm_compat
 
-            self._params[key] = SamplingParams(
-                max_tokens=output_len,
-                ignore_eos=til.ignore_eos,
-                temperature=0.0,
-                output_kind=RequestOutputKind.DELTA,
-                structured_outputs=StructuredOutputsParams(json=json.loads(til.prepared_schema)),
-            )
-        return self._params[key]
+        kwargs = {"max_tokens": output_len, "ignore_eos": til.ignore_eos, "temperature": 0.0}
+        params = vllm_compat.sampling_params(kwargs, json.loads(til.prepared_schema))
+        vllm_compat.VALIDATED.add(params.structured_outputs.json)
+        return params
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
         from vllm import TokensPrompt
 
         llm = self._engine.async_llm
         til = _til(prompt)
-        params = self._sampling(til, output_len)
         eos = llm.get_tokenizer().eos_token_id
         record = RequestRecord(start=time.monotonic(), prompt_tokens=len(prompt.token_ids))
         try:
+            params = self._sampling(til, output_len)  # inside the clock, as the generator's is
             tokens = TokensPrompt(prompt_token_ids=list(prompt.token_ids))
             async for out in llm.generate(tokens, params, request_id=f"bench-at-{next(self._ids)}"):
                 _engine_queue(record, out)
