@@ -132,11 +132,11 @@ class EngineTilArm:
     The chat template ran when the prompt was made (D's edge and generator do theirs inside the clock);
     the schema is the one the generator would hand vLLM, prepared (and so validated, with the same
     llguidance) when the prompt was made. Its hand-off is the generator's: SamplingParams built for
-    the request, its schema marked validated so that vLLM does not validate it again on this event
-    loop (`vllm_compat.skip_revalidation`, installed by the engine's start). Until session 20 A_til
-    left vLLM to validate every schema again (~3.5 ms a TIL schema, bench/results/issue13-h200-s18):
-    in a burst the requests then reached `add_request` one after another, each timed only from its
-    turn, so that wait was in no TTFT of A_til, while the generator's own is in D's and C_til's.
+    the request inside the clock, its schema marked validated so that vLLM does not validate it again
+    on this event loop (`vllm_compat.skip_revalidation`, installed by the engine's start). Until
+    session 20 A_til left vLLM to validate every schema again (~3.5 ms a TIL schema); measured at 100
+    streams it made no difference to A_til (bench/results/issue13-h200-s20), but now the two do the
+    same work.
     """
 
     name = "engine-til"
