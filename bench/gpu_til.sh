@@ -84,7 +84,7 @@ INTERVAL_ARGS=()
 [ -n "${STREAM_INTERVAL:-}" ] && { GENERATOR_ENV+=(GENERATOR_STREAM_INTERVAL=$STREAM_INTERVAL)
   INTERVAL_ARGS+=(--stream-interval "$STREAM_INTERVAL"); }
 # FRONTENDS: our generator only. (vllm serve keeps its one API server, what a user starts by default; the
-# in-process arms have no server.) Its front-ends' metrics are on 9092 + i, below the edge's 9100.
+# in-process arms have no server.) Its front-ends' metrics are on 9120 + i (9092 + i would meet the cacher's 9094).
 # Each edge worker then opens two connections per front-end (the kernel hands each connection to one).
 [ -n "${FRONTENDS:-}" ] && { GENERATOR_ENV+=(GENERATOR_FRONTENDS=$FRONTENDS GENERATOR_METRICS_PORT=9120)
   EDGE_ENV+=(EDGE_GENERATOR_CONNECTIONS=$((2 * FRONTENDS))); }

@@ -213,7 +213,10 @@ class GeneratorReplicas:
         return cls(["channel"], lambda _: channel)
 
     def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
-        """The usable replica with the fewest open streams (ties in turn); an unusable one only if no other."""
+        """The usable replica with the fewest open streams (ties in turn); an unusable one only if no other.
+
+        `exclude`: replicas tried already; no connection to their targets is picked while another
+        target is left."""
         if not self.replicas:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -222,7 +225,9 @@ class GeneratorReplicas:
                 details=f"no generator replica resolved for {self._dns}",
             )
         now = time.monotonic()
-        fresh = [r for r in self.replicas if r not in exclude] or self.replicas
+        # A target tried already is skipped whole: its other connections reach the same replica.
+        tried = {r.target for r in exclude}
+        fresh = [r for r in self.replicas if r.target not in tried] or self.replicas
         candidates = [r for r in fresh if r.usable(now)] or fresh
         n = len(self.replicas)
         self._turn += 1
@@ -230,7 +235,11 @@ class GeneratorReplicas:
         return min(candidates, key=lambda r: (r.outstanding, order[r]))
 
     def failed(self, replica: Replica) -> None:
-        replica.failed_until = time.monotonic() + self._failure_cool_down_s
+        """UNAVAILABLE from `replica`: its target, every connection to it, cools down."""
+        until = time.monotonic() + self._failure_cool_down_s
+        for other in self.replicas:
+            if other.target == replica.target:
+                other.failed_until = until
 
     async def watch(self) -> None:
         """Follows each replica's health (and the DNS name's addresses) until cancelled."""

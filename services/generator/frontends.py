@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,10 +49,17 @@ _WARM_UP_TIMEOUT_S = 600.0
 
 
 def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSettings:
-    """A front-end's settings: its metrics on their own port (metrics_port + index)."""
+    """A front-end's settings: its metrics on their own port (metrics_port + index), and its share of
+    the generator's admission limits (each limit over the front-ends, rounded up), so that the
+    generator as a whole admits about what GENERATOR_MAX_ACTIVE/WAITING_REQUESTS say."""
+    count = settings.frontends
+    update: dict[str, Any] = {
+        "max_active_requests": -(-settings.active_limit // count),
+        "max_waiting_requests": -(-settings.waiting_limit // count),
+    }
     if index and settings.metrics_port:
-        return settings.model_copy(update={"metrics_port": settings.metrics_port + index})
-    return settings
+        update["metrics_port"] = settings.metrics_port + index
+    return settings.model_copy(update=update)
 
 
 async def _all_warmed(barrier: Any) -> None:
@@ -83,7 +91,8 @@ class Supervisor:
 
     `processes`: the front-ends (multiprocessing processes); `engine_sentinels()`: what becomes ready
     when an engine process ends. Returns the exit code: 0 when every front-end exited cleanly after a
-    signal, else the first failure's.
+    signal (by itself, or by the signal's default action when it came before the front-end's own
+    handler was in place), else the first failure's.
     """
 
     def __init__(
@@ -93,36 +102,53 @@ class Supervisor:
         self._engine_sentinels = engine_sentinels
         self._grace_s = grace_s
         self._stopping = False
+        self._running = False
         self._deadline: float | None = None
+        self._signalled: set[int] = set()  # pids sent a stop already
 
     def forward(self, signum: int, _frame: object = None) -> None:
-        """SIGTERM/SIGINT: every front-end drains by itself."""
+        """SIGTERM/SIGINT: every front-end drains by itself. Before `run` (the engine core still
+        starting), the start is abandoned: SystemExit, as `vllm serve` does; the caller cleans up."""
         self._stopping = True
         self._signal_all(signum)
+        if not self._running:
+            raise SystemExit(0)
 
     def _stop_all(self) -> None:
         log.error("stopping the other front-ends")
         self._stopping = True
         self._signal_all(signal.SIGTERM)
 
-    def _signal_all(self, signum: int) -> None:
+    def _signal_all(self, signum: int, *, unsignalled_only: bool = False) -> None:
         for proc in self.processes:
-            if proc.exitcode is None and proc.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signum)
+            if proc.pid is None or proc.exitcode is not None:
+                continue
+            if unsignalled_only and proc.pid in self._signalled:
+                continue
+            self._signalled.add(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    def _clean(self, code: int | None) -> bool:
+        if not self._stopping:
+            return False  # exiting at all before a stop was asked for is a failure, even with 0
+        return code in (0, -signal.SIGTERM, -signal.SIGINT)
 
     def run(self) -> int:
+        self._running = True
         result = 0
+        # Every front-end from the start, dead or alive: one that ended before now is seen at once.
+        live = {p.sentinel: p for p in self.processes}
         engine = list(self._engine_sentinels())
-        while any(p.exitcode is None for p in self.processes):
+        if self._stopping:  # a signal came while starting: pass it on to the ones started since
+            self._signal_all(signal.SIGTERM, unsignalled_only=True)
+        while live:
             if self._stopping and self._deadline is None:
                 self._deadline = time.monotonic() + self._grace_s + _EXIT_MARGIN_S
             if self._deadline is not None and time.monotonic() > self._deadline:
                 log.error("front-ends still running %.0fs after the stop; killing them", self._grace_s)
                 self._signal_all(signal.SIGKILL)
-            live = {p.sentinel: p for p in self.processes if p.exitcode is None}
-            ready = wait([*live, *engine], timeout=1.0)
-            for sentinel in ready:
+            for sentinel in wait([*live, *engine], timeout=1.0):
                 if sentinel in engine:
                     engine.remove(sentinel)
                     if not self._stopping:
@@ -130,16 +156,43 @@ class Supervisor:
                         result = result or 1
                         self._stop_all()
                     continue
-                proc = live[sentinel]
+                proc = live.pop(sentinel)
                 proc.join()
                 code = proc.exitcode
-                if code != 0 or not self._stopping:
-                    # Exiting at all before a stop was asked for is a failure, even with 0.
+                if not self._clean(code):
                     log.error("front-end %s (pid %s) exited with %s", proc.name, proc.pid, code)
                     result = result or (code if code is not None and code > 0 else 1)
                     if not self._stopping:
                         self._stop_all()
         return result
+
+
+def end_processes(processes: list[Any], timeout_s: float) -> None:
+    """SIGTERM to those still running, then SIGKILL to any left after `timeout_s` (all together)."""
+    for proc in processes:
+        if proc.pid is not None and proc.exitcode is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        if proc.pid is not None:
+            proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.pid is not None and proc.exitcode is None:
+            proc.kill()
+            proc.join()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """SystemExit when something listens on host:port already. The front-ends bind it with SO_REUSEPORT
+    and only after warm-up: another process of this user doing the same would silently share it."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot use {host}:{port} for the generator's front-ends: {exc.strerror}"
+            ) from None
 
 
 class _NoSharedCore:
@@ -177,6 +230,7 @@ def run_frontends(settings: GeneratorSettings) -> int:
     """Launches the engine core, starts GENERATOR_FRONTENDS front-ends on it, supervises them."""
     configure_logging(settings.log_level, json_lines=settings.log_json)
     count = settings.frontends
+    check_port_free(settings.host, settings.port)
     core = _engine_core(settings)
     spawn = multiprocessing.get_context("spawn")
     barrier = spawn.Barrier(count)
@@ -199,8 +253,5 @@ def run_frontends(settings: GeneratorSettings) -> int:
         log.info("front-ends started: %s", ", ".join(str(p.pid) for p in processes))
         return supervisor.run()
     finally:
-        for proc in processes:
-            if proc.exitcode is None and proc.pid is not None:
-                proc.terminate()
-                proc.join(_EXIT_MARGIN_S)
+        end_processes(processes, _EXIT_MARGIN_S)
         core.shutdown()

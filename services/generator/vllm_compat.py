@@ -99,7 +99,9 @@ class SharedEngineCore:
         self.count = count
         self._args = _async_engine_args(engine_kwargs, api_count=count, api_rank=-1)
         self._config = self._args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        self._addresses = get_engine_zmq_addresses(self._config, count)
+        # Addresses fixed here: vLLM's own API servers may bind tcp://host:0 and report the port back
+        # (`actual_address_pipe`); ours do not (one engine core on this host: IPC paths either way).
+        self._addresses = get_engine_zmq_addresses(self._config, count, defer_api_server_ports=False)
         self._manager: Any = None
         self._coordinator: Any = None
 

@@ -24,7 +24,7 @@ GENERATOR = "til.v1.GeneratorService"
 
 @contextlib.asynccontextmanager
 async def two_generators(
-    *fakes: FakeGenerator,
+    *fakes: FakeGenerator, connections: int = 1
 ) -> AsyncIterator[tuple[GeneratorClient, GeneratorReplicas, list[RunningServer]]]:
     async with contextlib.AsyncExitStack() as stack:
         servers = []
@@ -36,7 +36,9 @@ async def two_generators(
             )
             servers.append(running)
         addr = ",".join(f"127.0.0.1:{running.port}" for running in servers)
-        replicas = GeneratorReplicas.from_addr(addr, open_channel)
+        replicas = GeneratorReplicas.from_addr(
+            addr, lambda target: open_channel(target, own_connection=True), connections=connections
+        )
         watching = asyncio.ensure_future(replicas.watch())
         try:
             yield GeneratorClient(replicas, retry=RetryPolicy(attempts=3, backoff_s=0.01)), replicas, servers
@@ -115,6 +117,20 @@ async def test_a_failing_replica_is_retried_elsewhere_then_skipped() -> None:
     assert all(kinds[0] == "started" and kinds[-1] == "finished" for kinds in outcomes)
     assert len(failing.requests) == 1  # failed once, then skipped for the cool-down
     assert len(healthy.requests) == 6
+
+
+async def test_with_several_connections_a_retry_goes_to_another_replica_not_another_connection() -> None:
+    """EDGE_GENERATOR_CONNECTIONS=3: an UNAVAILABLE from one replica sends the retry to the other replica
+    (not to a second connection to the same one), and every connection to the failed one cools down."""
+    failing, healthy = FakeGenerator(error=UNAVAILABLE), FakeGenerator()
+    async with two_generators(failing, healthy, connections=3) as (client, replicas, servers):
+        outcomes = [await run(client) for _ in range(6)]
+        failed_target = f"127.0.0.1:{servers[0].port}"
+        cooling = [r.failed_until > 0 for r in replicas.replicas if r.target == failed_target]
+    assert all(kinds[0] == "started" and kinds[-1] == "finished" for kinds in outcomes)
+    assert len(failing.requests) == 1  # tried once; neither the retry nor later streams went back
+    assert len(healthy.requests) == 6
+    assert cooling == [True, True, True]
 
 
 async def test_when_every_replica_is_draining_streams_still_go_somewhere() -> None:

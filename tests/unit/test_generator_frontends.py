@@ -8,6 +8,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +44,15 @@ def test_several_frontends_need_a_fixed_port() -> None:
 def test_one_frontend_is_the_default_and_any_backend_takes_it() -> None:
     assert GeneratorSettings(backend="llama_cpp").frontends == 1
     assert GeneratorSettings(backend="vllm", model="m", frontends=4).frontends == 4
+
+
+def test_the_generators_admission_limits_are_shared_over_its_frontends() -> None:
+    settings = GeneratorSettings(backend="vllm", model="m", frontends=3, max_num_seqs=256)
+    shares = [frontend_settings(settings, i) for i in range(3)]
+    # 256 active and 256 waiting for the generator: 86 and 86 for each of three (rounded up).
+    assert {(s.active_limit, s.waiting_limit) for s in shares} == {(86, 86)}
+    asked = settings.model_copy(update={"max_active_requests": 10, "max_waiting_requests": 0})
+    assert (frontend_settings(asked, 0).active_limit, frontend_settings(asked, 0).waiting_limit) == (4, 0)
 
 
 def test_each_frontend_serves_metrics_on_its_own_port() -> None:
@@ -113,6 +123,37 @@ def test_a_frontend_that_exits_unasked_counts_as_a_failure_even_with_zero() -> N
         assert processes[1].exitcode == 0
 
 
+def test_a_frontend_that_died_before_the_supervisor_ran_is_seen_at_once() -> None:
+    with started((_exit_at_once, 3), (_until_sigterm, 0)) as processes:
+        processes[0].join()  # dead, and reaped, before run(): e.g. during the engine core's start-up
+        assert processes[0].exitcode == 3
+        started_at = time.monotonic()
+        assert Supervisor(processes, list, grace_s=5).run() == 3
+        assert time.monotonic() - started_at < 10  # not left to the other front-end's own timeout
+        assert processes[1].exitcode == 0
+
+
+def test_a_signal_while_the_engine_core_starts_abandons_the_start_and_reaches_every_frontend() -> None:
+    with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, list, grace_s=5)
+        with pytest.raises(SystemExit):  # what vLLM's serve does: the launch wait is left
+            supervisor.forward(signal.SIGTERM)
+        assert supervisor.run() == 0  # e.g. a caller that runs on: each drained, cleanly
+        assert [p.exitcode for p in processes] == [0, 0]
+
+
+def test_a_frontend_ended_by_the_stop_before_its_handler_was_in_place_is_clean() -> None:
+    with started((_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, list, grace_s=5)
+        os.kill(processes[0].pid, signal.SIGKILL)  # stands for SIGTERM's default action
+        processes[0].join()
+        assert Supervisor(processes, list, grace_s=5)._clean(-signal.SIGTERM) is False  # unasked: failure
+        with pytest.raises(SystemExit):
+            supervisor.forward(signal.SIGTERM)
+        assert supervisor._clean(-signal.SIGTERM) and supervisor._clean(0)
+        assert not supervisor._clean(-signal.SIGKILL) and not supervisor._clean(1)
+
+
 def test_the_engine_core_ending_stops_every_frontend() -> None:
     engine_end, engine_alive = SPAWN.Pipe(duplex=False)  # readable once the "engine" side closes
     with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
@@ -130,7 +171,7 @@ def test_frontends_that_outlast_the_grace_are_killed() -> None:
         frontends._EXIT_MARGIN_S = 0.5
         try:
             os.kill(processes[0].pid, signal.SIGSTOP)  # it cannot drain: stopped
-            supervisor.forward(signal.SIGTERM)
+            _later(0.2, lambda: supervisor.forward(signal.SIGTERM))
             started_at = time.monotonic()
             assert supervisor.run() == 1  # killed is not a clean exit
             assert time.monotonic() - started_at < 10
@@ -161,20 +202,45 @@ def stand_in_vllm(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
                 api_count=self._api_process_count, api_rank=self._api_process_rank, usage=usage_context
             )
 
-    class AsyncLLM:
+    class AsyncLLM:  # vLLM 0.25.1's signatures, so that a misspelt keyword fails here too
         @classmethod
-        def from_vllm_config(cls, vllm_config: Any, **kwargs: Any) -> Any:
+        def from_vllm_config(
+            cls,
+            vllm_config: Any,
+            start_engine_loop: bool = True,
+            usage_context: Any = None,
+            stat_loggers: Any = None,
+            enable_log_requests: bool = False,
+            aggregate_engine_logging: bool = False,
+            disable_log_stats: bool = False,
+            client_addresses: Any = None,
+            client_count: int = 1,
+            client_index: int = 0,
+        ) -> Any:
+            kwargs = dict(locals())
+            del kwargs["cls"], kwargs["vllm_config"]
             calls["from_vllm_config"] = (vllm_config, kwargs)
             return "client"
 
         @classmethod
-        def from_engine_args(cls, engine_args: Any, **kwargs: Any) -> Any:
+        def from_engine_args(
+            cls,
+            engine_args: Any,
+            start_engine_loop: bool = True,
+            usage_context: Any = None,
+            stat_loggers: Any = None,
+        ) -> Any:
+            kwargs = {"usage_context": usage_context, "stat_loggers": stat_loggers}
             calls["from_engine_args"] = (engine_args, kwargs)
             return "own engine"
 
-    def get_engine_zmq_addresses(config: Any, count: int) -> Any:
+    def get_engine_zmq_addresses(
+        config: Any, num_api_servers: int = 1, *, defer_api_server_ports: bool = True
+    ) -> Any:
+        calls["defer"] = defer_api_server_ports
         return types.SimpleNamespace(
-            inputs=[f"ipc://in-{i}" for i in range(count)], outputs=[f"ipc://out-{i}" for i in range(count)]
+            inputs=[f"ipc://in-{i}" for i in range(num_api_servers)],
+            outputs=[f"ipc://out-{i}" for i in range(num_api_servers)],
         )
 
     class Manager:
@@ -185,7 +251,10 @@ def stand_in_vllm(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             calls["events"].append("shutdown")
 
     @contextmanager
-    def launch_core_engines(config: Any, executor: Any, log_stats: bool, addresses: Any, count: int) -> Any:
+    def launch_core_engines(
+        vllm_config: Any, executor_class: Any, log_stats: bool, addresses: Any, num_api_servers: int = 1
+    ) -> Any:
+        config, executor, count = vllm_config, executor_class, num_api_servers
         calls["launch"] = (config, executor, log_stats, addresses, count)
         calls["events"].append("launched")
         yield Manager(), None, addresses, None
@@ -242,6 +311,7 @@ def test_the_shared_engine_core_is_launched_for_every_frontend(stand_in_vllm: di
     # The launching process is rank -1 of 3, as in `vllm serve --api-server-count 3`.
     assert (config.api_count, config.api_rank, executor, log_stats, count) == (3, -1, "executor", True, 3)
     assert addresses.inputs == ["ipc://in-0", "ipc://in-1", "ipc://in-2"]
+    assert stand_in_vllm["defer"] is False  # our front-ends report no bound port back
     assert core.sentinels() == [7]
     core.shutdown()
     core.shutdown()  # twice is harmless
@@ -261,11 +331,11 @@ async def test_front_ends_join_the_port_only_when_all_have_warmed_up() -> None:
     await asyncio.wait_for(first, 5)
 
 
-async def test_a_front_end_that_fails_its_warm_up_fails_the_others_at_once() -> None:
+async def test_a_broken_barrier_fails_the_waiting_front_ends_at_once() -> None:
     barrier = threading.Barrier(2)
     waiting = asyncio.ensure_future(frontends._all_warmed(barrier))
     await asyncio.sleep(0.1)
-    barrier.abort()  # what a stopped front-end's wait does
+    barrier.abort()  # what a stopped front-end's wait does (test below)
     with pytest.raises(RuntimeError, match="another front-end failed or stopped"):
         await asyncio.wait_for(waiting, 5)
 
@@ -280,3 +350,23 @@ async def test_a_stop_while_waiting_releases_every_waiter() -> None:
         await one
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(other, 5)  # not left waiting out the timeout
+
+
+def test_a_port_in_use_stops_the_supervisor_before_any_engine_starts() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot use 127.0.0.1:{port}"):
+            frontends.check_port_free("127.0.0.1", port)
+    frontends.check_port_free("127.0.0.1", port)  # free again
+
+
+def test_front_ends_left_at_the_end_are_killed_after_one_shared_timeout() -> None:
+    with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
+        os.kill(processes[0].pid, signal.SIGSTOP)  # cannot act on SIGTERM
+        started_at = time.monotonic()
+        frontends.end_processes(processes, timeout_s=1.0)
+        assert time.monotonic() - started_at < 5
+        assert processes[0].exitcode == -signal.SIGKILL
+        assert processes[1].exitcode == 0  # drained on SIGTERM
