@@ -7,6 +7,11 @@
 #   2. carry [".vk",".vk3",".dm",".whl",".rds"]     timeout_s 600  bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
 #   3. carry [".rds"]                               timeout_s 600  bash bench/gpu_til.sh measure
 #
+# Call 2's carry and the tree passed 64 MiB in session 20: split it, the kit first, then stage2 finds it
+# installed. (`.vk1` split in two, `.vk1a` and `.vk1b`, for the same reason; bench/results/issue13-h200-s20.)
+#   2a. carry [".vk",".vk3"]            bash .vk/vkit_append.sh .vk3/kit.tar.xz.part01 && bash .vk/remote_install.sh
+#   2b. carry [".dm",".whl",".rds"]     bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
+#
 # `profile` (carry [".rds",".pys"]) records the generator with py-spy while PROFILE_ARMS run one at a time.
 # Then copy what comes back under $OUT into bench/results/<name>/ with a README of the facts. On a machine
 # still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values, and
