@@ -37,7 +37,7 @@
 # python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
 # STREAM_INTERVAL and OUTPUT_CHUNK (below), FRONTENDS (GENERATOR_FRONTENDS: the generator's gRPC front-end
 # processes sharing its engine core, as `vllm serve --api-server-count`; unset: 1), H2LOAD_ROUNDS (h2load's hits = this x concurrency, 500: at
-# ~18k hits/s the 50 of s19 were a quarter second of load).
+# ~18k hits/s the 50 of s19 were a quarter second of load), TRACE_GRAMMAR (below).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -63,6 +63,9 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTH
 # chunks of this many requests and yields the event loop between chunks; at 100 streams one chunk is the
 # whole step. A one-variable check for the H200; the CPU toy (bench/results/accept-delay-cpu) saw no gain.
 [ -n "${OUTPUT_CHUNK:-}" ] && export VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=$OUTPUT_CHUNK
+# TRACE_GRAMMAR: seconds between summaries of where schema requests wait inside each engine core with our
+# plugin (services/generator/vllm_trace.py): the generator's (its log) and the in-process one (serving.log).
+[ -n "${TRACE_GRAMMAR:-}" ] && export TILSERVE_VLLM_TRACE_GRAMMAR=$TRACE_GRAMMAR
 OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.

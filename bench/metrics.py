@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from services.common.stats import nearest_rank, percentile
+
+__all__ = ["RequestRecord", "nearest_rank", "percentile", "summarize"]
 
 
 @dataclass
@@ -57,26 +60,6 @@ class RequestRecord:
         """Gaps between consecutive text messages (one message may carry several tokens)."""
         t = self.message_times
         return [b - a for a, b in itertools.pairwise(t)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def nearest_rank(values: Sequence[float], q: float) -> float:
-    """The value at rank floor(q x n) of the sorted values (q from 0 to 1, no interpolation); NaN for
-    no values. The small CPU benchmarks' percentiles (bench.edge_hit, bench.accept_delay)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:

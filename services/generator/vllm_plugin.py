@@ -26,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
+from services.generator.vllm_trace import ENV_TRACE, GrammarTimeline, trace, trace_interval
+
 log = logging.getLogger(__name__)
 
 ENV_THRESHOLD = "TILSERVE_VLLM_BITMASK_PARALLEL_THRESHOLD"
@@ -125,10 +127,11 @@ def register() -> None:
     """The entry point vLLM calls in each of its processes; never raises."""
     try:
         wanted = requested_now()
+        tracing = trace_interval()
     except ValueError as exc:
         log.error("tilserve vLLM plugin: not applied: %s", exc)
         return
-    if not wanted.requested:
+    if not wanted.requested and tracing is None:
         return  # nothing asked: leave vLLM exactly as it is
     try:
         from vllm.v1.engine.core import EngineCore
@@ -139,8 +142,13 @@ def register() -> None:
         problem = f"vLLM's structured-output manager not found: {exc}"
     if problem is not None:
         log.warning("tilserve vLLM plugin: not applied: %s", problem)
-    else:
+        return
+    if wanted.requested:
         log.info("tilserve vLLM plugin: structured-output bitmasks will be filled with %s", wanted)
+    if tracing is not None:
+        log.info(
+            "tilserve vLLM plugin: structured requests' grammar timeline every %gs (%s)", tracing, ENV_TRACE
+        )
 
 
 def requested_now() -> BitmaskParallelism:
@@ -171,11 +179,17 @@ def install(
         original(self, *args, **kwargs)
         try:
             asked = wanted()
+            interval = trace_interval()
         except ValueError as exc:
             setattr(self, _FAILED, str(exc))
             return
         if asked.requested:
             configure(self, asked)
+        if interval is not None:
+            try:
+                trace(self, GrammarTimeline(interval))
+            except AttributeError as exc:  # a manager without the methods traced
+                log.warning("tilserve vLLM plugin: grammar timeline not traced: %s", exc)
 
     manager_cls.__init__ = __init__  # type: ignore[misc]
     setattr(core_cls, REPORT_METHOD, _report)

@@ -52,6 +52,17 @@ class StructuredOutputManager:
             max_workers = max(1, min(multiprocessing.cpu_count() // 2, 8))
             self.executor_for_fillmask = ThreadPoolExecutor(max_workers=max_workers)
 
+        self.executor = ThreadPoolExecutor(max_workers=2)  # grammar compiles
+
+    def grammar_init(self, request):
+        if request.structured_output_request is None:
+            return
+        grammar = self.executor.submit(self._create_grammar, request)
+        request.structured_output_request.grammar = grammar
+
+    def _create_grammar(self, request):
+        return ("grammar", request.request_id)
+
     def _async_submit_fill_bitmask(self, batch):
         return self.executor_for_fillmask.submit(len, batch)
 
