@@ -267,13 +267,14 @@ async def test_a_redis_given_by_url_that_goes_away_is_reconnected(cacher: Any, r
 # --- edge workers -----------------------------------------------------------------------------------
 
 
-def handled(metrics_port: int) -> float:
+def handled(metrics_port: int, method: str = "GenerateTil") -> float:
+    """Calls of `method` that the process serving these metrics finished."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "GenerateTil"
+        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == method
     )
 
 
@@ -333,16 +334,6 @@ async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) 
         stack.stop()
 
 
-def generated(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "grpc_server_handled_total" and s.labels.get("grpc_method") == "Generate"
-    )
-
-
 async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     """GENERATOR_FRONTENDS=2 on the fake backend (each front-end its own fake engine): the layout a vLLM
     engine core is shared in (processes, one port, signals, metrics ports), without vLLM."""
@@ -388,7 +379,7 @@ async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path:
         except grpc.aio.AioRpcError:
             print("generator log:\n" + stack.processes["generator"].log_tail(60))
             raise
-        per_frontend = [generated(metrics), generated(metrics + 1)]
+        per_frontend = [handled(metrics, "Generate"), handled(metrics + 1, "Generate")]
         report("2 generator front-ends on one port", calls=len(texts), handled_per_frontend=per_frontend)
         assert all(texts)
         assert sum(per_frontend) == 24 and min(per_frontend) > 0  # both front-ends took calls
