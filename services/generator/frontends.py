@@ -114,6 +114,11 @@ class Supervisor:
         if not self._running:
             raise SystemExit(0)
 
+    def cleaning_up(self) -> None:
+        """From now on a signal only passes on (no SystemExit): the caller is stopping everything."""
+        self._running = True
+        self._stopping = True
+
     def _stop_all(self) -> None:
         log.error("stopping the other front-ends")
         self._stopping = True
@@ -253,5 +258,6 @@ def run_frontends(settings: GeneratorSettings) -> int:
         log.info("front-ends started: %s", ", ".join(str(p.pid) for p in processes))
         return supervisor.run()
     finally:
+        supervisor.cleaning_up()  # a second signal must not cut this short
         end_processes(processes, _EXIT_MARGIN_S)
         core.shutdown()

@@ -142,6 +142,15 @@ def test_a_signal_while_the_engine_core_starts_abandons_the_start_and_reaches_ev
         assert [p.exitcode for p in processes] == [0, 0]
 
 
+def test_a_signal_during_the_clean_up_only_passes_on() -> None:
+    with started((_until_sigterm, 0)) as processes:
+        supervisor = Supervisor(processes, list, grace_s=5)
+        supervisor.cleaning_up()
+        supervisor.forward(signal.SIGTERM)  # no SystemExit: the clean-up goes on
+        processes[0].join(30)
+        assert processes[0].exitcode == 0
+
+
 def test_a_frontend_ended_by_the_stop_before_its_handler_was_in_place_is_clean() -> None:
     with started((_until_sigterm, 0)) as processes:
         supervisor = Supervisor(processes, list, grace_s=5)
