@@ -179,12 +179,16 @@ def install(
         original(self, *args, **kwargs)
         try:
             asked = wanted()
-            interval = trace_interval()
         except ValueError as exc:
             setattr(self, _FAILED, str(exc))
-            return
+            asked = BitmaskParallelism()
         if asked.requested:
             configure(self, asked)
+        try:
+            interval = trace_interval()
+        except ValueError as exc:  # a bad trace setting leaves the masks' settings as they are
+            log.warning("tilserve vLLM plugin: grammar timeline not traced: %s", exc)
+            interval = None
         if interval is not None:
             try:
                 trace(self, GrammarTimeline(interval))

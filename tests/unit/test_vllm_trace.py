@@ -95,3 +95,17 @@ def test_without_the_variable_the_manager_is_left_alone(
     install(manager_cls, core_cls, lambda: BitmaskParallelism())
     manager = core_cls(config(256)).structured_output_manager
     assert "grammar_init" not in vars(manager) and "_create_grammar" not in vars(manager)
+
+
+def test_a_bad_trace_setting_leaves_the_mask_settings_applied(
+    vllm_classes: tuple[type, type],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.generator.vllm_plugin import in_force
+
+    monkeypatch.setenv(ENV_TRACE, "soon")
+    manager_cls, core_cls = vllm_classes
+    install(manager_cls, core_cls, lambda: BitmaskParallelism(threshold=0, workers=2))
+    manager = core_cls(config(256)).structured_output_manager
+    assert in_force(manager)["applied"] and in_force(manager)["threshold"] == 0
+    assert "grammar_init" not in vars(manager)  # not traced
