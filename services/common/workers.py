@@ -41,6 +41,11 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def worker_metrics_port(metrics_port: int, index: int) -> int:
+    """Worker `index`'s metrics port: the service's own plus the index (0, metrics off, stays 0)."""
+    return metrics_port + index if metrics_port else 0
+
+
 def run_workers(count: int, work: Callable[[int], None]) -> int:
     """Forks `count` processes, each running `work(index)`; returns once all have exited.
 

@@ -25,7 +25,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
-from services.common.workers import run_loop, run_workers
+from services.common.workers import run_loop, run_workers, worker_metrics_port
 from services.edge.background import Background
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import (
@@ -72,8 +72,9 @@ async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings)
 
 
 async def main(settings: EdgeSettings, worker: int = 0) -> None:
-    if worker and settings.metrics_port:
-        settings = settings.model_copy(update={"metrics_port": settings.metrics_port + worker})
+    settings = settings.model_copy(
+        update={"metrics_port": worker_metrics_port(settings.metrics_port, worker)}
+    )
 
     def connect(target: str, own: bool = False) -> grpc.aio.Channel:
         return open_channel(

@@ -90,7 +90,7 @@ class GeneratorSettings(ServerSettings):
         description="vllm: gRPC front-end processes on the one port (SO_REUSEPORT), each with its own event "
         "loop and vLLM client, sharing one engine core, as `vllm serve --api-server-count` runs. More than 1 "
         "spreads what one loop does per stream at many streams (taking calls, tokenizing, output "
-        "processing, messages). Each front-end admits up to the active and waiting limits by itself and "
+        "processing, messages). The active and waiting limits are shared over the front-ends; each "
         "serves metrics on GENERATOR_METRICS_PORT + its index. (fake backend: each front-end has its own "
         "fake engine, for tests of the layout.)",
     )

@@ -35,7 +35,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from services.common.logs import configure_logging
-from services.common.workers import die_with_parent, run_loop
+from services.common.workers import die_with_parent, run_loop, worker_metrics_port
 from services.generator.config import GeneratorSettings
 from services.generator.vllm_compat import FrontEnd
 
@@ -57,8 +57,7 @@ def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSetti
         "max_active_requests": -(-settings.active_limit // count),
         "max_waiting_requests": -(-settings.waiting_limit // count),
     }
-    if index and settings.metrics_port:
-        update["metrics_port"] = settings.metrics_port + index
+    update["metrics_port"] = worker_metrics_port(settings.metrics_port, index)
     return settings.model_copy(update=update)
 
 

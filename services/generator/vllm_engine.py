@@ -185,7 +185,7 @@ def apply_bitmask_environment(settings: VllmSettings) -> BitmaskParallelism:
     return wanted
 
 
-def frontend_settings(frontend: vllm_compat.FrontEnd | None) -> dict[str, str]:
+def frontend_report(frontend: vllm_compat.FrontEnd | None) -> dict[str, str]:
     """engine_settings entries for the front-end layout: how many share the engine core, and which
     one answered."""
     if frontend is None:
@@ -338,7 +338,7 @@ class VllmEngine:
                 **vllm_compat.resolved_settings(llm),
                 **in_force,
                 "structured_outputs_validation": validation,
-                **frontend_settings(self._frontend),
+                **frontend_report(self._frontend),
             },
         )
         log.info("vLLM engine up in %.1fs: %s", time.monotonic() - started, self.info.engine_settings)

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from services.common.stats import percentile
@@ -37,7 +37,7 @@ MAX_PENDING = 10_000
 GAPS = ("pool wait", "compile", "compiled to first step", "received to first step")
 
 
-def trace_interval(env: dict[str, str] | os._Environ[str] = os.environ) -> float | None:
+def trace_interval(env: Mapping[str, str] = os.environ) -> float | None:
     """Seconds between summaries asked by the environment; None when tracing is off. ValueError if bad."""
     raw = env.get(ENV_TRACE, "").strip()
     if not raw:

@@ -308,8 +308,7 @@ async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) 
     try:
         edge = stack.processes["edge"].process
         assert edge is not None
-        children = Path(f"/proc/{edge.pid}/task/{edge.pid}/children")
-        workers = [int(p) for p in children.read_text().split()]  # noqa: ASYNC240
+        workers = children(edge.pid)
         assert len(workers) == 2
 
         async def til(n: int) -> Any:  # a connection of its own: the kernel picks a worker for each
@@ -355,8 +354,7 @@ async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path:
     try:
         supervisor = stack.processes["generator"].process
         assert supervisor is not None
-        children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children")
-        children_now = [int(p) for p in children.read_text().split()]  # noqa: ASYNC240
+        children_now = children(supervisor.pid)
         # The spawned front-ends (multiprocessing may start its resource tracker beside them).
         frontends = [pid for pid in children_now if "resource_tracker" not in cmdline(pid)]
         assert len(frontends) == 2, [cmdline(pid) for pid in children_now]
@@ -388,6 +386,11 @@ async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path:
         assert all(state(pid) == "gone" for pid in frontends)
     finally:
         stack.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes (Linux)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def cmdline(pid: int) -> str:
