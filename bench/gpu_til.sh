@@ -65,7 +65,12 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTH
 [ -n "${OUTPUT_CHUNK:-}" ] && export VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=$OUTPUT_CHUNK
 # TRACE_GRAMMAR: seconds between summaries of where schema requests wait inside each engine core with our
 # plugin (services/generator/vllm_trace.py): the generator's (its log) and the in-process one (serving.log).
-[ -n "${TRACE_GRAMMAR:-}" ] && export TILSERVE_VLLM_TRACE_GRAMMAR=$TRACE_GRAMMAR
+# With it, each engine core also writes every request's and step's times (TILSERVE_VLLM_TRACE_DIR, into
+# diag.tar.gz), and `measure` reads them per arm into $out/engine-timeline.txt (bench/engine_timeline.py).
+TRACE_DIR=/tmp/diag/trace
+if [ -n "${TRACE_GRAMMAR:-}" ]; then
+  export TILSERVE_VLLM_TRACE_GRAMMAR=$TRACE_GRAMMAR TILSERVE_VLLM_TRACE_DIR=$TRACE_DIR
+fi
 OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
 # must read the same ones.
@@ -209,6 +214,12 @@ measure)
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \
     "$out/serving.log" | cut -c1-260
   logs_to_out 30
+  if [ -n "${TRACE_GRAMMAR:-}" ]; then
+    sleep "$TRACE_GRAMMAR"  # the engine cores write what they hold every TRACE_GRAMMAR seconds
+    PYTHONPATH=$OURS python3 -m bench.engine_timeline $TRACE_DIR --times "$out/serving-times.log" \
+      --json "$out/engine-timeline.json" >"$out/engine-timeline.txt" 2>"$out/engine-timeline.err"
+    echo "engine timeline: exit $?"; cat "$out/engine-timeline.txt"
+  fi
   diag_to_out
   ;;
 profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFILE_ARMS runs alone at c=100

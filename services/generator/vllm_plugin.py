@@ -26,7 +26,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
-from services.generator.vllm_trace import ENV_TRACE, GrammarTimeline, trace, trace_interval
+from services.generator.vllm_trace import (
+    ENV_TRACE,
+    GrammarTimeline,
+    trace,
+    trace_dir,
+    trace_engine,
+    trace_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,10 @@ def register() -> None:
         from vllm.v1.structured_output import StructuredOutputManager
 
         problem = install(StructuredOutputManager, EngineCore)
+        if problem is None and tracing is not None and trace_dir() is not None:
+            from vllm.v1.core.sched.scheduler import Scheduler
+
+            trace_engine(Scheduler, EngineCore)
     except Exception as exc:  # a vLLM without these modules, or one that fails to import them
         problem = f"vLLM's structured-output manager not found: {exc}"
     if problem is not None:
@@ -147,7 +158,10 @@ def register() -> None:
         log.info("tilserve vLLM plugin: structured-output bitmasks will be filled with %s", wanted)
     if tracing is not None:
         log.info(
-            "tilserve vLLM plugin: structured requests' grammar timeline every %gs (%s)", tracing, ENV_TRACE
+            "tilserve vLLM plugin: structured requests' grammar timeline every %gs (%s); raw timeline: %s",
+            tracing,
+            ENV_TRACE,
+            trace_dir() or "off",
         )
 
 

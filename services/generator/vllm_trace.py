@@ -14,10 +14,31 @@ Every `interval` seconds, the requests that reached their first masked step sinc
 are logged as p50 / p99 of each gap (`GrammarTimeline.summary`). It is for finding which of these a
 burst of schema requests waits on (bench/results/issue13-h200-s20): the pool, the compile, or the
 scheduler's queue. Nothing is recorded without the variable.
+
+With `TILSERVE_VLLM_TRACE_DIR` set too, each engine core also writes every request's and every step's
+times as JSON lines to `<dir>/engine-core-<pid>.jsonl` (`RawTimeline`, read by bench/engine_timeline.py),
+every request, with or without a schema:
+
+- `{"clock": ...}` first: the engine core's wall and monotonic clocks at one moment (to place it);
+Lines are written every interval and at the process's exit, so the file lags by at most one interval.
+
+- a request once first scheduled: `arrival` (wall, stamped by the front-end's input processor),
+  `received` (the engine core's input thread took it), `compile_start` / `compile_end` (schema only),
+  `added` (the busy loop handed it to the scheduler), `scheduled` (the step that first ran it began),
+  `first_step_end` (that step's output reached the scheduler), `prompt_tokens`, `schema`;
+- a step once its output is back: `t` (scheduling began), `schedule_ms`, `tokens` scheduled, `new`
+  requests first scheduled, `running` / `waiting` / `skipped` (the scheduler's queues after
+  scheduling), `end` (its output reached the scheduler).
+
+Monotonic times are the engine core's `time.monotonic()`, seconds. The class-level hooks on vLLM's
+`Scheduler` and `EngineCore` (`trace_engine`) are installed only when the directory is set.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import json
 import logging
 import math
 import os
@@ -25,6 +46,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from services.common.stats import percentile
@@ -32,6 +54,7 @@ from services.common.stats import percentile
 log = logging.getLogger(__name__)
 
 ENV_TRACE = "TILSERVE_VLLM_TRACE_GRAMMAR"
+ENV_TRACE_DIR = "TILSERVE_VLLM_TRACE_DIR"
 # Requests noted but not yet scheduled, at most (aborted ones never are): the oldest go first.
 MAX_PENDING = 10_000
 GAPS = ("pool wait", "compile", "compiled to first step", "received to first step")
@@ -133,11 +156,16 @@ def trace(manager: Any, timeline: GrammarTimeline) -> None:
         return grammar_init(request)
 
     def traced_create(request: Any) -> Any:
+        raw = raw_timeline()
         timeline.compile_started(request.request_id)
+        if raw is not None:
+            raw.note(request.request_id, "compile_start")
         try:
             return create_grammar(request)
         finally:
             timeline.compile_ended(request.request_id)
+            if raw is not None:
+                raw.note(request.request_id, "compile_end")
 
     def traced_bitmask(requests: Any, structured_output_request_ids: Any, *args: Any, **kwargs: Any) -> Any:
         timeline.masked(structured_output_request_ids)
@@ -146,3 +174,204 @@ def trace(manager: Any, timeline: GrammarTimeline) -> None:
     manager.grammar_init = traced_init
     manager._create_grammar = traced_create
     manager.grammar_bitmask = traced_bitmask
+
+
+def trace_dir(env: Mapping[str, str] = os.environ) -> Path | None:
+    """Where engine cores write their raw timelines; None unless both variables are set."""
+    raw = env.get(ENV_TRACE_DIR, "").strip()
+    if not raw or trace_interval(env) is None:
+        return None
+    return Path(raw)
+
+
+class RawTimeline:
+    """Every request's and every step's engine-core times, as JSON lines; `start` writes them out every
+    `interval_s` and at exit."""
+
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()  # the input thread, the busy loop and the grammar pool write
+        self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._steps: dict[int, dict[str, Any]] = {}  # by id(scheduler output), until its output is back
+        self._lines: list[str] = [
+            json.dumps({"clock": {"wall": wall(), "monotonic": clock()}, "pid": os.getpid()})
+        ]
+
+    def received(self, request_id: str, arrival: float, prompt_tokens: int, schema: bool) -> None:
+        record = {
+            "id": request_id,
+            "arrival": arrival,
+            "received": self._clock(),
+            "prompt_tokens": prompt_tokens,
+        }
+        record["schema"] = schema
+        with self._lock:
+            self._requests[request_id] = record
+            while len(self._requests) > MAX_PENDING:
+                self._requests.popitem(last=False)
+
+    def note(self, request_id: str, name: str) -> None:
+        """`compile_start`, `compile_end` or `added`, now."""
+        now = self._clock()
+        with self._lock:
+            record = self._requests.get(request_id)
+            if record is not None:
+                record[name] = now
+
+    def scheduled(self, output: Any, started: float, *, running: int, waiting: int, skipped: int) -> None:
+        """The scheduler returned `output` for a step it began at `started`."""
+        now = self._clock()
+        new = [r.req_id for r in getattr(output, "scheduled_new_reqs", ())]
+        step = {
+            "t": started,
+            "schedule_ms": (now - started) * 1000,
+            "tokens": output.total_num_scheduled_tokens,
+        }
+        step.update(new=len(new), running=running, waiting=waiting, skipped=skipped, ids=new)
+        with self._lock:
+            self._steps[id(output)] = step
+            for request_id in new:
+                record = self._requests.get(request_id)
+                if record is not None:
+                    record["scheduled"] = started
+
+    def stepped(self, output: Any) -> None:
+        """`output`'s step is back from the model: its line and its new requests' lines are complete."""
+        now = self._clock()
+        with self._lock:
+            step = self._steps.pop(id(output), None)
+            if step is not None:
+                step["end"] = now
+                for request_id in step.pop("ids"):
+                    record = self._requests.pop(request_id, None)
+                    if record is not None:
+                        record["first_step_end"] = now
+                        self._lines.append(json.dumps(record))
+                self._lines.append(json.dumps({"step": step}))
+
+    def flush(self) -> None:
+        """Writes the lines completed so far (every `interval_s` on a writer thread, and at exit)."""
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if lines:
+            self._write(lines)
+
+    def start(self) -> None:
+        """The writer thread (a daemon: an engine core's exit is not held up) and the flush at exit."""
+
+        def write_every_interval() -> None:
+            while True:
+                time.sleep(self._interval_s)
+                self.flush()
+
+        threading.Thread(target=write_every_interval, name="engine-timeline", daemon=True).start()
+        atexit.register(self.flush)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with self._path.open("a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        except OSError as exc:
+            log.warning("engine timeline not written to %s: %s", self._path, exc)
+
+
+_raw: RawTimeline | None = None
+_raw_lock = threading.Lock()
+
+
+def raw_timeline() -> RawTimeline | None:
+    """This process's raw timeline (one engine core a process), made on first use; None when not asked."""
+    global _raw
+    if _raw is not None:
+        return _raw
+    try:
+        directory = trace_dir()
+        interval = trace_interval()
+    except ValueError:
+        return None
+    if directory is None or interval is None:
+        return None
+    with _raw_lock:
+        if _raw is None:
+            _raw = RawTimeline(directory / f"engine-core-{os.getpid()}.jsonl", interval)
+            _raw.start()
+        return _raw
+
+
+_HOOKED = "_tilserve_traced"
+
+
+def trace_engine(scheduler_cls: type, core_cls: type) -> None:
+    """Class-level hooks for the raw timeline: the engine core's input thread (`preprocess_add_request`)
+    and the scheduler's `add_request`, `schedule` and `update_from_output`. Each finds this process's
+    timeline when it runs (so a process that never runs an engine core writes nothing); idempotent."""
+
+    def hook(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        original = getattr(cls, name)
+        if getattr(original, _HOOKED, False):
+            return
+        wrapped = functools.wraps(original)(wrap(original))
+        setattr(wrapped, _HOOKED, True)
+        setattr(cls, name, wrapped)
+
+    def preprocess(original: Callable[..., Any]) -> Callable[..., Any]:
+        def preprocess_add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            raw = raw_timeline()
+            if raw is not None:
+                params = getattr(request, "sampling_params", None)
+                schema = getattr(params, "structured_outputs", None) is not None
+                tokens = len(getattr(request, "prompt_token_ids", None) or ())
+                raw.received(request.request_id, float(request.arrival_time or 0.0), tokens, schema)
+            return original(self, request, *args, **kwargs)
+
+        return preprocess_add_request
+
+    def add(original: Callable[..., Any]) -> Callable[..., Any]:
+        def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            raw = raw_timeline()
+            if raw is not None:
+                raw.note(request.request_id, "added")
+            return original(self, request, *args, **kwargs)
+
+        return add_request
+
+    def schedule(original: Callable[..., Any]) -> Callable[..., Any]:
+        def traced_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raw = raw_timeline()
+            started = time.monotonic()
+            output = original(self, *args, **kwargs)
+            if raw is not None:
+                raw.scheduled(
+                    output,
+                    started,
+                    running=len(self.running),
+                    waiting=len(self.waiting),
+                    skipped=len(getattr(self, "skipped_waiting", ())),
+                )
+            return output
+
+        return traced_schedule
+
+    def update(original: Callable[..., Any]) -> Callable[..., Any]:
+        def update_from_output(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            raw = raw_timeline()
+            if raw is not None:
+                raw.stepped(scheduler_output)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return update_from_output
+
+    hook(core_cls, "preprocess_add_request", preprocess)
+    hook(scheduler_cls, "add_request", add)
+    hook(scheduler_cls, "schedule", schedule)
+    hook(scheduler_cls, "update_from_output", update)

@@ -109,3 +109,113 @@ def test_a_bad_trace_setting_leaves_the_mask_settings_applied(
     manager = core_cls(config(256)).structured_output_manager
     assert in_force(manager)["applied"] and in_force(manager)["threshold"] == 0
     assert "grammar_init" not in vars(manager)  # not traced
+
+
+class _Scheduler:
+    """vLLM 0.25.1's Scheduler as the raw timeline sees it: queues, and the three methods it hooks."""
+
+    def __init__(self) -> None:
+        self.running: list[Any] = []
+        self.waiting: list[Any] = []
+        self.skipped_waiting: list[Any] = []
+
+    def add_request(self, request: Any) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> Any:
+        new, self.waiting = self.waiting, []
+        self.running += new
+        return SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id) for r in new],
+            total_num_scheduled_tokens=sum(r.tokens for r in new) + len(self.running) - len(new),
+        )
+
+    def update_from_output(self, scheduler_output: Any, model_output: Any) -> str:
+        return f"outputs of {len(scheduler_output.scheduled_new_reqs)} new"
+
+
+class _Core:
+    def __init__(self, scheduler: _Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def preprocess_add_request(self, request: Any) -> tuple[Any, int]:
+        return SimpleNamespace(request_id=request.request_id, tokens=len(request.prompt_token_ids)), 0
+
+
+def test_the_raw_timeline_holds_every_request_and_step_as_the_engine_core_ran_them(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import engine_timeline
+    from services.generator import vllm_trace
+
+    monkeypatch.setenv(ENV_TRACE, "30")
+    monkeypatch.setenv(vllm_trace.ENV_TRACE_DIR, str(tmp_path))
+    monkeypatch.setattr(vllm_trace, "_raw", None)
+    scheduler_cls, core_cls = type("Scheduler", (_Scheduler,), {}), type("EngineCore", (_Core,), {})
+    vllm_trace.trace_engine(scheduler_cls, core_cls)
+    vllm_trace.trace_engine(scheduler_cls, core_cls)  # a second load of the plugin hooks nothing twice
+    scheduler = scheduler_cls()
+    core = core_cls(scheduler)
+    arrival = time.time()
+    for request_id, tokens, schema in (("bench-at-0-x", 512, True), ("bench-a-0-y", 256, False)):
+        params = SimpleNamespace(structured_outputs=object() if schema else None)
+        engine_request = SimpleNamespace(
+            request_id=request_id, arrival_time=arrival, prompt_token_ids=[1] * tokens, sampling_params=params
+        )
+        request, _ = core.preprocess_add_request(engine_request)
+        scheduler.add_request(request)
+    first = scheduler.schedule()
+    assert scheduler.update_from_output(first, None) == "outputs of 2 new"  # vLLM's own methods still run
+    time.sleep(0.002)
+    second = scheduler.schedule()  # a decode step: nothing new
+    scheduler.update_from_output(second, None)
+    vllm_trace._raw.flush()  # as its writer thread does every interval, and at exit
+
+    (path,) = tmp_path.glob("engine-core-*.jsonl")
+    core_file = engine_timeline.read_core(path)
+    assert [s["tokens"] for s in core_file.steps] == [768, 2]
+    assert [s["new"] for s in core_file.steps] == [2, 0]
+    assert all(s["end"] >= s["t"] for s in core_file.steps)
+    requests = {r["id"]: r for r in core_file.requests}
+    assert set(requests) == {"bench-at-0-x", "bench-a-0-y"}
+    a_til = requests["bench-at-0-x"]
+    assert (a_til["prompt_tokens"], a_til["schema"]) == (512, True)
+    assert arrival <= a_til["received"] <= a_til["added"] <= a_til["scheduled"] <= a_til["first_step_end"]
+    # On one clock with the front-end's `arrival` (wall), whatever the engine core's monotonic clock.
+    assert 0 <= a_til["received"] - arrival < 5
+
+    result = engine_timeline.analyse([core_file])
+    assert set(result) == {"engine-til", "engine"}
+    assert result["engine-til"]["gaps_ms"]["front-end to core"]["n"] == 1
+    assert result["engine"]["steps"]["steps with new requests"] == 1
+    assert "grammar compile" not in result["engine"]["gaps_ms"]  # no schema, no compile
+
+
+def test_without_a_trace_dir_the_hooks_record_nothing(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.generator import vllm_trace
+
+    monkeypatch.setenv(ENV_TRACE, "0.000001")
+    monkeypatch.delenv(vllm_trace.ENV_TRACE_DIR, raising=False)
+    monkeypatch.setattr(vllm_trace, "_raw", None)
+    assert vllm_trace.trace_dir() is None and vllm_trace.raw_timeline() is None
+    monkeypatch.setenv(vllm_trace.ENV_TRACE_DIR, str(tmp_path))
+    monkeypatch.delenv(ENV_TRACE)
+    assert vllm_trace.trace_dir() is None  # the directory alone asks for nothing
+
+
+def test_arms_are_told_apart_by_id_and_by_the_measured_windows() -> None:
+    from bench.engine_timeline import arm_of, windows
+
+    assert arm_of({"id": "bench-at-3-abcd", "schema": True}) == "engine-til"
+    assert arm_of({"id": "bench-a-3-abcd", "schema": False}) == "engine"
+    assert arm_of({"id": "bench-c-3-f0n1-abcd", "schema": True}) == "generator-til"
+    assert arm_of({"id": "bench-c-3-f0n1-abcd", "schema": False}) == "generator"
+    assert arm_of({"id": "0b5e-f2n7-abcd", "schema": True}) == "edge"
+    log = (
+        "20:50:25.011 [c=100 engine-til] warm-up: 100 requests\n"
+        "20:50:29.080 [c=100 engine-til] measuring: 200 requests\n"
+        "20:50:40.875 [c=100 engine-til] 7,339 tok/s, 256 out tok/req, 512 prompt tok/req, TTFT p50 531.3\n"
+        "20:50:42.400 [c=100 edge] measuring: 200 requests\n"
+    )
+    (window,) = windows(log)  # the edge's never ended: not a window
+    assert window == ("c=100 engine-til", 20 * 3600 + 50 * 60 + 29.080, 20 * 3600 + 50 * 60 + 40.875)
