@@ -10,7 +10,8 @@ chats of --prompt-tokens tokens, each with its own schema), all at once, and rep
 
 - `one at a time`: each prompt encoded alone on the tokenizer thread (before PromptBatcher).
 - `batched`: `PromptBatcher`, the requests waiting together encoded in one `encode_batch` call.
-- `schema threads`: 1 before, `vllm_engine.SCHEMA_THREADS` now (llguidance validates without the GIL).
+- `schema threads`: 1, then `vllm_engine.SCHEMA_THREADS` (GENERATOR_SCHEMA_WORKERS=0; the default now
+  readies schemas in worker processes, bench.handler_reach measures what that is for).
 Rows without a schema are the plain arms (C); with it, the TIL arms (C_til, D). The tokenizer
 defaults to SmolLM2's, read from the packaged GGUF (the GPU benchmark's dummy model uses it). This
 machine's other load disturbs the times; compare rows of one run.
@@ -49,7 +50,7 @@ async def burst(
     from services.generator.vllm_engine import VllmEngine, _Loaded
     from services.generator.vllm_inputs import PromptBatcher
 
-    engine = VllmEngine(GeneratorSettings(backend="vllm", model="bench"))
+    engine = VllmEngine(GeneratorSettings(backend="vllm", model="bench", schema_workers=0))
     engine._loaded = _Loaded(
         llm=SimpleNamespace(shutdown=lambda: None), tokenizer=tokenizer, max_model_len=4096, model_defaults={}
     )  # type: ignore[arg-type]

@@ -77,6 +77,14 @@ class GeneratorSettings(ServerSettings):
     schema_compile_timeout_s: float = Field(
         10.0, gt=0, description="Longest a request's JSON Schema may take to compile before INVALID_ARGUMENT."
     )
+    schema_workers: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="vllm: processes (each front-end's own) that ready requests' JSON Schemas (our checks, "
+        "llguidance's validation) before they queue, off the serving process's GIL, which its event loop "
+        "and gRPC need to take new calls. 0: on 4 threads of the serving process.",
+    )
 
     uvloop: bool = Field(
         True,

@@ -29,7 +29,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -50,7 +50,13 @@ from services.generator.engine import (
     TokenizeInput,
 )
 from services.generator.vllm_compat import SchedulerCounts
-from services.generator.vllm_inputs import PromptBatcher, check_fits, count_tokens, prepared_schema
+from services.generator.vllm_inputs import (
+    PromptBatcher,
+    SchemaProcesses,
+    check_fits,
+    count_tokens,
+    prepared_schema,
+)
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
 if TYPE_CHECKING:
@@ -116,6 +122,8 @@ class VllmSettings(Protocol):
     def trust_remote_code(self) -> bool: ...
     @property
     def schema_compile_timeout_s(self) -> float: ...
+    @property
+    def schema_workers(self) -> int: ...
     @property
     def structured_output_parallel_threshold(self) -> int | None: ...
     @property
@@ -285,8 +293,9 @@ class VllmEngine:
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         # Requests that arrive together (a burst) are tokenized in one batch call on that thread.
         self._prompts = PromptBatcher(self._tokenizer_thread)
-        # llguidance's validation (about half of readying a TIL schema) runs without the GIL: under a
-        # burst, several schemas are validated at once (bench.prepare_burst).
+        # Schemas are readied in worker processes (`SchemaProcesses` says why), or with
+        # GENERATOR_SCHEMA_WORKERS=0 on threads here (llguidance's half of the work without the GIL).
+        self._schema_processes = SchemaProcesses(settings.schema_workers) if settings.schema_workers else None
         self._schema_thread = ThreadPoolExecutor(max_workers=SCHEMA_THREADS, thread_name_prefix="schema")
         self.info = ModelInfo(
             model=settings.model_id,
@@ -320,6 +329,8 @@ class VllmEngine:
         validation = vllm_compat.skip_revalidation()
         # Built on the event loop, as `vllm serve` builds it: the constructor blocks until the
         # engine core process has loaded the model, and its queues bind to this loop.
+        if self._schema_processes is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._schema_processes.warm)
         llm = vllm_compat.build_async_llm(
             engine_args(self._settings), vllm_compat.scheduler_stat_logger(self._counts), self._frontend
         )
@@ -338,6 +349,9 @@ class VllmEngine:
                 **vllm_compat.resolved_settings(llm),
                 **in_force,
                 "structured_outputs_validation": validation,
+                "schema_workers": f"{self._settings.schema_workers} processes"
+                if self._schema_processes is not None
+                else f"{SCHEMA_THREADS} threads",
                 **frontend_report(self._frontend),
             },
         )
@@ -383,6 +397,8 @@ class VllmEngine:
             self._loaded = None
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         self._schema_thread.shutdown(wait=False, cancel_futures=True)
+        if self._schema_processes is not None:
+            self._schema_processes.close()
 
     async def prepare(self, request: EngineRequest) -> EngineRequest:
         loaded = self._require_loaded()
@@ -404,7 +420,10 @@ class VllmEngine:
 
     async def _compiled(self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]) -> dict[str, Any]:
         timeout = self._settings.schema_compile_timeout_s
-        compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
+        if self._schema_processes is not None:
+            compiling: Awaitable[dict[str, Any]] = self._schema_processes.prepared(schema)
+        else:
+            compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
         try:
             return await asyncio.wait_for(compiling, timeout)
         except TimeoutError:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import multiprocessing
+import signal
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from llguidance import LLMatcher
@@ -44,12 +47,109 @@ def _prepared_schema(schema_json: str) -> str:
     return json.dumps(schema, ensure_ascii=False)
 
 
+def schema_key(schema: dict[str, Any]) -> str:
+    """The schema as one string: the cache key, and what a schema worker process is sent."""
+    # Not sorted: llguidance writes properties in the schema's order (a TIL's title comes first).
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
 def prepared_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """The JSON Schema as vLLM's llguidance backend gets it; InvalidRequest if refused."""
-    # Not sorted: llguidance writes properties in the schema's order (a TIL's title comes first).
-    key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     # A copy each time: vLLM edits the schema it is given (additionalProperties).
-    return json.loads(_prepared_schema(key))
+    return json.loads(_prepared_schema(schema_key(schema)))
+
+
+def prepared_schema_text(key: str) -> str:
+    """`prepared_schema` of `schema_key(schema)`, as JSON text: what a schema worker process runs."""
+    return _prepared_schema(key)
+
+
+def _schema_worker_init() -> None:
+    # The serving process handles SIGINT / SIGTERM and shuts the pool down; a worker that took
+    # them too would die mid-task first and print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class SchemaProcesses:
+    """Worker processes that ready request schemas (`prepared_schema_text`), with the last results
+    kept here.
+
+    Readying a TIL schema is about half Python (our checks, the pattern rewrites) and half
+    llguidance's validation. On threads of the serving process, a burst of schema requests held
+    the GIL that its event loop and gRPC's poller need to take each new call: on the H200, 100 TIL
+    calls reached the generator's handler 46-70 ms (p50) after they were sent, plain calls 3-5 ms
+    (bench/results/issue13-h200-s21; bench/handler_reach.py reproduces it on CPU). In worker
+    processes the serving process only sends the schema's text and reads the result back.
+
+    Spawned, not forked: the serving process holds threads (gRPC's, vLLM's) that a fork would copy
+    mid-state. A worker that dies (the kernel's OOM killer, a crash in the library) breaks the pool;
+    the next request builds a new one and is tried once more there.
+    """
+
+    def __init__(self, workers: int, cache_size: int = _SCHEMA_CACHE_SIZE) -> None:
+        if workers < 1:
+            raise ValueError("SchemaProcesses needs at least one worker")
+        self.workers = workers
+        self._cache_size = cache_size
+        self._texts: OrderedDict[str, str] = OrderedDict()
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.rebuilt = 0  # pools replaced after a worker died, for the log and tests
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_schema_worker_init,
+                )
+            return self._pool
+
+    def warm(self) -> None:
+        """Starts every worker and readies a small schema on each (blocking: call it off the loop)."""
+        pool = self._executor()
+        key = schema_key({"type": "object", "properties": {"a": {"type": "string"}}})
+        for future in [pool.submit(prepared_schema_text, key) for _ in range(self.workers)]:
+            future.result()
+
+    async def prepared(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """`prepared_schema(schema)`, readied in a worker (or found among the last results)."""
+        key = schema_key(schema)
+        text = self._texts.get(key)
+        if text is None:
+            text = await self._run(key)
+            self._texts[key] = text
+            while len(self._texts) > self._cache_size:
+                self._texts.popitem(last=False)
+        else:
+            self._texts.move_to_end(key)
+        return json.loads(text)  # a copy each time: vLLM edits the schema it is given
+
+    async def _run(self, key: str) -> str:
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                return await asyncio.wrap_future(pool.submit(prepared_schema_text, key))
+            except BrokenProcessPool:
+                with self._lock:
+                    if self._pool is pool:  # not yet replaced by another request
+                        self._pool = None
+                        self.rebuilt += 1
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    raise InvalidRequest(
+                        "output.json_schema: the worker process readying it died twice in a row "
+                        "(a schema too large for this server's memory?)"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def prompt_ids(tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:

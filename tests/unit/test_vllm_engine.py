@@ -57,6 +57,7 @@ class Settings:
     structured_output_parallel_batch_size: int | None = None
     structured_output_fill: str | None = None
     schema_compile_timeout_s: float = 10.0
+    schema_workers: int = 0
 
 
 def request(**overrides: Any) -> EngineRequest:

@@ -1,0 +1,125 @@
+"""GENERATOR_SCHEMA_WORKERS: request schemas readied in spawned worker processes, as the in-process
+`prepared_schema` readies them, refused with its messages, and a dead worker replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.generator.engine import EngineRequest, InvalidRequest
+from services.generator.vllm_inputs import SchemaProcesses, prepared_schema
+
+TIL = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "pattern": "^2026-11-29 TIL - [가-힣]{1,8}$"},
+        "keywords": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "content": {"type": "string", "pattern": "^# 2026-11-29 TIL\\n\\n- [^\\n]{1,80}\\n$"},
+    },
+    "required": ["title", "keywords", "content"],
+}
+
+
+@pytest.fixture
+def workers() -> Any:
+    processes = SchemaProcesses(1)
+    processes.warm()
+    yield processes
+    processes.close()
+
+
+async def test_a_worker_readies_a_schema_as_this_process_does(workers: SchemaProcesses) -> None:
+    first = await workers.prepared(TIL)
+    assert first == prepared_schema(TIL)
+    assert list(first["properties"]) == ["title", "keywords", "content"]  # the schema's order kept
+    again = await workers.prepared(TIL)
+    assert again == first and again is not first  # a copy each time: vLLM edits what it is given
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "string", "pattern": "^(?=a)"}, "lookarounds"),
+        ({"type": "string", "maxLength": 10**9}, "maxLength must be an integer"),
+    ],
+)
+async def test_a_refused_schema_comes_back_with_the_same_message(
+    workers: SchemaProcesses, schema: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
+        await workers.prepared(schema)
+    with pytest.raises(InvalidRequest) as here:
+        prepared_schema(schema)
+    assert str(refused.value) == str(here.value)
+
+
+async def test_a_dead_worker_is_replaced_and_the_request_tried_again(workers: SchemaProcesses) -> None:
+    await workers.prepared(TIL)
+    pool = workers._executor()
+    (pid,) = list(pool._processes)  # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGKILL)
+    await _gone([pid])  # the pool notices its worker's death on its own thread
+    other = {**TIL, "description": "not cached"}
+    assert await workers.prepared(other) == prepared_schema(other)
+    assert workers.rebuilt == 1
+    assert workers._executor() is not pool
+
+
+async def test_the_vllm_engine_readies_schemas_in_its_workers_before_the_request_queues() -> None:
+    from services.generator.vllm_engine import VllmEngine, _Loaded
+    from tests.unit.test_vllm_engine import Settings
+    from tests.unit.test_vllm_tokenize import PieceTokenizer
+
+    engine = VllmEngine(Settings(schema_workers=1))  # type: ignore[arg-type]
+    engine._loaded = _Loaded(
+        llm=SimpleNamespace(shutdown=lambda: None),
+        tokenizer=PieceTokenizer(),
+        max_model_len=64,
+        model_defaults={},
+    )  # type: ignore[arg-type]
+    engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]  # vLLM's own check
+    try:
+        request = EngineRequest(request_id="r", prompt="x", messages=None, max_tokens=4, json_schema=TIL)
+        prepared = await engine.prepare(request)
+        assert prepared.prepared is not None and prepared.prepared.constraint == prepared_schema(TIL)
+        bad = EngineRequest(
+            request_id="b",
+            prompt="x",
+            messages=None,
+            max_tokens=4,
+            json_schema={"type": "string", "pattern": "^(?=a)"},
+        )
+        with pytest.raises(InvalidRequest, match="lookarounds"):
+            await engine.prepare(bad)
+        processes = engine._schema_processes
+        assert processes is not None
+        pids = list(processes._executor()._processes)  # type: ignore[attr-defined]
+    finally:
+        await engine.close()
+    await _gone(pids)
+    assert not any(_alive(pid) for pid in pids)  # closing the engine ends its workers
+
+
+async def _gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if not any(_alive(pid) for pid in pids):
+            return
+        await asyncio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
