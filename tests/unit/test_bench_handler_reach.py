@@ -15,10 +15,15 @@ def line(request_id: str, prepare: float, reach: float) -> str:
 
 def test_each_kind_is_summarized_and_the_warm_up_burst_left_out() -> None:
     log = "\n".join(
-        [line("plain-0", 1.0, 900.0), line("plain-1", 1.0, 900.0)]  # the warm-up burst (ids 0..burst-1)
-        + [line("plain-0", 2.0, 4.0), line("plain-1", 2.0, 6.0)]  # the first measured plain burst
-        + [line("til-0", 10.0, 40.0), line("til-1", 12.0, 60.0)]
-        + [line("sized-0", 3.0, 5.0), line("sized-1", 3.0, 7.0)]
+        [
+            *(line(f"plain-{i}", 1.0, 900.0) for i in range(2)),  # the warm-up burst (ids 0..burst-1)
+            line("plain-0", 2.0, 4.0),  # the first measured plain burst
+            line("plain-1", 2.0, 6.0),
+            line("til-0", 10.0, 40.0),
+            line("til-1", 12.0, 60.0),
+            line("sized-0", 3.0, 5.0),
+            line("sized-1", 3.0, 7.0),
+        ]
     )
     result = figures(log, burst=2)
     assert result["plain"]["calls"] == 2 and result["plain"]["reached_p50_ms"] == 5.0
