@@ -81,6 +81,9 @@ GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=
   GENERATOR_LOAD_FORMAT=dummy GENERATOR_DTYPE=bfloat16 GENERATOR_MAX_MODEL_LEN=4096
   GENERATOR_GPU_MEMORY_UTILIZATION=$MEM GENERATOR_MAX_NUM_SEQS=256 GENERATOR_ENABLE_PREFIX_CACHING=false
   GENERATOR_SEED=0 GENERATOR_STRUCTURED_OUTPUT_PARALLEL_THRESHOLD=0)
+# SCHEMA_WORKERS: GENERATOR_SCHEMA_WORKERS (processes readying request schemas, each front-end's; unset: the
+# generator's default, 2; 0: 4 threads in the front-end, as before session 21).
+[ -n "${SCHEMA_WORKERS:-}" ] && GENERATOR_ENV+=(GENERATOR_SCHEMA_WORKERS=$SCHEMA_WORKERS)
 # How our engines fill grammar masks (tilserve's vLLM plugin): BITMASK_WORKERS threads (unset: vLLM's 8),
 # BITMASK_BATCH requests per task (unset: 16), BITMASK_FILL threads|llguidance. The generator (`up`) and
 # the in-process engine (`measure`) get the same; `ab` compares variants on A_til alone.
