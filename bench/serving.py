@@ -76,6 +76,7 @@ class EngineSettings:
     structured_output_parallel_batch_size: int | None = None
     structured_output_fill: str | None = None
     schema_compile_timeout_s: float = 10.0  # GENERATOR_SCHEMA_COMPILE_TIMEOUT_S
+    schema_workers: int = 0  # GENERATOR_SCHEMA_WORKERS: the in-process arms hand vLLM prepared schemas
     stream_interval: int | None = None  # GENERATOR_STREAM_INTERVAL
 
 
