@@ -65,11 +65,22 @@ class Core:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_core(path: Path) -> Core:
+def clock_offset(path: Path) -> float | None:
+    """Wall minus monotonic time, from the file's first clock line; None if it has none."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if '"clock"' in line:
+            clock = json.loads(line)["clock"]
+            return float(clock["wall"] - clock["monotonic"])
+    return None
+
+
+def read_core(path: Path, default_offset: float | None = None) -> Core:
     """Monotonic times become wall times with the file's clock line, so that every core and the
-    front-ends' `arrival` share one clock."""
+    front-ends' `arrival` share one clock. A file without one (its first lines removed while the core
+    ran) takes `default_offset`: on Linux `time.monotonic()` is CLOCK_MONOTONIC, one clock for every
+    process of the host, so another core's clock line serves."""
     core = Core(path)
-    offset = None
+    offset = default_offset
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -204,10 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         print(f"no engine-core-*.jsonl in {args.trace_dir}", file=sys.stderr)
         return 2
+    offsets = [o for o in map(clock_offset, files) if o is not None]
     cores = []
     for path in files:
         print(f"reading {path}", file=sys.stderr)
-        cores.append(read_core(path))
+        cores.append(read_core(path, offsets[0] if offsets else None))
     times = windows(args.times.read_text(encoding="utf-8"), args.utc_offset_s) if args.times else []
     result = analyse(cores, times)
     print(render(result))

@@ -81,9 +81,10 @@ class GeneratorSettings(ServerSettings):
         2,
         ge=0,
         le=64,
-        description="vllm: processes (each front-end's own) that ready requests' JSON Schemas (our checks, "
-        "llguidance's validation) before they queue, off the serving process's GIL, which its event loop "
-        "and gRPC need to take new calls. 0: on 4 threads of the serving process.",
+        description="vllm: processes (each front-end's own) that ready JSON Schemas (our checks, llguidance's "
+        "validation) before requests queue, for requests that arrive while another schema is being readied: "
+        "off the serving process's GIL, which its event loop and gRPC need to take new calls under a burst. "
+        "A lone request's schema is readied on a thread (quicker). 0: always on 4 threads.",
     )
 
     uvloop: bool = Field(

@@ -297,6 +297,7 @@ class VllmEngine:
         # GENERATOR_SCHEMA_WORKERS=0 on threads here (llguidance's half of the work without the GIL).
         self._schema_processes = SchemaProcesses(settings.schema_workers) if settings.schema_workers else None
         self._schema_thread = ThreadPoolExecutor(max_workers=SCHEMA_THREADS, thread_name_prefix="schema")
+        self._schemas_in_flight = 0
         self.info = ModelInfo(
             model=settings.model_id,
             backend="vllm",
@@ -420,10 +421,15 @@ class VllmEngine:
 
     async def _compiled(self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]) -> dict[str, Any]:
         timeout = self._settings.schema_compile_timeout_s
-        if self._schema_processes is not None:
+        # A schema readied while no other is goes to a thread here: the round trip to a worker
+        # process cost a lone TIL request about 2 ms on the H200 (prepare 4.4-6.7 ms on threads,
+        # 7.2-8.0 in workers, bench/results/issue13-h200-s21). Under a burst the others go to the
+        # workers, where they do not hold this process's GIL.
+        if self._schema_processes is not None and self._schemas_in_flight > 0:
             compiling: Awaitable[dict[str, Any]] = self._schema_processes.prepared(schema)
         else:
             compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
+        self._schemas_in_flight += 1
         try:
             return await asyncio.wait_for(compiling, timeout)
         except TimeoutError:
@@ -432,6 +438,8 @@ class VllmEngine:
                 f"output.json_schema: compiling it took more than {timeout:g} s "
                 "(GENERATOR_SCHEMA_COMPILE_TIMEOUT_S); simplify the schema"
             ) from None
+        finally:
+            self._schemas_in_flight -= 1
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         llm = self._require_loaded().llm

@@ -202,9 +202,8 @@ class RawTimeline:
         self._lock = threading.Lock()  # the input thread, the busy loop and the grammar pool write
         self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._steps: dict[int, dict[str, Any]] = {}  # by id(scheduler output), until its output is back
-        self._lines: list[str] = [
-            json.dumps({"clock": {"wall": wall(), "monotonic": clock()}, "pid": os.getpid()})
-        ]
+        self._wall = wall
+        self._lines: list[str] = []
 
     def received(self, request_id: str, arrival: float, prompt_tokens: int, schema: bool) -> None:
         record = {
@@ -276,9 +275,14 @@ class RawTimeline:
         threading.Thread(target=write_every_interval, name="engine-timeline", daemon=True).start()
         atexit.register(self.flush)
 
+    def _clock_line(self) -> str:
+        return json.dumps({"clock": {"wall": self._wall(), "monotonic": self._clock()}, "pid": os.getpid()})
+
     def _write(self, lines: list[str]) -> None:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._path.exists():  # a new file (or one removed meanwhile) starts with the clocks
+                lines = [self._clock_line(), *lines]
             with self._path.open("a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
         except OSError as exc:

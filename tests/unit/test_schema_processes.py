@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -123,3 +124,49 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+async def test_a_lone_schema_is_readied_here_and_the_ones_beside_it_in_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.generator import vllm_engine
+    from services.generator.vllm_engine import VllmEngine, _Loaded
+    from tests.unit.test_vllm_engine import Settings
+    from tests.unit.test_vllm_tokenize import PieceTokenizer
+
+    here: list[dict[str, Any]] = []
+
+    def slow_here(schema: dict[str, Any]) -> dict[str, Any]:
+        here.append(schema)
+        time.sleep(0.5)  # still being readied when the next request comes
+        return prepared_schema(schema)
+
+    monkeypatch.setattr(vllm_engine, "prepared_schema", slow_here)
+    engine = VllmEngine(Settings(schema_workers=1))  # type: ignore[arg-type]
+    engine._loaded = _Loaded(
+        llm=SimpleNamespace(shutdown=lambda: None),
+        tokenizer=PieceTokenizer(),
+        max_model_len=64,
+        model_defaults={},
+    )  # type: ignore[arg-type]
+    engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]
+    processes = engine._schema_processes
+    assert processes is not None
+    second = {**TIL, "description": "beside the first"}
+    try:
+
+        def request(schema: dict[str, Any]) -> EngineRequest:
+            return EngineRequest(request_id="r", prompt="x", messages=None, max_tokens=4, json_schema=schema)
+
+        first_task = asyncio.create_task(engine.prepare(request(TIL)))
+        await asyncio.sleep(0.1)  # the first is on the thread now
+        beside = await engine.prepare(request(second))
+        first = await first_task
+        assert here == [TIL]  # only the lone one was readied in this process
+        assert processes._pool is not None  # the other went to a worker
+        assert first.prepared is not None and beside.prepared is not None
+        assert beside.prepared.constraint == prepared_schema(second)
+        alone = await engine.prepare(request({**TIL, "description": "alone again"}))
+        assert len(here) == 2 and alone.prepared is not None  # nothing in flight: here again
+    finally:
+        await engine.close()
