@@ -157,6 +157,42 @@ def summarize_steps(steps: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def waves(requests: Sequence[dict[str, Any]], gap_s: float = 0.9) -> list[dict[str, float]]:
+    """A closed loop of equal requests runs in waves: its requests reach the core in bursts, apart by
+    more than `gap_s`. For each: the spread of its arrivals, its prefill steps (the steps that first
+    scheduled one of its requests: their distinct `scheduled` times), how many requests the first of
+    them took, and the p50 from arrival to the end of a request's first step. At 100 prompts of 512
+    tokens and 8,192 tokens a step, a wave takes 7 prefill steps when the first holds 4 or more of them
+    and 8 when it holds fewer, and with 1 the median request waits a whole step more
+    (bench/results/issue13-h200-s21)."""
+    ordered = sorted(
+        (r for r in requests if "scheduled" in r and "first_step_end" in r), key=lambda r: r["arrival"]
+    )
+    groups: list[list[dict[str, Any]]] = []
+    for request in ordered:
+        if groups and request["arrival"] - groups[-1][-1]["arrival"] <= gap_s:
+            groups[-1].append(request)
+        else:
+            groups.append([request])
+    rows = []
+    for group in groups:
+        start = group[0]["arrival"]
+        steps = sorted({r["scheduled"] for r in group})
+        rows.append(
+            {
+                "requests": len(group),
+                "arrivals p50 ms": percentile([(r["arrival"] - start) * 1000 for r in group], 50),
+                "arrivals max ms": (group[-1]["arrival"] - start) * 1000,
+                "prefill steps": len(steps),
+                "first step new": sum(1 for r in group if r["scheduled"] == steps[0]),
+                "arrival to first step end p50 ms": percentile(
+                    [(r["first_step_end"] - r["arrival"]) * 1000 for r in group], 50
+                ),
+            }
+        )
+    return rows
+
+
 def analyse(cores: Iterable[Core], times: Sequence[tuple[str, float, float]] = ()) -> dict[str, Any]:
     """Per arm (or `c=N arm` window): its requests' gaps, and the steps of the core(s) that ran it."""
     requests: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -183,7 +219,12 @@ def analyse(cores: Iterable[Core], times: Sequence[tuple[str, float, float]] = (
                 last = max(r.get("first_step_end", first) for r in group)
                 steps[key] += [s for s in core.steps if first <= s["t"] <= last]
     return {
-        key: {"requests": len(group), "gaps_ms": summarize_gaps(group), "steps": summarize_steps(steps[key])}
+        key: {
+            "requests": len(group),
+            "gaps_ms": summarize_gaps(group),
+            "steps": summarize_steps(steps[key]),
+            "waves": waves(group),
+        }
         for key, group in sorted(requests.items())
     }
 
@@ -199,6 +240,13 @@ def render(result: dict[str, Any]) -> str:
                 continue
             shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
             lines.append(f"  {name:<44} {shown}")
+        shown_waves = [w for w in arm.get("waves", ()) if w["requests"] > 1]  # c=1: a request is no wave
+        for i, wave in enumerate(shown_waves, 1):
+            lines.append(
+                f"  wave {i}: {wave['requests']} requests arriving over {wave['arrivals max ms']:.0f} ms "
+                f"(p50 {wave['arrivals p50 ms']:.0f}), {wave['prefill steps']} prefill steps, the first with "
+                f"{wave['first step new']}; arrival to first step end p50 {wave['arrival to first step end p50 ms']:.1f} ms"
+            )
     return "\n".join(lines)
 
 

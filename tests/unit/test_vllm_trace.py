@@ -219,3 +219,36 @@ def test_arms_are_told_apart_by_id_and_by_the_measured_windows() -> None:
     )
     (window,) = windows(log)  # the edge's never ended: not a window
     assert window == ("c=100 engine-til", 20 * 3600 + 50 * 60 + 29.080, 20 * 3600 + 50 * 60 + 40.875)
+
+
+def test_waves_are_told_apart_and_their_prefill_steps_counted() -> None:
+    from bench.engine_timeline import waves
+
+    def request(i: int, arrival: float, scheduled: float) -> dict[str, Any]:
+        return {"id": f"r{i}", "arrival": arrival, "scheduled": scheduled, "first_step_end": scheduled + 0.1}
+
+    # Wave 1: 5 requests within 4 ms, the first step takes 1 of them and the next 4 (2 prefill steps);
+    # wave 2, 3 s later: 3 requests in one step.
+    first = [request(0, 10.000, 10.001)] + [request(i, 10.001 * 1 + i * 0.001, 10.2) for i in range(1, 5)]
+    second = [request(10 + i, 13.0 + i * 0.01, 13.05) for i in range(3)]
+    rows = waves(first + second)
+    assert [(w["requests"], w["prefill steps"], w["first step new"]) for w in rows] == [(5, 2, 1), (3, 1, 3)]
+    assert rows[0]["arrivals max ms"] == pytest.approx(5.0, abs=0.01)
+    assert rows[1]["arrival to first step end p50 ms"] == pytest.approx(140.0, abs=0.01)
+
+
+def test_a_timeline_file_removed_while_the_core_runs_starts_again_with_the_clocks(tmp_path: Any) -> None:
+    import json
+
+    from services.generator.vllm_trace import RawTimeline
+
+    path = tmp_path / "engine-core-1.jsonl"
+    raw = RawTimeline(path, 1.0)
+    output = SimpleNamespace(scheduled_new_reqs=[], total_num_scheduled_tokens=4)
+    for _ in range(2):
+        raw.scheduled(output, time.monotonic(), running=1, waiting=0, skipped=0)
+        raw.stepped(output)
+        raw.flush()
+        first, *rest = [json.loads(line) for line in path.read_text().splitlines()]
+        assert "clock" in first and rest and all("step" in r for r in rest)
+        path.unlink()  # as an operator clearing the folder between two runs would
