@@ -38,6 +38,7 @@ GAPS = (
     ("grammar pool wait", "received", "compile_start"),
     ("grammar compile", "compile_start", "compile_end"),
     ("ready to scheduled", "ready", "scheduled"),
+    # With async scheduling this holds the rest of the step before it too.
     ("scheduled to first step end", "scheduled", "first_step_end"),
     ("arrival to first step end", "arrival", "first_step_end"),
 )
@@ -137,23 +138,28 @@ def summarize_gaps(requests: Sequence[dict[str, Any]]) -> dict[str, dict[str, fl
 
 
 def summarize_steps(steps: Sequence[dict[str, Any]]) -> dict[str, float]:
-    prefill = [s for s in steps if s["new"] > 0]
-    decode = [s for s in steps if s["new"] == 0 and s["tokens"] > 0]
-
-    def ms(group: Sequence[dict[str, Any]]) -> list[float]:
-        return [(s["end"] - s["t"]) * 1000 for s in group]
-
+    """The steps that ran tokens. With async scheduling (vLLM 0.25's default) a step is scheduled
+    while the one before it still runs, so a step's own `end - t` also holds the rest of the one
+    before; its time is `end` minus the previous step's `end` here."""
+    ran = sorted((s for s in steps if s["tokens"] > 0), key=lambda s: s["end"])
+    own = {
+        id(s): (s["end"] - max(s["t"], ran[i - 1]["end"] if i else s["t"])) * 1000 for i, s in enumerate(ran)
+    }
+    prefill = [s for s in ran if s["new"] > 0]
+    decode = [s for s in ran if s["new"] == 0]
     return {
-        "steps": len(steps),
+        "steps that ran tokens": len(ran),
         "steps with new requests": len(prefill),
-        "their ms p50": percentile(ms(prefill), 50),
+        "their ms p50 (end to the previous end)": percentile([own[id(s)] for s in prefill], 50),
         "their tokens p50": percentile([s["tokens"] for s in prefill], 50),
         "their new requests p50": percentile([s["new"] for s in prefill], 50),
-        "steps with requests left waiting": sum(1 for s in steps if s["waiting"] + s["skipped"] > 0),
-        "steps skipping requests (grammar not ready)": sum(1 for s in steps if s["skipped"] > 0),
+        "steps with requests left waiting": sum(1 for s in ran if s["waiting"] + s["skipped"] > 0),
+        # vLLM's skipped queue holds requests whose grammar was not ready, and ones it put back there
+        # for want of budget.
+        "steps leaving requests in the skipped queue": sum(1 for s in ran if s["skipped"] > 0),
         "decode steps": len(decode),
-        "decode ms p50": percentile(ms(decode), 50),
-        "schedule ms p50": percentile([s["schedule_ms"] for s in steps], 50),
+        "decode ms p50 (end to the previous end)": percentile([own[id(s)] for s in decode], 50),
+        "schedule ms p50": percentile([s["schedule_ms"] for s in ran], 50),
     }
 
 
@@ -240,7 +246,8 @@ def render(result: dict[str, Any]) -> str:
                 continue
             shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
             lines.append(f"  {name:<44} {shown}")
-        shown_waves = [w for w in arm.get("waves", ()) if w["requests"] > 1]  # c=1: a request is no wave
+        # c=1 sends one request at a time: those are not waves.
+        shown_waves = [w for w in arm.get("waves", ()) if w["requests"] >= 10]
         for i, wave in enumerate(shown_waves, 1):
             lines.append(
                 f"  wave {i}: {wave['requests']} requests arriving over {wave['arrivals max ms']:.0f} ms "

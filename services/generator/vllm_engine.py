@@ -425,13 +425,20 @@ class VllmEngine:
         # process cost a lone TIL request about 2 ms on the H200 (prepare 4.4-6.7 ms on threads,
         # 7.2-8.0 in workers, bench/results/issue13-h200-s21). Under a burst the others go to the
         # workers, where they do not hold this process's GIL.
-        if self._schema_processes is not None and self._schemas_in_flight > 0:
-            compiling: Awaitable[dict[str, Any]] = self._schema_processes.prepared(schema)
+        processes = self._schema_processes
+        if processes is not None and (known := processes.cached(schema)) is not None:
+            return known
+        in_worker = processes is not None and self._schemas_in_flight > 0
+        if processes is not None and in_worker:
+            compiling: Awaitable[dict[str, Any]] = processes.prepared(schema)
         else:
             compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
         self._schemas_in_flight += 1
         try:
-            return await asyncio.wait_for(compiling, timeout)
+            prepared = await asyncio.wait_for(compiling, timeout)
+            if processes is not None and not in_worker:
+                processes.remember(schema, prepared)  # the next request with it, in a burst, is quick
+            return prepared
         except TimeoutError:
             # llguidance's own limits bound the work left in the thread.
             raise InvalidRequest(

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import multiprocessing
+import os
 import signal
 import threading
 from collections import OrderedDict
@@ -22,8 +23,17 @@ from typing import Any
 
 from llguidance import LLMatcher
 
+from services.common.workers import die_with_parent
 from services.generator import vllm_compat
-from services.generator.engine import ChatTurn, InvalidRequest, PromptTooLong, TokenCount, TokenizeInput
+from services.generator.engine import (
+    ChatTurn,
+    EngineError,
+    EngineUnavailable,
+    InvalidRequest,
+    PromptTooLong,
+    TokenCount,
+    TokenizeInput,
+)
 from services.generator.json_grammar import SchemaError, llguidance_schema
 
 _SCHEMA_CACHE_SIZE = 64
@@ -64,11 +74,12 @@ def prepared_schema_text(key: str) -> str:
     return _prepared_schema(key)
 
 
-def _schema_worker_init() -> None:
-    # The serving process handles SIGINT / SIGTERM and shuts the pool down; a worker that took
-    # them too would die mid-task first and print a traceback.
+def _schema_worker_init(parent: int) -> None:
+    # A Ctrl-C reaches the whole process group: the serving process shuts the pool down, and a
+    # worker that took it too would print a traceback mid-task. A worker whose parent dies without
+    # shutting it down (SIGKILL, the OOM killer) gets SIGTERM and goes with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
 
 
 class SchemaProcesses:
@@ -97,17 +108,36 @@ class SchemaProcesses:
         self._texts: OrderedDict[str, str] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = False
         self.rebuilt = 0  # pools replaced after a worker died, for the log and tests
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
+            if self._closed:
+                raise EngineUnavailable("the generator is shutting down")
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     max_workers=self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_schema_worker_init,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
+
+    def cached(self, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """The prepared schema if it is among the last results (a copy), else None."""
+        text = self._texts.get(schema_key(schema))
+        return None if text is None else json.loads(text)
+
+    def remember(self, schema: dict[str, Any], prepared: dict[str, Any]) -> None:
+        """Keeps a result readied elsewhere (on the serving process's thread) among the last ones."""
+        self._keep(schema_key(schema), json.dumps(prepared, ensure_ascii=False))
+
+    def _keep(self, key: str, text: str) -> None:
+        self._texts[key] = text
+        self._texts.move_to_end(key)
+        while len(self._texts) > self._cache_size:
+            self._texts.popitem(last=False)
 
     def warm(self) -> None:
         """Starts every worker and readies a small schema on each (blocking: call it off the loop)."""
@@ -122,11 +152,7 @@ class SchemaProcesses:
         text = self._texts.get(key)
         if text is None:
             text = await self._run(key)
-            self._texts[key] = text
-            while len(self._texts) > self._cache_size:
-                self._texts.popitem(last=False)
-        else:
-            self._texts.move_to_end(key)
+        self._keep(key, text)
         return json.loads(text)  # a copy each time: vLLM edits the schema it is given
 
     async def _run(self, key: str) -> str:
@@ -141,14 +167,17 @@ class SchemaProcesses:
                         self.rebuilt += 1
                 pool.shutdown(wait=False, cancel_futures=True)
                 if attempt == 2:
-                    raise InvalidRequest(
-                        "output.json_schema: the worker process readying it died twice in a row "
-                        "(a schema too large for this server's memory?)"
+                    # Every request in flight in a pool fails when one of its workers dies, so the
+                    # culprit cannot be told apart: this is the server's failure (UNAVAILABLE).
+                    raise EngineError(
+                        "the worker processes readying JSON schemas died twice while this request's "
+                        "schema was being readied; retry, and report it if it happens again"
                     ) from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -41,6 +41,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing.util
 import os
 import threading
 import time
@@ -156,16 +157,13 @@ def trace(manager: Any, timeline: GrammarTimeline) -> None:
         return grammar_init(request)
 
     def traced_create(request: Any) -> Any:
-        raw = raw_timeline()
         timeline.compile_started(request.request_id)
-        if raw is not None:
-            raw.note(request.request_id, "compile_start")
+        _noting(lambda raw: raw.note(request.request_id, "compile_start"))
         try:
             return create_grammar(request)
         finally:
             timeline.compile_ended(request.request_id)
-            if raw is not None:
-                raw.note(request.request_id, "compile_end")
+            _noting(lambda raw: raw.note(request.request_id, "compile_end"))
 
     def traced_bitmask(requests: Any, structured_output_request_ids: Any, *args: Any, **kwargs: Any) -> Any:
         timeline.masked(structured_output_request_ids)
@@ -274,6 +272,9 @@ class RawTimeline:
 
         threading.Thread(target=write_every_interval, name="engine-timeline", daemon=True).start()
         atexit.register(self.flush)
+        # vLLM forks its engine core unless CUDA is up already, and a forked multiprocessing child
+        # ends with os._exit, past atexit: multiprocessing's own finalizers still run there.
+        multiprocessing.util.Finalize(None, self.flush, exitpriority=10)
 
     def _clock_line(self) -> str:
         return json.dumps({"clock": {"wall": self._wall(), "monotonic": self._clock()}, "pid": os.getpid()})
@@ -313,6 +314,23 @@ def raw_timeline() -> RawTimeline | None:
 
 
 _HOOKED = "_tilserve_traced"
+_failed = False
+
+
+def _noting(work: Callable[[RawTimeline], None]) -> None:
+    """Runs a trace hook's own work with this process's timeline (if any); the first error is logged
+    and turns the raw timeline off for this process, and none reaches vLLM (whose request or step
+    goes on as if untraced)."""
+    global _failed
+    if _failed:
+        return
+    try:
+        raw = raw_timeline()
+        if raw is not None:
+            work(raw)
+    except Exception:
+        _failed = True
+        log.exception("engine timeline off in this process: a trace hook failed")
 
 
 def trace_engine(scheduler_cls: type, core_cls: type) -> None:
@@ -321,6 +339,7 @@ def trace_engine(scheduler_cls: type, core_cls: type) -> None:
     timeline when it runs (so a process that never runs an engine core writes nothing); idempotent."""
 
     def hook(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        # Each wrapper notes through `_noting`, so that a failure of the trace never reaches vLLM.
         original = getattr(cls, name)
         if getattr(original, _HOOKED, False):
             return
@@ -330,47 +349,44 @@ def trace_engine(scheduler_cls: type, core_cls: type) -> None:
 
     def preprocess(original: Callable[..., Any]) -> Callable[..., Any]:
         def preprocess_add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = raw_timeline()
-            if raw is not None:
+            def note(raw: RawTimeline) -> None:
                 params = getattr(request, "sampling_params", None)
                 schema = getattr(params, "structured_outputs", None) is not None
                 tokens = len(getattr(request, "prompt_token_ids", None) or ())
                 raw.received(request.request_id, float(request.arrival_time or 0.0), tokens, schema)
+
+            _noting(note)
             return original(self, request, *args, **kwargs)
 
         return preprocess_add_request
 
     def add(original: Callable[..., Any]) -> Callable[..., Any]:
         def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = raw_timeline()
-            if raw is not None:
-                raw.note(request.request_id, "added")
+            _noting(lambda raw: raw.note(request.request_id, "added"))
             return original(self, request, *args, **kwargs)
 
         return add_request
 
     def schedule(original: Callable[..., Any]) -> Callable[..., Any]:
         def traced_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = raw_timeline()
             started = time.monotonic()
             output = original(self, *args, **kwargs)
-            if raw is not None:
-                raw.scheduled(
+            _noting(
+                lambda raw: raw.scheduled(
                     output,
                     started,
                     running=len(self.running),
                     waiting=len(self.waiting),
                     skipped=len(getattr(self, "skipped_waiting", ())),
                 )
+            )
             return output
 
         return traced_schedule
 
     def update(original: Callable[..., Any]) -> Callable[..., Any]:
         def update_from_output(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = raw_timeline()
-            if raw is not None:
-                raw.stepped(scheduler_output)
+            _noting(lambda raw: raw.stepped(scheduler_output))
             return original(self, scheduler_output, *args, **kwargs)
 
         return update_from_output

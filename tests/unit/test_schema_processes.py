@@ -170,3 +170,41 @@ async def test_a_lone_schema_is_readied_here_and_the_ones_beside_it_in_the_worke
         assert len(here) == 2 and alone.prepared is not None  # nothing in flight: here again
     finally:
         await engine.close()
+
+
+def test_workers_go_with_a_serving_process_killed_without_shutting_them_down() -> None:
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from services.generator.vllm_inputs import SchemaProcesses\n"
+            "p = SchemaProcesses(2)\n"
+            "p.warm()\n"
+            "print(*p._executor()._processes, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    parent.kill()  # SIGKILL: no close(), no atexit
+    parent.wait()
+    for _ in range(200):
+        if not any(_alive(pid) for pid in pids):
+            break
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+async def test_a_closed_pool_is_not_built_again(workers: SchemaProcesses) -> None:
+    from services.generator.engine import EngineUnavailable
+
+    workers.close()
+    with pytest.raises(EngineUnavailable, match="shutting down"):
+        await workers.prepared({**TIL, "description": "after close"})

@@ -252,3 +252,31 @@ def test_a_timeline_file_removed_while_the_core_runs_starts_again_with_the_clock
         first, *rest = [json.loads(line) for line in path.read_text().splitlines()]
         assert "clock" in first and rest and all("step" in r for r in rest)
         path.unlink()  # as an operator clearing the folder between two runs would
+
+
+def test_a_failing_trace_never_reaches_vllm_and_turns_itself_off(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.generator import vllm_trace
+
+    monkeypatch.setenv(ENV_TRACE, "30")
+    monkeypatch.setenv(vllm_trace.ENV_TRACE_DIR, str(tmp_path))
+    monkeypatch.setattr(vllm_trace, "_raw", None)
+    monkeypatch.setattr(vllm_trace, "_failed", False)
+    scheduler_cls = type("Scheduler", (_Scheduler,), {})
+    vllm_trace.trace_engine(scheduler_cls, type("EngineCore", (_Core,), {}))
+    scheduler = scheduler_cls()
+    scheduler.add_request(SimpleNamespace(request_id="r", tokens=4))
+    calls = []
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        raise RuntimeError("a bug in the trace")
+
+    monkeypatch.setattr(vllm_trace.RawTimeline, "scheduled", broken)
+    with caplog.at_level("ERROR", logger="services.generator.vllm_trace"):
+        output = scheduler.schedule()  # vLLM's step goes on with its output
+        again = scheduler.schedule()
+    assert [r.req_id for r in output.scheduled_new_reqs] == ["r"] and again.total_num_scheduled_tokens == 1
+    assert len(calls) == 1  # off after the first failure
+    assert "engine timeline off" in caplog.text
