@@ -79,6 +79,18 @@ def markdown(results: dict[str, Any]) -> str:
             " see single messages): a hit is replayed at once, so this bounds its TTFT from above. `client CPU"
             " ms/req` is h2load's; each call counts only if the edge's metrics counted it OK and a cache hit.",
         ]
+    waved = [row for row in results["rows"] if len(row.get("ttft_ms_p50_by_wave") or ()) > 1]
+    if waved:
+        lines += [
+            "",
+            "TTFT p50 of each wave (ms): at this concurrency the requests run in lockstep waves, and a wave's"
+            " p50 moves by a whole prefill step with how many requests the engine's first step caught"
+            " (bench/results/issue13-h200-s21), so compare arms wave by wave too:",
+            "",
+        ]
+        for row in waved:
+            per_wave = ", ".join(f"{v:,.1f}" for v in row["ttft_ms_p50_by_wave"])
+            lines.append(f"- {compare.arm_label(row)} @ {row['concurrency']}: {per_wave}")
     errors = [row for row in results["rows"] if row.get("errors") or row.get("notes")]
     if errors:
         lines += ["", "Errors and notes:", ""]
