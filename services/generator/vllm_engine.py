@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -55,7 +56,8 @@ from services.generator.vllm_inputs import (
     SchemaProcesses,
     check_fits,
     count_tokens,
-    prepared_schema,
+    prepared_schema_text,
+    schema_key,
 )
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
@@ -330,11 +332,13 @@ class VllmEngine:
         validation = vllm_compat.skip_revalidation()
         # Built on the event loop, as `vllm serve` builds it: the constructor blocks until the
         # engine core process has loaded the model, and its queues bind to this loop.
-        if self._schema_processes is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._schema_processes.warm)
         llm = vllm_compat.build_async_llm(
             engine_args(self._settings), vllm_compat.scheduler_stat_logger(self._counts), self._frontend
         )
+        if self._schema_processes is not None:
+            # After the engine is built: vLLM may fork its engine core from this process, which must
+            # not inherit the pool's threads and pipes.
+            await asyncio.get_running_loop().run_in_executor(None, self._schema_processes.warm)
         self._loaded = _Loaded(
             llm=llm,
             tokenizer=llm.get_tokenizer(),
@@ -426,19 +430,18 @@ class VllmEngine:
         # 7.2-8.0 in workers, bench/results/issue13-h200-s21). Under a burst the others go to the
         # workers, where they do not hold this process's GIL.
         processes = self._schema_processes
-        if processes is not None and (known := processes.cached(schema)) is not None:
-            return known
-        in_worker = processes is not None and self._schemas_in_flight > 0
-        if processes is not None and in_worker:
-            compiling: Awaitable[dict[str, Any]] = processes.prepared(schema)
+        key = schema_key(schema)
+        text = processes.known(key) if processes is not None else None
+        if text is not None:
+            return json.loads(text)  # a copy: vLLM edits the schema it is given
+        compiling: Awaitable[str]
+        if processes is not None and self._schemas_in_flight > 0:
+            compiling = processes.text(key)
         else:
-            compiling = loop.run_in_executor(self._schema_thread, prepared_schema, schema)
+            compiling = loop.run_in_executor(self._schema_thread, prepared_schema_text, key)
         self._schemas_in_flight += 1
         try:
-            prepared = await asyncio.wait_for(compiling, timeout)
-            if processes is not None and not in_worker:
-                processes.remember(schema, prepared)  # the next request with it, in a burst, is quick
-            return prepared
+            text = await asyncio.wait_for(compiling, timeout)
         except TimeoutError:
             # llguidance's own limits bound the work left in the thread.
             raise InvalidRequest(
@@ -447,6 +450,9 @@ class VllmEngine:
             ) from None
         finally:
             self._schemas_in_flight -= 1
+        if processes is not None:
+            processes.keep(key, text)  # the next request with it, in a burst, is quick
+        return json.loads(text)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         llm = self._require_loaded().llm

@@ -124,16 +124,15 @@ class SchemaProcesses:
                 )
             return self._pool
 
-    def cached(self, schema: dict[str, Any]) -> dict[str, Any] | None:
-        """The prepared schema if it is among the last results (a copy), else None."""
-        text = self._texts.get(schema_key(schema))
-        return None if text is None else json.loads(text)
+    def known(self, key: str) -> str | None:
+        """The prepared text of `schema_key(schema)` if it is among the last results, else None."""
+        text = self._texts.get(key)
+        if text is not None:
+            self._texts.move_to_end(key)
+        return text
 
-    def remember(self, schema: dict[str, Any], prepared: dict[str, Any]) -> None:
-        """Keeps a result readied elsewhere (on the serving process's thread) among the last ones."""
-        self._keep(schema_key(schema), json.dumps(prepared, ensure_ascii=False))
-
-    def _keep(self, key: str, text: str) -> None:
+    def keep(self, key: str, text: str) -> None:
+        """Keeps a result among the last ones (readied here or on the serving process's thread)."""
         self._texts[key] = text
         self._texts.move_to_end(key)
         while len(self._texts) > self._cache_size:
@@ -149,13 +148,12 @@ class SchemaProcesses:
     async def prepared(self, schema: dict[str, Any]) -> dict[str, Any]:
         """`prepared_schema(schema)`, readied in a worker (or found among the last results)."""
         key = schema_key(schema)
-        text = self._texts.get(key)
-        if text is None:
-            text = await self._run(key)
-        self._keep(key, text)
+        text = self.known(key) or await self.text(key)
+        self.keep(key, text)
         return json.loads(text)  # a copy each time: vLLM edits the schema it is given
 
-    async def _run(self, key: str) -> str:
+    async def text(self, key: str) -> str:
+        """`prepared_schema_text(key)` run in a worker (the last results not looked at)."""
         for attempt in (1, 2):
             pool = self._executor()
             try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from services.generator.engine import EngineRequest, InvalidRequest
-from services.generator.vllm_inputs import SchemaProcesses, prepared_schema
+from services.generator.vllm_inputs import SchemaProcesses, prepared_schema, prepared_schema_text
 
 TIL = {
     "type": "object",
@@ -72,7 +73,8 @@ async def test_a_dead_worker_is_replaced_and_the_request_tried_again(workers: Sc
     assert workers._executor() is not pool
 
 
-async def test_the_vllm_engine_readies_schemas_in_its_workers_before_the_request_queues() -> None:
+def engine_with_workers() -> Any:
+    """A VllmEngine with one schema worker, a loaded stand-in (no vLLM) and vLLM's own check left out."""
     from services.generator.vllm_engine import VllmEngine, _Loaded
     from tests.unit.test_vllm_engine import Settings
     from tests.unit.test_vllm_tokenize import PieceTokenizer
@@ -85,6 +87,11 @@ async def test_the_vllm_engine_readies_schemas_in_its_workers_before_the_request
         model_defaults={},
     )  # type: ignore[arg-type]
     engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]  # vLLM's own check
+    return engine
+
+
+async def test_the_vllm_engine_readies_schemas_in_its_workers_before_the_request_queues() -> None:
+    engine = engine_with_workers()
     try:
         request = EngineRequest(request_id="r", prompt="x", messages=None, max_tokens=4, json_schema=TIL)
         prepared = await engine.prepare(request)
@@ -130,26 +137,16 @@ async def test_a_lone_schema_is_readied_here_and_the_ones_beside_it_in_the_worke
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from services.generator import vllm_engine
-    from services.generator.vllm_engine import VllmEngine, _Loaded
-    from tests.unit.test_vllm_engine import Settings
-    from tests.unit.test_vllm_tokenize import PieceTokenizer
 
     here: list[dict[str, Any]] = []
 
-    def slow_here(schema: dict[str, Any]) -> dict[str, Any]:
-        here.append(schema)
+    def slow_here(key: str) -> str:
+        here.append(json.loads(key))
         time.sleep(0.5)  # still being readied when the next request comes
-        return prepared_schema(schema)
+        return prepared_schema_text(key)
 
-    monkeypatch.setattr(vllm_engine, "prepared_schema", slow_here)
-    engine = VllmEngine(Settings(schema_workers=1))  # type: ignore[arg-type]
-    engine._loaded = _Loaded(
-        llm=SimpleNamespace(shutdown=lambda: None),
-        tokenizer=PieceTokenizer(),
-        max_model_len=64,
-        model_defaults={},
-    )  # type: ignore[arg-type]
-    engine._sampling_params = lambda request, schema: None  # type: ignore[method-assign]
+    monkeypatch.setattr(vllm_engine, "prepared_schema_text", slow_here)
+    engine = engine_with_workers()
     processes = engine._schema_processes
     assert processes is not None
     second = {**TIL, "description": "beside the first"}

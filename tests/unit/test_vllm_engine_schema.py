@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from services.generator.engine import InvalidRequest
 from services.generator.json_grammar import fold_lengths_into_patterns, llguidance_schema
-from services.generator.vllm_engine import prepared_schema
+from services.generator.vllm_inputs import prepared_schema
 
 
 def ecma_search(pattern: str, text: str) -> bool:

@@ -162,11 +162,11 @@ async def test_a_schema_that_compiles_too_long_is_refused_at_the_bound(
 
     from services.generator import vllm_engine
 
-    def slow(schema: dict[str, Any]) -> dict[str, Any]:
+    def slow(key: str) -> str:
         time.sleep(2.0)
-        return schema
+        return key
 
-    monkeypatch.setattr(vllm_engine, "prepared_schema", slow)
+    monkeypatch.setattr(vllm_engine, "prepared_schema_text", slow)
     engine = VllmEngine(Settings(schema_compile_timeout_s=0.05))
     engine._loaded = _Loaded(llm=None, tokenizer=PieceTokenizer(), max_model_len=64, model_defaults={})  # type: ignore[arg-type]
     started = time.monotonic()
