@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import split_at_gaps
 from services.common.stats import percentile
 
 # (name, from, to): each a field of the request's line; "ready" is when it could first be scheduled
@@ -171,15 +172,8 @@ def waves(requests: Sequence[dict[str, Any]], gap_s: float = 0.9) -> list[dict[s
     tokens and 8,192 tokens a step, a wave takes 7 prefill steps when the first holds 4 or more of them
     and 8 when it holds fewer, and with 1 the median request waits a whole step more
     (bench/results/issue13-h200-s21)."""
-    ordered = sorted(
-        (r for r in requests if "scheduled" in r and "first_step_end" in r), key=lambda r: r["arrival"]
-    )
-    groups: list[list[dict[str, Any]]] = []
-    for request in ordered:
-        if groups and request["arrival"] - groups[-1][-1]["arrival"] <= gap_s:
-            groups[-1].append(request)
-        else:
-            groups.append([request])
+    scheduled = [r for r in requests if "scheduled" in r and "first_step_end" in r]
+    groups = split_at_gaps(scheduled, lambda r: float(r["arrival"]), gap_s)
     rows = []
     for group in groups:
         start = group[0]["arrival"]

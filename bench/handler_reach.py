@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import socket
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from services.common.stats import nearest_rank
 
 KINDS = ("plain", "til", "plain, TIL-sized")
 LOG_LINE = re.compile(
@@ -160,16 +163,12 @@ def figures(log: str, burst: int) -> dict[str, dict[str, float]]:
         )
         got[kind].append((float(m["reach"]), float(m["prepare"])))
 
-    def q(values: list[float], p: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
-
     return {
         kind: {
             "calls": len(v),
-            "reached_p50_ms": statistics.median(x for x, _ in v) if v else float("nan"),
-            "reached_p90_ms": q([x for x, _ in v], 0.9),
-            "ready_p50_ms": statistics.median(y for _, y in v) if v else float("nan"),
+            "reached_p50_ms": statistics.median(x for x, _ in v) if v else math.nan,
+            "reached_p90_ms": nearest_rank([x for x, _ in v], 0.9),
+            "ready_p50_ms": statistics.median(y for _, y in v) if v else math.nan,
         }
         for kind, v in got.items()
     }

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common.stats import nearest_rank, percentile
 
-__all__ = ["RequestRecord", "nearest_rank", "percentile", "summarize"]
+__all__ = ["RequestRecord", "nearest_rank", "percentile", "split_at_gaps", "summarize"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,11 +129,18 @@ def wave_ttft_p50(records: Sequence[RequestRecord], gap_s: float = WAVE_GAP_S) -
     (bench/results/issue13-h200-s21): the arm's p50 over two waves is then as much the luck of its
     waves as its cost. The per-wave figures show it. Starts are `time.monotonic()`, one clock for
     every client process of a host (Linux)."""
-    ordered = sorted(records, key=lambda r: r.start)
-    waves: list[list[RequestRecord]] = []
-    for record in ordered:
-        if waves and record.start - waves[-1][-1].start <= gap_s:
-            waves[-1].append(record)
-        else:
-            waves.append([record])
+    waves = split_at_gaps(records, lambda r: r.start, gap_s)
     return [round(percentile([r.ttft * 1e3 for r in w], 50), 1) for w in waves if len(w) >= MIN_WAVE]
+
+
+def split_at_gaps(items: Iterable[T], at: Callable[[T], float], gap_s: float = WAVE_GAP_S) -> list[list[T]]:
+    """`items` in order of `at(item)` (seconds), in runs split wherever two in a row are more than
+    `gap_s` apart: the waves of a closed loop (here its requests' starts; bench.engine_timeline: their
+    arrivals at the engine core)."""
+    runs: list[list[T]] = []
+    for item in sorted(items, key=at):
+        if runs and at(item) - at(runs[-1][-1]) <= gap_s:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
