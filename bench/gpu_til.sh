@@ -37,7 +37,10 @@
 # python, h2load or both; h2load needs `.h2l` from `bash bench/h2load_kit.sh` carried to `measure`),
 # STREAM_INTERVAL and OUTPUT_CHUNK (below), FRONTENDS (GENERATOR_FRONTENDS: the generator's gRPC front-end
 # processes sharing its engine core, as `vllm serve --api-server-count`; unset: 1), H2LOAD_ROUNDS (h2load's hits = this x concurrency, 500: at
-# ~18k hits/s the 50 of s19 were a quarter second of load), TRACE_GRAMMAR (below).
+# ~18k hits/s the 50 of s19 were a quarter second of load), TRACE_GRAMMAR (below), STAGGER_S (2.5:
+# STAGGERED_ARMS, default A, A_til, C_til and D, measured again at c=100 with their streams started over
+# 2.5 s, under a request's ~3.2 s, so that the waves' prefill-step lottery does not decide the TTFTs;
+# bench.load.Stagger; 0: lockstep rows only).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
 out=${OUT:-/tmp/til-out}
@@ -195,6 +198,7 @@ measure)
     --rounds "${ROUNDS:-2}" --min-requests "${MIN_REQ:-8}" --client-procs "${CLIENT_PROCS:-6}"
     --generator-addr 127.0.0.1:50052 --edge-addr 127.0.0.1:50051 --openai-url http://127.0.0.1:8000
     --hit-client "${HIT_CLIENT:-python}" --edge-metrics 127.0.0.1:9100 --h2load-rounds "${H2LOAD_ROUNDS:-500}"
+    --stagger-s "${STAGGER_S:-2.5}" --staggered-arms "${STAGGERED_ARMS:-engine,engine-til,generator-til,edge}"
     --label "${LABEL:-Issue 13: every arm like for like on one H200}" --out "$out")
   printf '%q ' "${cmd[@]}" >"$out/command.txt"
   { echo; echo "benchmark: ${EDGE_ENV[*]}"

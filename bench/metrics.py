@@ -38,6 +38,9 @@ class RequestRecord:
     # In-process TIL arm: tokens up to and including the end-of-sequence token that closed the grammar
     # (what follows under ignore_eos is unconstrained); None where it is not known.
     constrained_tokens: int | None = None
+    # False for a staggered stream's ramp-up and ramp-down requests (bench.load.Stagger): they load the
+    # server, and count in its throughput, but their latencies are not the measured ones.
+    measured: bool = True
 
     @property
     def ok(self) -> bool:
@@ -65,7 +68,12 @@ class RequestRecord:
 
 
 def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
-    """One row of the results table: throughput and latency percentiles over a measured batch."""
+    """One row of the results table: throughput and latency percentiles over a measured batch.
+
+    Latencies are the measured requests'. Throughput is over the batch's wall time, or, for a staggered
+    batch (one with ramp requests), over its full-load window (`full_load_window`)."""
+    every = list(records)
+    records = [r for r in every if r.measured]
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     row: dict[str, Any] = {
@@ -76,7 +84,6 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
     }
     if not ok:
         return row
-    wall = max(r.end for r in records) - min(r.start for r in records)
     tokens = sum(r.tokens for r in ok)
     messages = sum(len(r.message_times) for r in ok)
     ms = 1e3
@@ -84,10 +91,24 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
     tpot = [t * ms for r in ok if (t := r.tpot) is not None]
     itl = [gap * ms for r in ok for gap in r.itls()]
     e2e = [r.e2e * ms for r in ok]
+    ramps = [r for r in every if not r.measured]
+    if ramps:
+        begin, end = full_load_window(ramps)
+        wall = max(end - begin, 1e-9)
+        in_window = [r for r in records if r.start >= begin and r.end <= end]
+        row.update(
+            arrivals="staggered",
+            wall_s=round(wall, 3),
+            output_tok_s=round(tokens_between([r for r in every if r.ok], begin, end) / wall, 1),
+            requests_s=round(len([r for r in every if r.ok and begin <= r.end <= end]) / wall, 3),
+            measured_in_full_load=f"{len(in_window)}/{len(records)}",
+        )
+    else:
+        wall = max(r.end for r in records) - min(r.start for r in records)
+        row.update(
+            wall_s=round(wall, 3), output_tok_s=round(tokens / wall, 1), requests_s=round(len(ok) / wall, 3)
+        )
     row.update(
-        wall_s=round(wall, 3),
-        output_tok_s=round(tokens / wall, 1),
-        requests_s=round(len(ok) / wall, 3),
         prompt_tokens_mean=round(sum(r.prompt_tokens for r in ok) / len(ok), 1),
         output_tokens_mean=round(tokens / len(ok), 1),
         tokens_per_message=round(tokens / messages, 3),
@@ -104,7 +125,7 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
     for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl), ("e2e_ms", e2e)):
         row[f"{name}_p50"] = round(percentile(values, 50), 2)
         row[f"{name}_p99"] = round(percentile(values, 99), 2)
-    by_wave = wave_ttft_p50(ok)
+    by_wave = [] if ramps else wave_ttft_p50(ok)
     if by_wave:
         row["ttft_ms_p50_by_wave"] = by_wave
     # Every request's TTFT and E2E (in request order), to look at a distribution afterwards.
@@ -113,6 +134,27 @@ def summarize(records: Sequence[RequestRecord]) -> dict[str, Any]:
         "e2e_ms": [round(r.e2e * ms, 1) for r in ok],
     }
     return row
+
+
+def full_load_window(ramps: Sequence[RequestRecord]) -> tuple[float, float]:
+    """When every stream of a staggered batch was running: from the last ramp-up's start to the
+    first ramp-down's end. `ramps` are the batch's unmeasured requests, one ramp-up and one ramp-down
+    a stream, told apart by time: a stream's ramp-down starts after its ramp-up ends."""
+    ordered = sorted(ramps, key=lambda r: r.start)
+    half = len(ordered) // 2
+    ups, downs = ordered[:half], ordered[half:]
+    return max(r.start for r in ups), min(r.end for r in downs)
+
+
+def tokens_between(records: Iterable[RequestRecord], begin: float, end: float) -> float:
+    """Output tokens the records received between `begin` and `end`, each message counted as an equal
+    share of its request's tokens (the streams' tokens per message are even)."""
+    total = 0.0
+    for r in records:
+        if r.message_times:
+            share = r.tokens / len(r.message_times)
+            total += share * sum(1 for t in r.message_times if begin <= t <= end)
+    return total
 
 
 # Starts further apart than this end a wave (a closed loop of equal requests sends them in bursts:

@@ -79,6 +79,18 @@ def markdown(results: dict[str, Any]) -> str:
             " see single messages): a hit is replayed at once, so this bounds its TTFT from above. `client CPU"
             " ms/req` is h2load's; each call counts only if the edge's metrics counted it OK and a cache hit.",
         ]
+    staggered = [row for row in results["rows"] if row.get("arrivals") == "staggered"]
+    if staggered:
+        lines += [
+            "",
+            f"`(staggered)` rows: the arm again right after its lockstep row, its {staggered[0]['concurrency']}"
+            f" streams started over {staggered[0].get('stagger_s', '?')} s (bench.load.Stagger) so that"
+            " requests arrive one by one beside decoding ones instead of in lockstep waves. Each stream's first"
+            " and last requests are not measured; out tok/s is over the window when every stream was running;"
+            " measured requests inside that window: "
+            + ", ".join(f"{compare.arm_label(r)} {r.get('measured_in_full_load', '-')}" for r in staggered)
+            + ".",
+        ]
     waved = [row for row in results["rows"] if len(row.get("ttft_ms_p50_by_wave") or ()) > 1]
     if waved:
         lines += [

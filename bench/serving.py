@@ -14,6 +14,12 @@ HTTP/2 client, instead of (or besides) the Python client processes: its row says
 its TTFT and E2E are both the time to the end of each stream (a hit is replayed at once, so this bounds
 the TTFT from above). The edge's metrics (`--edge-metrics`, the first worker's) must count every call
 h2load sent as OK and answered from the cache.
+
+`--stagger-s S` measures each arm of `--staggered-arms` once more at every level above 1, right after its
+lockstep row, with staggered arrivals (bench.load.Stagger): its streams start spread over S seconds
+and keep their spacing, each stream's first and last requests are not measured, and the row (arm
+label "ARM (staggered)") gives the throughput of the window in which every stream was running. Its
+ratios and checks compare staggered rows only with staggered rows.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from bench.arms import (
     EngineWrapperArm,
     network_arm,
 )
-from bench.load import ClientProcesses, Ticker, closed_loop, default_client_processes
+from bench.load import ClientProcesses, Stagger, Ticker, closed_loop, default_client_processes, staggered_loop
 from bench.metrics import RequestRecord, summarize
 from bench.prompts import Prompt, PromptFactory, PromptPool, load_dataset
 from bench.report import write_all
@@ -105,6 +111,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="measured requests per level = rounds x concurrency")
     p.add_argument("--min-requests", type=int, default=8, help="measured requests per level at least")
     p.add_argument("--warmup-output-len", type=int, default=32, help="output tokens of warm-up requests")
+    p.add_argument(
+        "--stagger-s",
+        type=float,
+        default=0.0,
+        help="also measure --staggered-arms at levels above 1 with streams started over this many seconds "
+        "(at most a request's duration; 0: lockstep rows only)",
+    )
+    p.add_argument(
+        "--staggered-arms",
+        default="engine,engine-til,generator-til,edge",
+        help="comma-separated arms that --stagger-s measures again (those of --arms)",
+    )
     p.add_argument("--seed", type=int, default=0, help="prompt generator seed")
     p.add_argument("--label", default="serving", help="title of the results")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json/.md/.png")
@@ -192,6 +210,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown arms {unknown}; choose from {', '.join(ALL_ARMS)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.staggered_arms = [a.strip() for a in args.staggered_arms.split(",") if a.strip()]
+    if args.stagger_s < 0:
+        p.error("--stagger-s must be 0 or more")
+    if "edge-hit" in args.staggered_arms:
+        p.error("--staggered-arms: edge-hit replays a cached result at once; there is nothing to stagger")
     if args.hit_client != "python":
         if "edge-hit" not in args.arms:
             p.error("--hit-client applies to the edge-hit arm, which --arms does not name")
@@ -301,6 +324,8 @@ class Driver:
                 "client_procs": args.client_procs,
                 "hit_client": args.hit_client,
                 "generator_replicas": args.generator_replicas,
+                "stagger_s": args.stagger_s,
+                "staggered_arms": args.staggered_arms if args.stagger_s > 0 else [],
             },
             "engine_settings": {},
             "rows": [],
@@ -432,14 +457,21 @@ class Driver:
         concurrency: int,
         output_len: int,
         label: str,
+        stagger_s: float = 0.0,
     ) -> list[RequestRecord]:
         pool = pools[arm if arm in TIL_ARMS else "plain"]
         prompts: list[Prompt] = await pool.take(count) if isinstance(pool, TilPool) else pool.take(count)
+        # Started a second from now, so that every client process is waiting when the first stream goes.
+        stagger = Stagger(stagger_s, time.monotonic() + 1.0, concurrency) if stagger_s > 0 else None
         with Ticker(label, count, counting=arm in self.local) as ticker:
             if arm in self.local:
+                if stagger is not None:
+                    return await staggered_loop(
+                        self.local[arm], prompts, concurrency, output_len, stagger, ticker.count
+                    )
                 return await closed_loop(self.local[arm], prompts, concurrency, output_len, ticker.count)
             assert self.clients is not None
-            return await self.clients.run(self.specs[arm], prompts, concurrency, output_len)
+            return await self.clients.run(self.specs[arm], prompts, concurrency, output_len, stagger)
 
     async def run(self) -> None:
         args = self.args
@@ -481,10 +513,36 @@ class Driver:
                     print(f"{tag} {row_line(row)}", flush=True)
                     self.conclude()
                     write_all(self.results, out, with_plot=False)
+                    if args.stagger_s > 0 and concurrency > 1 and arm in args.staggered_arms:
+                        await self.staggered_row(arm, pools, concurrency)
             write_all(self.results, out)
             print(f"results in {out}/results.md", flush=True)
         finally:
             await self.close()
+
+    async def staggered_row(self, arm: str, pools: dict[str, PromptPool | TilPool], concurrency: int) -> None:
+        """`arm` at `concurrency` again (warm from its lockstep row), with staggered arrivals: a ramp-up
+        request, `--rounds` measured ones and a ramp-down request a stream."""
+        args = self.args
+        tag = f"[c={concurrency} {arm} staggered]"
+        count = (args.rounds + 2) * concurrency
+        print(f"{tag} measuring: {count} requests over {args.stagger_s:g} s of starts", flush=True)
+        records = await self.batch(arm, pools, count, concurrency, args.output_len, tag, args.stagger_s)
+        row = {
+            "arm": arm,
+            "concurrency": concurrency,
+            **self.row_facts(arm),
+            **summarize(records),
+            **self.client_load(arm, records),
+            "stagger_s": args.stagger_s,
+        }
+        self.results["rows"].append(row)
+        print(
+            f"{tag} {row_line(row)} ({row.get('measured_in_full_load', '-')} measured at full load)",
+            flush=True,
+        )
+        self.conclude()
+        write_all(self.results, self.args.out, with_plot=False)
 
     async def h2load_hits(self, pools: dict[str, PromptPool | TilPool], concurrency: int) -> dict[str, Any]:
         """The edge-hit row at `concurrency` with h2load as the client: the request the Python edge-hit
