@@ -292,10 +292,12 @@ def run_h2load(
 
 @dataclasses.dataclass(frozen=True)
 class EdgeCounts:
-    """The edge's counters for GenerateTil: calls by gRPC code, and results replayed from the cache."""
+    """The edge's counters for GenerateTil: calls by gRPC code, and results replayed from the cache; and
+    the CPU seconds its worker processes have used (prometheus_client's process_cpu_seconds_total)."""
 
     codes: dict[str, float]
     cached: float
+    cpu_s: float = 0.0
 
     @classmethod
     def from_text(cls, texts: Iterable[str], method: str = EDGE_GENERATE_TIL) -> EdgeCounts:
@@ -304,7 +306,7 @@ class EdgeCounts:
 
         service, _, name = method.lstrip("/").rpartition("/")
         codes: dict[str, float] = collections.defaultdict(float)
-        cached = 0.0
+        cached = cpu_s = 0.0
         for text in texts:
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
@@ -323,11 +325,15 @@ class EdgeCounts:
                         # One per replayed hit (near cache or cacher). Not the cache look-ups: calls that
                         # ask for one key at once share a single cacher read.
                         cached += sample.value
-        return cls(dict(codes), cached)
+                    elif sample.name == "process_cpu_seconds_total":
+                        cpu_s += sample.value
+        return cls(dict(codes), cached, cpu_s)
 
     def minus(self, before: EdgeCounts) -> EdgeCounts:
         codes = {code: n - before.codes.get(code, 0.0) for code, n in self.codes.items()}
-        return EdgeCounts({c: n for c, n in codes.items() if n}, self.cached - before.cached)
+        return EdgeCounts(
+            {c: n for c, n in codes.items() if n}, self.cached - before.cached, self.cpu_s - before.cpu_s
+        )
 
 
 def fetch_metrics(endpoint: str, timeout_s: float = 5.0) -> str:

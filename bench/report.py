@@ -34,6 +34,7 @@ _COLUMNS = [
     ("server_queue_ms_p50", "server queue p50", "{:.1f}"),
     ("client_cpu_ms_per_request", "client CPU ms/req", "{:.2f}"),
     ("client_busiest_cpu_share", "client busiest", "{:.2f}"),
+    ("edge_cpu_ms_per_request", "edge CPU ms/req", "{:.3f}"),
     ("prompt_tokens_mean", "prompt tok", "{:.0f}"),
     ("output_tokens_mean", "out tok", "{:.0f}"),
     ("constrained_tokens_mean", "JSON tok", "{:.0f}"),

@@ -650,6 +650,12 @@ def h2load_row(
         "edge_problems": problems,
         "client_cpu_ms_per_request": summary["h2load_cpu_ms_per_request"],
     }
+    if delta.cpu_s > 0 and confirmed:
+        # The edge workers' CPU a hit (their metrics, read before and after; a little of it is the
+        # reads themselves), and how many of the host's cores they kept busy on average.
+        row["edge_cpu_ms_per_request"] = round(1000 * delta.cpu_s / confirmed, 3)
+        if summary.get("wall_s"):
+            row["edge_cpu_cores"] = round(delta.cpu_s / summary["wall_s"], 2)
     if "end_of_stream_ms_p50" not in summary or not confirmed:
         return row
     wall = summary["wall_s"]
@@ -680,8 +686,9 @@ def row_line(row: dict[str, Any]) -> str:
         return (
             f"{head}: end of stream p50 {row['e2e_ms_p50']:.2f} p99 {row['e2e_ms_p99']:.2f} ms,"
             f" {row['requests_s']:,.0f} req/s, {row['output_tokens_mean']:.0f} out tok/req,"
-            f" h2load CPU {row['client_cpu_ms_per_request']:.3f} ms/req, {row['failures']} failed"
-            + (f" {row['edge_problems']}" if row["edge_problems"] else "")
+            f" h2load CPU {row['client_cpu_ms_per_request']:.3f} ms/req,"
+            f" edge CPU {row.get('edge_cpu_ms_per_request', '-')} ms/req on {row.get('edge_cpu_cores', '-')} cores,"
+            f" {row['failures']} failed" + (f" {row['edge_problems']}" if row["edge_problems"] else "")
         )
     if "output_tok_s" not in row:
         return f"all {row['requests']} requests failed: {row['errors']}"

@@ -132,7 +132,7 @@ def test_h2load_is_found_through_its_variable_or_the_path_and_missing_says_how_t
         h2grpc.find_h2load()
 
 
-def _page(ok: int, cached: int, **codes: int) -> str:
+def _page(ok: int, cached: int, cpu_s: float | None = None, **codes: int) -> str:
     lines = [
         "# TYPE grpc_server_handled_total counter",
         f'grpc_server_handled_total{{grpc_code="OK",grpc_method="GenerateTil",grpc_service="til.v1.EdgeService"}} {ok}.0',
@@ -147,6 +147,8 @@ def _page(ok: int, cached: int, **codes: int) -> str:
         f'grpc_server_handled_total{{grpc_code="{code}",grpc_method="GenerateTil",grpc_service="til.v1.EdgeService"}} {n}.0'
         for code, n in codes.items()
     ]
+    if cpu_s is not None:
+        lines += ["# TYPE process_cpu_seconds_total counter", f"process_cpu_seconds_total {cpu_s}"]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +168,10 @@ def test_the_edges_counts_are_summed_over_workers_and_must_match_every_call_sent
     ]
     # Calls from someone else during the run do not pass for h2load's.
     assert h2grpc.hit_problems(h2grpc.EdgeCounts({"OK": 101.0}, 101.0), 100) != []
+    # Each worker's page has its own process's CPU seconds: summed, and the run's share is the difference.
+    cpu_before = h2grpc.EdgeCounts.from_text([_page(10, 8, cpu_s=1.5), _page(5, 5, cpu_s=2.0)])
+    cpu_after = h2grpc.EdgeCounts.from_text([_page(60, 58, cpu_s=1.55), _page(55, 55, cpu_s=2.03)])
+    assert cpu_after.minus(cpu_before).cpu_s == pytest.approx(0.08)
     assert h2grpc.edge_metrics_endpoints("127.0.0.1:9100", workers=3) == [
         "127.0.0.1:9100",
         "127.0.0.1:9101",
@@ -206,6 +212,10 @@ def test_an_h2load_row_has_the_tables_fields_and_counts_only_the_calls_the_edge_
     assert row["output_tok_s"] == pytest.approx(256 * 200 / summary["wall_s"], rel=1e-3)
     assert row["client_cpu_ms_per_request"] == pytest.approx(0.1)
     assert row["latency"] == "end of stream" and len(row["samples"]["e2e_ms"]) == 200
+    assert "edge_cpu_ms_per_request" not in row  # no CPU figures on the edge's pages
+    with_cpu = h2load_row(summary, check, h2grpc.EdgeCounts({"OK": 200.0}, 200.0, cpu_s=0.1), [])
+    assert with_cpu["edge_cpu_ms_per_request"] == 0.5
+    assert with_cpu["edge_cpu_cores"] == pytest.approx(0.1 / summary["wall_s"], abs=0.01)
 
     problems = ["the edge replayed 190 cached results, h2load sent 200 calls"]
     partly = h2load_row(summary, check, h2grpc.EdgeCounts({"OK": 200.0}, 190.0), problems)
@@ -286,7 +296,8 @@ async def test_h2load_hits_the_edge_and_the_edges_counts_confirm_every_call() ->
         summary["end_of_stream_ms_p50"] <= summary["end_of_stream_ms_p99"] <= summary["end_of_stream_ms_max"]
     )
     assert run.cpu_s > 0
-    assert delta == h2grpc.EdgeCounts({"OK": 300.0}, 300.0)
+    assert (delta.codes, delta.cached) == ({"OK": 300.0}, 300.0)
+    assert delta.cpu_s > 0  # the edge's own process CPU over the run, from its metrics page
     assert h2grpc.hit_problems(delta, 300) == []
     assert generator.requests == []  # every call was a hit
 
