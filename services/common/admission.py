@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-from collections.abc import AsyncIterator
 
 from prometheus_client import Counter, Gauge
 
@@ -55,38 +53,65 @@ class Admission:
         ADMISSION_REJECTED.labels(self.pool, limit).inc()
         return ResourceExhausted(message, retry_after_s=self.retry_after_s)
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def slot(self) -> _Slot:
+        """`async with admission.slot():` runs the block in a slot (waiting in line for one), or raises
+        ResourceExhausted at once when the limits are reached."""
+        return _Slot(self)
+
+
+class _Slot:
+    """One call's slot. A class rather than a generator-based context manager: it runs on every call."""
+
+    __slots__ = ("_admission", "_client")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._client: str | None = None  # counted against max_per_client
+
+    async def __aenter__(self) -> None:
+        a = self._admission
         client = caller_identity.get()
-        if self.max_per_client and self._per_client[client] >= self.max_per_client:
-            raise self._refuse(
+        if a.max_per_client and a._per_client[client] >= a.max_per_client:
+            raise a._refuse(
                 "client",
-                f"caller {client!r} already has {self._per_client[client]} calls in progress on {self.pool}; "
-                f"at most {self.max_per_client} per caller, retry later",
+                f"caller {client!r} already has {a._per_client[client]} calls in progress on {a.pool}; "
+                f"at most {a.max_per_client} per caller, retry later",
             )
-        if self.active >= self.max_active and self.waiting >= self.max_waiting:
-            raise self._refuse(
-                "pool",
-                f"{self.pool} is at capacity ({self.active} running, {self.waiting} waiting); retry later",
+        if a.active >= a.max_active and a.waiting >= a.max_waiting:
+            raise a._refuse(
+                "pool", f"{a.pool} is at capacity ({a.active} running, {a.waiting} waiting); retry later"
             )
-        self._per_client[client] += 1
+        if a.max_per_client:
+            a._per_client[client] += 1
+            self._client = client
         try:
-            self.waiting += 1
-            self._waiting_gauge.set(self.waiting)
-            try:
-                await self._slots.acquire()
-            finally:
-                self.waiting -= 1
-                self._waiting_gauge.set(self.waiting)
-            self.active += 1
-            self._active_gauge.set(self.active)
-            try:
-                yield
-            finally:
-                self.active -= 1
-                self._active_gauge.set(self.active)
-                self._slots.release()
-        finally:
-            self._per_client[client] -= 1
-            if self._per_client[client] <= 0:
-                del self._per_client[client]
+            if a._slots.locked():  # every slot taken: wait in line (a free one is taken without waiting)
+                a.waiting += 1
+                a._waiting_gauge.set(a.waiting)
+                try:
+                    await a._slots.acquire()
+                finally:
+                    a.waiting -= 1
+                    a._waiting_gauge.set(a.waiting)
+            else:
+                await a._slots.acquire()
+        except BaseException:
+            self._leave()
+            raise
+        a.active += 1
+        a._active_gauge.set(a.active)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        a = self._admission
+        a.active -= 1
+        a._active_gauge.set(a.active)
+        a._slots.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        client = self._client
+        if client is not None:
+            per_client = self._admission._per_client
+            per_client[client] -= 1
+            if per_client[client] <= 0:
+                del per_client[client]

@@ -35,10 +35,13 @@ CACHE_STATUS_NAMES = {
 }
 
 
+# What json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":")) builds on every call, built once.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def cache_key(parts: dict[str, Any]) -> str:
     """SHA-256 (hex) of a canonical JSON form of `parts`."""
-    canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(parts).encode("utf-8")).hexdigest()
 
 
 def sampling_fields(sampling: common_pb2.SamplingParams) -> dict[str, Any]:

@@ -65,7 +65,8 @@ class OutputContract(Protocol[J, F]):
         ...
 
     def key_fields(self, job: J) -> dict[str, Any]:
-        """What shapes the result besides the model, sampling, budget, owner and prompt version."""
+        """What shapes the result besides the model, sampling, budget, owner and prompt version: text,
+        integers and tuples of them (hashable, as the keys of recent requests are kept; pipeline.py)."""
         ...
 
     def search(self, job: J, key: str) -> Search | None:

@@ -44,6 +44,7 @@ from services.edge.fitting import PromptFitter
 from services.edge.flights import JOINED_NOTICE, Listener, Plan, SingleFlight
 from services.edge.generation import Outcome, closing_delta, parse_json_output, stream_generation
 from services.edge.nearcache import NearCache
+from services.edge.recent import Recent
 from services.edge.redaction import redaction_notice
 from services.edge.retrieval import Retrieval, search
 from services.edge.til_format import Violation
@@ -377,18 +378,39 @@ def pipeline_key(contract: OutputContract[J, F], job: J, *, model: str, max_toke
     """Everything that shapes a result: the contract's fields, the model, the sampling, the budget
     asked for, the prompt version, and the owner (context is per owner, and results are not shared
     across owners)."""
+    return _keys(
+        (
+            tuple(contract.key_fields(job).items()),
+            contract.prompt_version,
+            model,
+            # Its wire form: unlike a dict of the fields set, hashable, and 0.0 and -0.0 differ here too.
+            job.sampling.SerializeToString(deterministic=True),
+            max_tokens,
+            job.owner,
+            job.ignore_eos,
+        )
+    )
+
+
+def _key(parts: tuple[tuple[tuple[str, Any], ...], str, str, bytes, int | None, str, bool]) -> str:
+    fields, prompt_version, model, sampling, max_tokens, owner, ignore_eos = parts
     return cache_key(
         {
-            **contract.key_fields(job),
-            "prompt_version": contract.prompt_version,
+            **dict(fields),
+            "prompt_version": prompt_version,
             "model": model,
-            "sampling": sampling_fields(job.sampling),
+            "sampling": sampling_fields(common_pb2.SamplingParams.FromString(sampling)),
             "max_tokens": max_tokens,
-            "owner": job.owner,
+            "owner": owner,
             # Only when set, so that the keys of every other request stay as they were.
-            **({"ignore_eos": True} if job.ignore_eos else {}),
+            **({"ignore_eos": True} if ignore_eos else {}),
         }
     )
+
+
+# The keys of the requests seen lately: a request asked again (a cache hit) skips the JSON and the hash.
+# Safe: `_key` is a pure function of its parts (text and integers; the sampling as its bytes).
+_keys = Recent(_key)
 
 
 def _fill(

@@ -7,31 +7,16 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from services.common.redaction import Redacted, redact
+from services.common.redaction import redact
+from services.edge.recent import Recent
 
 SECRETS_REDACTED = Counter(
     "tilserve_edge_secrets_redacted_total", "Secrets found in requests and replaced, by kind.", ["kind"]
 )
 
 
-# Texts redacted lately and what redaction made of them: a request asked again (a cache hit) pays a
-# dictionary look-up instead of the patterns. Bounded by entries and by the characters it holds.
-_RECENT: collections.OrderedDict[str, Redacted] = collections.OrderedDict()
-_RECENT_ENTRIES = 256
-_RECENT_MAX_TEXT_CHARS = 64 * 1024
-
-
-def _redacted(text: str) -> Redacted:
-    result = _RECENT.get(text)
-    if result is not None:
-        _RECENT.move_to_end(text)
-        return result
-    result = redact(text)
-    if len(text) <= _RECENT_MAX_TEXT_CHARS:
-        _RECENT[text] = result
-        if len(_RECENT) > _RECENT_ENTRIES:
-            _RECENT.popitem(last=False)
-    return result
+# A text asked again (a cache hit) pays a dictionary look-up instead of the patterns.
+_redacted = Recent(redact)
 
 
 def redact_text(text: str, found: list[str]) -> str:

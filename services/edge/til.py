@@ -33,6 +33,7 @@ from services.edge.prompt import (
     revise_chat,
     til_chat,
 )
+from services.edge.recent import Recent
 from services.edge.redaction import redact_text
 from services.edge.retrieval import MAX_QUERY_CHARS, Found, Retrieval, Search
 from services.edge.til_format import Violation, check_til, content_budget, til_schema, to_til
@@ -49,6 +50,16 @@ TilEvent: TypeAlias = edge_pb2.StreamStarted | common_pb2.TextDelta | edge_pb2.T
 _LANGUAGE = re.compile(rf"[A-Za-z0-9+#._ -]{{1,{MAX_LANGUAGE_CHARS}}}")
 _TITLE_DATE = re.compile(r"^([0-9]{4}-[0-9]{2}-[0-9]{2}) TIL\b")
 _HEADING_DATE = re.compile(r"^# ([0-9]{4}-[0-9]{2}-[0-9]{2}) TIL\b")
+
+
+def _changed_files_and_language(diff: str) -> tuple[tuple[str, ...], str]:
+    files = tuple(changed_files(diff))
+    return files, guess_language(list(files))
+
+
+# What a diff says of itself, for the diffs seen lately: a request asked again (a cache hit) skips the scans.
+_is_diff = Recent(looks_like_diff)
+_files_and_language = Recent(_changed_files_and_language)
 
 
 def _kib(size: int) -> str:
@@ -169,7 +180,7 @@ class TilContract(_TilDocument):
     def key_fields(self, job: TilJob) -> dict[str, Any]:
         return {
             "diff": job.diff,
-            "commit_messages": list(job.commit_messages),
+            "commit_messages": job.commit_messages,  # a JSON array, as a list would be
             "language": job.language,
             "date": job.date,
         }
@@ -260,7 +271,7 @@ class TilPipeline(Pipeline):
                 f"diff is {_kib(size)}; the limit is {_kib(s.max_diff_bytes)}: "
                 "split the change or leave generated and vendored files out"
             )
-        if not looks_like_diff(diff):
+        if not _is_diff(diff):
             raise InvalidArgument(
                 "diff is not a unified diff (it has no 'diff --git', '---'/'+++' or '@@' lines): "
                 "pass the output of `git diff` or `git show`"
@@ -284,12 +295,12 @@ class TilPipeline(Pipeline):
         check_policy(request.cache_policy)
         max_tokens = check_max_tokens(request.generation, s.max_tokens_limit)
         owner = check_owner(request.owner, s)
-        files = tuple(changed_files(diff))
+        files, guessed_language = _files_and_language(diff)
         guessed = not language
         return TilJob(
             diff=diff,
             commit_messages=tuple(m.strip() for m in request.commit_messages if m.strip()),
-            language=guess_language(list(files)) if guessed else language,
+            language=guessed_language if guessed else language,
             language_guessed=guessed,
             date=date,
             files=files,

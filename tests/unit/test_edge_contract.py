@@ -5,6 +5,7 @@ builders from it and nothing else. Real gRPC against the fakes of test_edge_serv
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +176,38 @@ def test_the_edges_contracts_keep_their_results_apart() -> None:
     assert pipeline_key(contracts[2], question, model="m", max_tokens=None) != pipeline_key(
         contracts[2], dataclasses.replace(question, owner=""), model="m", max_tokens=None
     )
+
+
+def test_a_key_asked_again_is_the_sha256_of_its_canonical_json_as_the_first_time() -> None:
+    """Keys of recent requests are remembered (pipeline.py): a remembered key is the one computed from
+    the canonical JSON, for every sampling (0.0 and -0.0 differ) and for ignore_eos."""
+    pipeline = TilPipeline(None, None, None, EdgeSettings(port=0))  # type: ignore[arg-type]
+    job = pipeline.job(til_request(commit_messages=["Cache answers", "TTL 적용"]))
+    keys = set()
+    for temperature in (None, 0.0, -0.0, 0.7):
+        sampling = common_pb2.SamplingParams(seed=1, temperature=temperature)
+        for ignore_eos in (False, True):
+            variant = dataclasses.replace(job, sampling=sampling, ignore_eos=ignore_eos)
+            parts = {
+                "diff": job.diff,
+                "commit_messages": ["Cache answers", "TTL 적용"],
+                "language": job.language,
+                "date": job.date,
+                "prompt_version": TilContract.prompt_version,
+                "model": "m",
+                # as set (0.7 as the float32 the field holds)
+                "sampling": {"seed": 1}
+                | ({} if temperature is None else {"temperature": sampling.temperature}),
+                "max_tokens": 7,
+                "owner": job.owner,
+                **({"ignore_eos": True} if ignore_eos else {}),
+            }
+            canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+            for _ in range(2):  # computed, then remembered
+                assert pipeline_key(TilContract(top_k=0), variant, model="m", max_tokens=7) == expected
+            keys.add(expected)
+    assert len(keys) == 8
 
 
 async def _responses(events: Any) -> Any:

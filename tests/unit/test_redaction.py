@@ -125,12 +125,13 @@ def test_the_edge_redacts_a_text_asked_again_from_memory_with_the_same_result_an
     second: list[str] = []
     assert redaction.redact_text(text, first) == redaction.redact_text(text, second) == redact(text).text
     assert first == second == ["password-assignment"]  # counted for every request, remembered or not
-    for i in range(redaction._RECENT_ENTRIES + 10):
+    recent = redaction._redacted
+    for i in range(recent.max_entries + 10):
         redaction.redact_text(f"+line {i}\n", [])
-    assert len(redaction._RECENT) == redaction._RECENT_ENTRIES and text not in redaction._RECENT
-    huge = "+" + "x" * redaction._RECENT_MAX_TEXT_CHARS
+    assert len(recent) == recent.max_entries and text not in recent
+    huge = "+" + "x" * recent.max_size
     redaction.redact_text(huge, [])
-    assert huge not in redaction._RECENT
+    assert huge not in recent
 
 
 def test_each_case_insensitive_pattern_and_its_twin_on_the_lowered_text_find_the_same_secrets() -> None:
