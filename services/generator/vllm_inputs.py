@@ -13,6 +13,7 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import threading
 from collections import OrderedDict
@@ -229,11 +230,169 @@ def prompt_ids_many(
 
 
 def encode_batch(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
-    """`tokenizer.encode(text, add_special_tokens=...)` for each text; one call for a fast tokenizer."""
+    """`tokenizer.encode(text, add_special_tokens=...)` for each text: by its Rust tokenizer where that
+    is the same, all the texts in one call."""
+    encoder = _ENCODERS.get(tokenizer)
+    if encoder is None:
+        return [list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) for text in texts]
+    return encoder.encode(texts, add_special_tokens=add_special_tokens)
+
+
+# Pre-tokenizers that split each piece of text between added tokens on its own, whatever comes before
+# it (`Metaspace` only where it prepends to every piece, not to the first one alone).
+_PIECEWISE_PRE_TOKENIZERS = frozenset(
+    {
+        "BertPreTokenizer",
+        "ByteLevel",
+        "CharDelimiterSplit",
+        "Digits",
+        "Metaspace",
+        "Punctuation",
+        "Sequence",
+        "Split",
+        "UnicodeScripts",
+        "Whitespace",
+        "WhitespaceSplit",
+    }
+)
+_SEGMENT_CACHE_SIZE = 256
+
+
+class _RustEncoder:
+    """`tokenizer.encode` of a transformers fast tokenizer, run by its Rust tokenizer directly.
+
+    transformers' `encode` sets the Rust tokenizer's truncation, padding and `encode_special_tokens`
+    for the call, then runs `encode_batch` on the one text and copies its ids out: about 0.1 ms of
+    Python, and `encode_batch` lets the GIL go, so taking it back waits out another thread's switch
+    interval (5 ms) when one holds it. Here a lone text is run by `encode`, which keeps the GIL, with
+    the same settings (a tokenizer given truncation or padding is left to transformers).
+
+    A chat's text (without added special tokens: the template writes them) is encoded piece by piece
+    between its added tokens, each piece's ids kept by its text: the system prompt and instructions
+    of every request are tokenized once. That is what the Rust tokenizer does with the whole text (it
+    splits on the added tokens first, leftmost-longest, then normalizes, pre-tokenizes and encodes
+    each piece alone), so it is used only where nothing else depends on a piece's place: no added
+    token strips the space around it or must be a whole word, `_PIECEWISE_PRE_TOKENIZERS`, a model
+    without dropout.
+    """
+
+    def __init__(self, tokenizer: Any, backend: Any) -> None:
+        self._tokenizer = tokenizer
+        self._backend = backend
+        # Tokens added later (transformers' add_tokens) change the pieces: a new encoder is built.
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._added_ids, self._splitter = _added_token_splitter(backend)
+        # A piece's ids depend only on its text and this tokenizer (see above); bounded, least
+        # recently used first out. Most pieces are one request's own (a diff); the shared ones stay.
+        self._pieces: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+
+    def stale(self) -> bool:
+        return self._backend.get_vocab_size(with_added_tokens=True) != self._vocab_size
+
+    def usable(self) -> bool:
+        # transformers' encode clears a truncation or padding set on the Rust tokenizer: left to it.
+        return self._backend.truncation is None and self._backend.padding is None
+
+    def encode(self, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+        split_special = bool(self._tokenizer.split_special_tokens)
+        if self._backend.encode_special_tokens != split_special:
+            self._backend.encode_special_tokens = split_special  # as transformers' encode sets it
+        if add_special_tokens or split_special or self._splitter is None:
+            return self._run(texts, add_special_tokens)
+        pieces = [self._splitter.split(text) for text in texts]
+        # split() with the pattern's one group: text, token, text, token, ..., text.
+        new = list(dict.fromkeys(p for parts in pieces for p in parts[::2] if p and p not in self._pieces))
+        for piece, piece_ids in zip(new, self._run(new, False), strict=True):
+            self._pieces[piece] = tuple(piece_ids)
+        out = []
+        for parts in pieces:
+            ids: list[int] = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    ids.append(self._added_ids[part])
+                elif part:
+                    ids.extend(self._pieces[part])
+                    self._pieces.move_to_end(part)
+            out.append(ids)
+        while len(self._pieces) > _SEGMENT_CACHE_SIZE:
+            self._pieces.popitem(last=False)
+        return out
+
+    def _run(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if len(texts) == 1:
+            return [self._backend.encode(texts[0], add_special_tokens=add_special_tokens).ids]
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
+def _added_token_splitter(backend: Any) -> tuple[dict[str, int], re.Pattern[str] | None]:
+    """The added tokens' ids by text, and a pattern that splits a text on them as the Rust tokenizer
+    does (None where pieces between them do not encode alone as they do in the whole text)."""
+    decoder = backend.get_added_tokens_decoder()
+    added = list(decoder.values())
+    ids = {token.content: token_id for token_id, token in decoder.items()}
+    if (
+        not added
+        or any(token.lstrip or token.rstrip or token.single_word for token in added)
+        or getattr(backend.model, "dropout", None)
+        or not _piecewise(backend.pre_tokenizer)
+    ):
+        return ids, None
+    # Tokens the normalizer sees are matched inside each piece after normalizing, as in the whole text.
+    raw = sorted((t.content for t in added if not t.normalized), key=len, reverse=True)
+    if not raw:
+        return ids, None
+    # Longest first: at the leftmost place a token starts, the longest one there (leftmost-longest).
+    return ids, re.compile("(" + "|".join(re.escape(text) for text in raw) + ")")
+
+
+def _piecewise(pre_tokenizer: Any) -> bool:
+    if pre_tokenizer is None:
+        return True
+
+    def ok(config: dict[str, Any]) -> bool:
+        if config.get("type") not in _PIECEWISE_PRE_TOKENIZERS or config.get("prepend_scheme") == "first":
+            return False
+        return all(ok(inner) for inner in config.get("pretokenizers", ()))
+
+    return ok(json.loads(pre_tokenizer.__getstate__()))
+
+
+class _RustEncoders:
+    """Each tokenizer's `_RustEncoder`, or None where transformers' own `encode` must run."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        # The tokenizer is kept with its encoder, so that its id() cannot name another one meanwhile.
+        self._encoders: OrderedDict[int, tuple[Any, _RustEncoder | None]] = OrderedDict()
+
+    def get(self, tokenizer: Any) -> _RustEncoder | None:
+        entry = self._encoders.get(id(tokenizer))
+        if entry is None or entry[0] is not tokenizer or (entry[1] is not None and entry[1].stale()):
+            entry = (tokenizer, _rust_encoder(tokenizer))
+            self._encoders[id(tokenizer)] = entry
+            while len(self._encoders) > self._size:
+                self._encoders.popitem(last=False)
+        encoder = entry[1]
+        return encoder if encoder is not None and encoder.usable() else None
+
+
+_ENCODERS = _RustEncoders(8)
+
+
+def _rust_encoder(tokenizer: Any) -> _RustEncoder | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and len(texts) > 1:
-        return [list(e.ids) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-    return [list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) for text in texts]
+    if backend is None:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    # The class's encode path is transformers' own (CodeLlama's, Mistral's and others' are not).
+    names = ("encode", "_encode_plus", "_batch_encode_plus")
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or any(
+        getattr(type(tokenizer), name, None) is not getattr(PreTrainedTokenizerFast, name, None)
+        for name in names
+    ):
+        return None
+    return _RustEncoder(tokenizer, backend)
 
 
 def render_chat(tokenizer: Any, turns: Sequence[ChatTurn]) -> str:
