@@ -256,6 +256,20 @@ profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFIL
   done
   diag_to_out
   ;;
+hits)  # E alone, before `up`: bench.edge_hit (cacher + fake-engine generator + edge) per HIT_WORKERS value
+  # (EDGE_WORKERS) with h2load at c=100, so that `up` can start the edge with the best count for this box.
+  [ -x .h2l/h2load ] || { echo "carry .h2l (bash bench/h2load_kit.sh) for hits"; exit 1; }
+  export H2LOAD=$PWD/.h2l/h2load
+  cd $TREE || exit 1
+  for w in ${HIT_WORKERS:-8 12 16}; do
+    CACHER_REDIS_SERVER_BIN=$TREE/.rds/redis-server PYTHONPATH=$OURS timeout 120 python3 -m bench.edge_hit \
+      --mode hit --client h2load --concurrency 100 --requests "${HIT_REQUESTS:-50000}" \
+      --edge-env EDGE_WORKERS="$w" --edge-env EDGE_NEAR_CACHE_ENTRIES="${NEAR_CACHE:-1024}" \
+      --out "$out/edge-hit-workers.jsonl" >"$out/edge-hit-$w.log" 2>&1
+    echo "EDGE_WORKERS=$w: exit $?"; grep -E '^h2load:' "$out/edge-hit-$w.log" | cut -c1-260
+    tail -1 "$out/edge-hit-workers.jsonl" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ("total_ms_p50","total_ms_p99","requests_per_s","edge_cpu_ms_per_request","machine")})'
+  done
+  ;;
 ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:batch:fill ..." (before `up`)
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
