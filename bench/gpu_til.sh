@@ -76,7 +76,11 @@ if [ -n "${TRACE_GRAMMAR:-}" ]; then
 fi
 OURS=$SITE:$META:$TREE:$TREE/gen  # our processes: the kit, tilserve's metadata (its vLLM plugin), the tree
 # The edge's settings: the edge and the benchmark (which builds the edge's request with the edge's code)
-# must read the same ones.
+# must read the same ones. EDGE_WORKERS=best: the count `hits` found best on this box.
+BEST_WORKERS=/tmp/til-best-edge-workers
+if [ "${EDGE_WORKERS:-}" = best ]; then
+  EDGE_WORKERS=$(cat $BEST_WORKERS 2>/dev/null) || { echo "EDGE_WORKERS=best: run hits first"; exit 1; }
+fi
 EDGE_ENV=(EDGE_ALLOW_IGNORE_EOS=true EDGE_RETRIEVAL_TOP_K=0 EDGE_QUESTION_HISTORY_K=0 EDGE_INDEX_TILS=false
   EDGE_MAX_ACTIVE=512 EDGE_WORKERS=${EDGE_WORKERS:-12} EDGE_NEAR_CACHE_ENTRIES=${NEAR_CACHE:-1024}
   EDGE_METRICS_PORT=9100 ${EDGE_EXTRA:-})
@@ -258,8 +262,8 @@ profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFIL
   ;;
 hits)  # E alone, before `up`: bench.edge_hit (cacher + fake-engine generator + edge) per HIT_WORKERS value
   # (EDGE_WORKERS) with h2load at c=100, so that `up` can start the edge with the best count for this box.
-  [ -x .h2l/h2load ] || { echo "carry .h2l (bash bench/h2load_kit.sh) for hits"; exit 1; }
-  export H2LOAD=$PWD/.h2l/h2load
+  [ -x .h2l/h2load ] && export H2LOAD=$PWD/.h2l/h2load
+  [ -x "${H2LOAD:-}" ] || { echo "hits needs h2load: carry .h2l (bash bench/h2load_kit.sh) or set H2LOAD"; exit 1; }
   cd $TREE || exit 1
   for w in ${HIT_WORKERS:-8 12 16}; do
     CACHER_REDIS_SERVER_BIN=$TREE/.rds/redis-server PYTHONPATH=$OURS timeout 120 python3 -m bench.edge_hit \
@@ -269,6 +273,12 @@ hits)  # E alone, before `up`: bench.edge_hit (cacher + fake-engine generator + 
     echo "EDGE_WORKERS=$w: exit $?"; grep -E '^h2load:' "$out/edge-hit-$w.log" | cut -c1-260
     tail -1 "$out/edge-hit-workers.jsonl" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print({k: d.get(k) for k in ("total_ms_p50","total_ms_p99","requests_per_s","edge_cpu_ms_per_request","machine")})'
   done
+  # The count with the lowest p50 among the runs without failures, for EDGE_WORKERS=best.
+  python3 -c 'import json,sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ok = [r for r in rows if not r.get("failures") and r.get("total_ms_p50") is not None]
+best = min(ok, key=lambda r: r["total_ms_p50"])
+print(best["edge_env"]["EDGE_WORKERS"])' "$out/edge-hit-workers.jsonl" >$BEST_WORKERS && echo "best: EDGE_WORKERS=$(cat $BEST_WORKERS)"
   ;;
 ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:batch:fill ..." (before `up`)
   cd $TREE || exit 1
