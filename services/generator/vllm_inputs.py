@@ -279,7 +279,11 @@ class _RustEncoder:
     def __init__(self, tokenizer: Any, backend: Any) -> None:
         self._tokenizer = tokenizer
         self._backend = backend
-        # Tokens added later (transformers' add_tokens) change the pieces: a new encoder is built.
+        # New tokens added later (transformers' add_tokens) change the pieces: a new encoder is built when
+        # the vocabulary grows. Not caught: a token of the vocabulary made an added one, or an added
+        # token's flags changed, which leave its size alone (listing the added tokens on every call
+        # would cost ms on a tokenizer with thousands). The generator never changes the tokenizer vLLM
+        # loaded; a caller that does must not use it here afterwards.
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._added_ids, self._splitter = _added_token_splitter(backend)
         # A piece's ids depend only on its text and this tokenizer (see above); bounded, least
