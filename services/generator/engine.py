@@ -61,6 +61,8 @@ class Prepared:
     prompt_tokens: tuple[int, ...]
     # The engine's compiled form of `json_schema` (a grammar, a matcher...), or None.
     constraint: Any = None
+    # Where prepare's time went, as (what, milliseconds), for the generator's log; empty if not known.
+    breakdown: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

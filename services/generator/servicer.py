@@ -158,11 +158,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                             timings = times.timings()
                             log.info(
                                 "request %s finished (%s): %d prompt tokens (%d cached), %d generated; "
-                                "prepare %.1f ms, admitted %.1f ms, queue %.1f ms, first output %.1f ms, "
+                                "prepare %.1f ms%s, admitted %.1f ms, queue %.1f ms, first output %.1f ms, "
                                 "first text %.1f ms, total %.0f ms%s",
                                 request_id, event.finish_reason, event.prompt_tokens, event.cached_prompt_tokens,
                                 event.completion_tokens, (times.prepared - times.arrived) * 1000,
-                                (times.admitted - times.arrived) * 1000, timings.queue_ms,
+                                _breakdown(engine_request), (times.admitted - times.arrived) * 1000, timings.queue_ms,
                                 (times.first_output_at - times.arrived) * 1000,
                                 timings.time_to_first_token_ms, timings.total_ms, times.sent_note(),
                             )  # fmt: skip
@@ -420,3 +420,10 @@ def _json_schema(text: str) -> dict[str, Any] | None:
         return parse_schema(text)
     except SchemaError as exc:
         raise InvalidArgument(f"output.json_schema: {exc}") from exc
+
+
+def _breakdown(request: EngineRequest) -> str:
+    """ " (ids queued 0.1, encoded (batch of 1) 0.6, ...)": where prepare's time went, if the engine says."""
+    if request.prepared is None or not request.prepared.breakdown:
+        return ""
+    return " (" + ", ".join(f"{what} {ms:.1f}" for what, ms in request.prepared.breakdown) + ")"

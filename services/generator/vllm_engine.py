@@ -410,18 +410,30 @@ class VllmEngine:
         loop = asyncio.get_running_loop()
         # Tokenizing (Rust, batched with the requests beside it) and readying the schema (mostly
         # Python) overlap on their own threads.
-        ids = asyncio.ensure_future(self._prompts.ids(loaded.tokenizer, request.prompt, request.messages))
+        ids = asyncio.ensure_future(
+            self._prompts.timed_ids(loaded.tokenizer, request.prompt, request.messages)
+        )
         schema = None
+        schema_s: float | None = None
         try:
             if request.json_schema is not None:
+                started = time.monotonic()
                 schema = await self._compiled(loop, request.json_schema)
+                schema_s = time.monotonic() - started
         finally:
-            prompt = await ids  # awaited even when the schema is refused, so no failure goes unseen
+            prompt, timing = await ids  # awaited even when the schema is refused, so no failure goes unseen
         if not prompt:
             raise InvalidRequest("the prompt is empty")
         check_fits(len(prompt), request.max_tokens, loaded.max_model_len)
         self._sampling_params(request, schema)  # vLLM's own validation of the parameters
-        return replace(request, prepared=Prepared(prompt_tokens=tuple(prompt), constraint=schema))
+        breakdown = (
+            ("ids queued", timing.queued_s * 1000),
+            (f"encoded (batch of {timing.batch})", timing.encoded_s * 1000),
+            ("ids resumed", timing.resumed_s * 1000),
+            *((("schema", schema_s * 1000),) if schema_s is not None else ()),
+        )
+        prepared = Prepared(prompt_tokens=tuple(prompt), constraint=schema, breakdown=breakdown)
+        return replace(request, prepared=prepared)
 
     async def _compiled(self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]) -> dict[str, Any]:
         timeout = self._settings.schema_compile_timeout_s

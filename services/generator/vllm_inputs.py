@@ -9,6 +9,7 @@ vLLM's llguidance writes compact (`vllm_compat.guidance_schema` says why).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import multiprocessing
@@ -16,10 +17,12 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any
 
 from llguidance import LLMatcher
@@ -488,6 +491,17 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class PromptTiming:
+    """Where a request's wait for its token ids went (seconds): for the generator's log, to tell the
+    tokenizer's own time from the time its thread or the event loop took to get to it."""
+
+    queued_s: float  # from asking until the tokenizer thread started its batch
+    encoded_s: float  # the batch's encoding on that thread (the whole batch's)
+    resumed_s: float  # from the batch's end until the request ran again in the event loop
+    batch: int  # requests encoded in that batch
+
+
 class PromptBatcher:
     """Token ids for the prompts of requests that arrive together, in one call on the tokenizer thread.
 
@@ -499,18 +513,36 @@ class PromptBatcher:
     def __init__(self, executor: Executor, max_batch: int = 32) -> None:
         self._executor = executor
         self._max_batch = max_batch
-        self._pending: list[tuple[Any, str | None, Sequence[ChatTurn] | None, asyncio.Future[list[int]]]] = []
+        self._pending: list[
+            tuple[
+                Any,
+                str | None,
+                Sequence[ChatTurn] | None,
+                asyncio.Future[tuple[list[int], float, float, int]],
+            ]
+        ] = []
         self._task: asyncio.Task[None] | None = None
-        self.batches: list[int] = []  # the size of each batch encoded, for tests and benchmarks
+        # The size of the last batches encoded, for tests and benchmarks (bounded: it lives as long as
+        # the server).
+        self.batches: collections.deque[int] = collections.deque(maxlen=1024)
 
     async def ids(self, tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:
         """`prompt_ids(tokenizer, prompt, turns)`, computed with the requests waiting beside it."""
+        return (await self.timed_ids(tokenizer, prompt, turns))[0]
+
+    async def timed_ids(
+        self, tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None
+    ) -> tuple[list[int], PromptTiming]:
+        """`ids`, and where the wait for them went."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
+        asked = time.monotonic()
+        future: asyncio.Future[tuple[list[int], float, float, int]] = loop.create_future()
         self._pending.append((tokenizer, prompt, turns, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
-        return await future
+        ids, started, ended, batch = await future
+        timing = PromptTiming(started - asked, ended - started, time.monotonic() - ended, batch)
+        return ids, timing
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -524,8 +556,8 @@ class PromptBatcher:
                 continue
             self.batches.append(len(batch))
             try:
-                results = await loop.run_in_executor(
-                    self._executor, prompt_ids_many, tokenizer, [(p[1], p[2]) for p in batch]
+                results, started, ended = await loop.run_in_executor(
+                    self._executor, _timed_prompt_ids, tokenizer, [(p[1], p[2]) for p in batch]
                 )
             except BaseException as exc:
                 for *_, future in batch:
@@ -540,4 +572,13 @@ class PromptBatcher:
                 if isinstance(result, InvalidRequest):
                     future.set_exception(result)
                 else:
-                    future.set_result(result)
+                    future.set_result((result, started, ended, len(batch)))
+
+
+def _timed_prompt_ids(
+    tokenizer: Any, requests: Sequence[tuple[str | None, Sequence[ChatTurn] | None]]
+) -> tuple[list[list[int] | InvalidRequest], float, float]:
+    """`prompt_ids_many`, with when the tokenizer thread started and ended it (`time.monotonic()`)."""
+    started = time.monotonic()
+    results = prompt_ids_many(tokenizer, requests)
+    return results, started, time.monotonic()

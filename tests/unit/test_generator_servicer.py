@@ -574,6 +574,26 @@ async def test_a_stamped_call_logs_how_long_it_took_to_reach_the_handler(
     assert "reached this handler" not in lines["u"]
 
 
+async def test_the_log_line_says_where_prepare_went_when_the_engine_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Breakdown(ScriptedEngine):
+        async def prepare(self, request: EngineRequest) -> EngineRequest:
+            prepared = Prepared(prompt_tokens=(1, 2, 3), breakdown=(("ids queued", 0.25), ("schema", 2.0)))
+            return replace(await super().prepare(request), prepared=prepared)
+
+    caplog.set_level(logging.INFO, logger="services.generator.servicer")
+    async with generator(Breakdown()) as stub:
+        [_ async for _ in stub.Generate(generator_pb2.GenerateRequest(request_id="b", prompt="Hi"))]
+    async with generator(ScriptedEngine()) as stub:
+        [_ async for _ in stub.Generate(generator_pb2.GenerateRequest(request_id="n", prompt="Hi"))]
+    lines = {
+        r.getMessage().split()[1]: r.getMessage() for r in caplog.records if " finished (" in r.getMessage()
+    }
+    assert re.search(r"prepare [\d.]+ ms \(ids queued 0\.2, schema 2\.0\), admitted", lines["b"]), lines["b"]
+    assert re.search(r"prepare [\d.]+ ms, admitted", lines["n"]), lines["n"]
+
+
 def test_sent_at_reads_only_its_own_well_formed_stamp() -> None:
     ((header, value),) = sent_at.stamp()
     assert header == sent_at.HEADER and abs(float(value) - time.time()) < 5

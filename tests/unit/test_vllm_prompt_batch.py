@@ -5,6 +5,7 @@ the packaged GGUF, the tokenizer the GPU benchmark's model uses)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -94,4 +95,30 @@ async def test_a_refused_chat_fails_alone_and_a_caller_that_left_is_skipped() ->
         with pytest.raises(InvalidRequest, match="alternate"):
             await bad
         assert gone.cancelled()
-        assert batcher.batches == [1, 2]  # the refused chat and the good one in one batch; not the cancelled
+        assert list(batcher.batches) == [
+            1,
+            2,
+        ]  # the refused chat and the good one in one batch; not the cancelled
+
+
+async def test_timed_ids_say_where_the_wait_for_the_ids_went() -> None:
+    class Slow(PieceTokenizer):
+        def encode(self, text: str, **kwargs: Any) -> list[int]:
+            time.sleep(0.05)
+            return list(super().encode(text, **kwargs))
+
+    tok = Slow()
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        batcher = PromptBatcher(thread)
+        first = asyncio.ensure_future(batcher.timed_ids(tok, "first", None))
+        await asyncio.sleep(0)  # the first batch is on the thread
+        second = asyncio.ensure_future(batcher.timed_ids(tok, "second", None))
+        (ids1, t1), (ids2, t2) = await first, await second
+    assert ids1 == prompt_ids(PieceTokenizer(), "first", None)
+    assert ids2 == prompt_ids(PieceTokenizer(), "second", None)
+    assert t1.batch == t2.batch == 1
+    assert t1.encoded_s >= 0.05 and t2.encoded_s >= 0.05
+    assert t1.queued_s < 0.05 <= t2.queued_s + 0.005  # the second waited for the first batch
+    assert t1.resumed_s >= 0 and t2.resumed_s >= 0
+    # The sizes kept for tests and benchmarks are bounded: they live as long as the server.
+    assert batcher.batches.maxlen == 1024 and list(batcher.batches) == [1, 1]
