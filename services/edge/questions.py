@@ -32,6 +32,7 @@ from services.edge.question_format import (
     questions_schema,
     to_questions,
 )
+from services.edge.recent import Recent
 from services.edge.redaction import redact_text
 from services.edge.retrieval import Found, Retrieval, Search, load
 from services.edge.til_format import Violation
@@ -67,6 +68,10 @@ def normalize_til(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# A TIL asked about again (a cache hit) skips the regex over its whole text: normalize_til is pure.
+_normalized = Recent(normalize_til)
+
+
 @dataclass(frozen=True)
 class QuestionContract:
     history_k: int  # earlier questions to look for
@@ -87,7 +92,7 @@ class QuestionContract:
         return []
 
     def key_fields(self, job: QuestionJob) -> dict[str, Any]:
-        return {"til": normalize_til(job.til), "difficulty": job.difficulty, "count": job.count}
+        return {"til": _normalized(job.til), "difficulty": job.difficulty, "count": job.count}
 
     def search(self, job: QuestionJob, key: str) -> Search:
         return Search(

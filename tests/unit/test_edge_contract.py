@@ -210,6 +210,21 @@ def test_a_key_asked_again_is_the_sha256_of_its_canonical_json_as_the_first_time
     assert len(keys) == 8
 
 
+def test_a_question_key_normalizes_the_tils_whitespace_the_same_when_remembered() -> None:
+    contract = QuestionContract(history_k=0)
+
+    def fields(til: str) -> Any:
+        job = QuestionJob(til_text=til, til_id="", difficulty="medium", count=3, sampling=common_pb2.SamplingParams(),
+                          max_tokens=None, policy=0, owner="o")  # fmt: skip
+        return contract.key_fields(job)
+
+    til = "# 2025-01-01 TIL\n\n-  캐시 만료\t시간을 둔다.\n"
+    for _ in range(2):  # computed, then remembered
+        assert fields(til)["til"] == "# 2025-01-01 TIL - 캐시 만료 시간을 둔다."
+        assert fields(til) == fields("  # 2025-01-01 TIL\n- 캐시 만료 시간을 둔다.  ")
+    assert fields(til) != fields(til.replace("둔다", "정한다"))
+
+
 async def _responses(events: Any) -> Any:
     """Pipeline events as the servicer sends them."""
     fields = {edge_pb2.StreamStarted: "started", common_pb2.TextDelta: "delta"}
