@@ -423,7 +423,7 @@ def _json_schema(text: str) -> dict[str, Any] | None:
 
 
 def _breakdown(request: EngineRequest) -> str:
-    """ " (ids queued 0.1, encoded (batch of 1) 0.6, ...)": where prepare's time went, if the engine says."""
+    """Where prepare's time went, if the engine says: " (ids queued 0.1, encoded (batch of 1) 0.6, ...)"."""
     if request.prepared is None or not request.prepared.breakdown:
         return ""
     return " (" + ", ".join(f"{what} {ms:.1f}" for what, ms in request.prepared.breakdown) + ")"

@@ -149,13 +149,6 @@ class SchemaProcesses:
         for future in [pool.submit(prepared_schema_text, key) for _ in range(self.workers)]:
             future.result()
 
-    async def prepared(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """`prepared_schema(schema)`, readied in a worker (or found among the last results)."""
-        key = schema_key(schema)
-        text = self.known(key) or await self.text(key)
-        self.keep(key, text)
-        return json.loads(text)  # a copy each time: vLLM edits the schema it is given
-
     async def text(self, key: str) -> str:
         """`prepared_schema_text(key)` run in a worker (the last results not looked at)."""
         for attempt in (1, 2):
@@ -526,14 +519,11 @@ class PromptBatcher:
         # the server).
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
 
-    async def ids(self, tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None) -> list[int]:
-        """`prompt_ids(tokenizer, prompt, turns)`, computed with the requests waiting beside it."""
-        return (await self.timed_ids(tokenizer, prompt, turns))[0]
-
     async def timed_ids(
         self, tokenizer: Any, prompt: str | None, turns: Sequence[ChatTurn] | None
     ) -> tuple[list[int], PromptTiming]:
-        """`ids`, and where the wait for them went."""
+        """`prompt_ids(tokenizer, prompt, turns)`, computed with the requests waiting beside it, and
+        where the wait for them went."""
         loop = asyncio.get_running_loop()
         asked = time.monotonic()
         future: asyncio.Future[tuple[list[int], float, float, int]] = loop.create_future()

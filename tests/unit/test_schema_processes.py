@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from services.generator.engine import EngineRequest, InvalidRequest
-from services.generator.vllm_inputs import SchemaProcesses, prepared_schema, prepared_schema_text
+from services.generator.vllm_inputs import SchemaProcesses, prepared_schema, prepared_schema_text, schema_key
 
 TIL = {
     "type": "object",
@@ -28,6 +28,14 @@ TIL = {
 }
 
 
+async def prepared(workers: SchemaProcesses, schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema readied in a worker, or found among the last results: the engine's worker path."""
+    key = schema_key(schema)
+    text = workers.known(key) or await workers.text(key)
+    workers.keep(key, text)
+    return json.loads(text)  # a copy each time: vLLM edits the schema it is given
+
+
 @pytest.fixture
 def workers() -> Any:
     processes = SchemaProcesses(1)
@@ -37,10 +45,10 @@ def workers() -> Any:
 
 
 async def test_a_worker_readies_a_schema_as_this_process_does(workers: SchemaProcesses) -> None:
-    first = await workers.prepared(TIL)
+    first = await prepared(workers, TIL)
     assert first == prepared_schema(TIL)
     assert list(first["properties"]) == ["title", "keywords", "content"]  # the schema's order kept
-    again = await workers.prepared(TIL)
+    again = await prepared(workers, TIL)
     assert again == first and again is not first  # a copy each time: vLLM edits what it is given
 
 
@@ -55,20 +63,20 @@ async def test_a_refused_schema_comes_back_with_the_same_message(
     workers: SchemaProcesses, schema: dict[str, Any], says: str
 ) -> None:
     with pytest.raises(InvalidRequest, match=re.escape(says)) as refused:
-        await workers.prepared(schema)
+        await prepared(workers, schema)
     with pytest.raises(InvalidRequest) as here:
         prepared_schema(schema)
     assert str(refused.value) == str(here.value)
 
 
 async def test_a_dead_worker_is_replaced_and_the_request_tried_again(workers: SchemaProcesses) -> None:
-    await workers.prepared(TIL)
+    await prepared(workers, TIL)
     pool = workers._executor()
     (pid,) = list(pool._processes)  # type: ignore[attr-defined]
     os.kill(pid, signal.SIGKILL)
     await _gone([pid])  # the pool notices its worker's death on its own thread
     other = {**TIL, "description": "not cached"}
-    assert await workers.prepared(other) == prepared_schema(other)
+    assert await prepared(workers, other) == prepared_schema(other)
     assert workers.rebuilt == 1
     assert workers._executor() is not pool
 
@@ -204,4 +212,4 @@ async def test_a_closed_pool_is_not_built_again(workers: SchemaProcesses) -> Non
 
     workers.close()
     with pytest.raises(EngineUnavailable, match="shutting down"):
-        await workers.prepared({**TIL, "description": "after close"})
+        await prepared(workers, {**TIL, "description": "after close"})

@@ -73,6 +73,10 @@ async def test_a_burst_is_tokenized_in_a_few_batches_with_the_same_ids(smollm2: 
     await engine.close()
 
 
+async def ids(batcher: PromptBatcher, tokenizer: Any, prompt: str | None, turns: Any) -> list[int]:
+    return (await batcher.timed_ids(tokenizer, prompt, turns))[0]
+
+
 async def test_a_refused_chat_fails_alone_and_a_caller_that_left_is_skipped() -> None:
     class Refusing(PieceTokenizer):
         def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
@@ -83,11 +87,11 @@ async def test_a_refused_chat_fails_alone_and_a_caller_that_left_is_skipped() ->
     tok = Refusing()
     with ThreadPoolExecutor(max_workers=1) as thread:
         batcher = PromptBatcher(thread)
-        blocker = asyncio.ensure_future(batcher.ids(tok, "first", None))  # takes the thread alone
+        blocker = asyncio.ensure_future(ids(batcher, tok, "first", None))  # takes the thread alone
         await asyncio.sleep(0)
-        good = asyncio.ensure_future(batcher.ids(tok, None, (ChatTurn("user", "fine"),)))
-        bad = asyncio.ensure_future(batcher.ids(tok, None, (ChatTurn("user", "bad"),)))
-        gone = asyncio.ensure_future(batcher.ids(tok, "never mind", None))
+        good = asyncio.ensure_future(ids(batcher, tok, None, (ChatTurn("user", "fine"),)))
+        bad = asyncio.ensure_future(ids(batcher, tok, None, (ChatTurn("user", "bad"),)))
+        gone = asyncio.ensure_future(ids(batcher, tok, "never mind", None))
         await asyncio.sleep(0)
         gone.cancel()
         assert await blocker == prompt_ids(tok, "first", None)
