@@ -488,10 +488,7 @@ class Driver:
                 for arm, client in order:
                     if client == H2LOAD:
                         row = await self.h2load_hits(pools, concurrency)
-                        self.results["rows"].append(row)
-                        print(f"[c={concurrency} {arm} h2load] {row_line(row)}", flush=True)
-                        self.conclude()
-                        write_all(self.results, out, with_plot=False)
+                        self.add_row(f"[c={concurrency} {arm} h2load]", row)
                         continue
                     tag = f"[c={concurrency} {arm}]"
                     print(f"{tag} warm-up: {concurrency} requests", flush=True)
@@ -502,17 +499,7 @@ class Driver:
                     count = max(args.rounds * concurrency, args.min_requests)
                     print(f"{tag} measuring: {count} requests", flush=True)
                     records = await self.batch(arm, pools, count, concurrency, args.output_len, tag)
-                    row = {
-                        "arm": arm,
-                        "concurrency": concurrency,
-                        **self.row_facts(arm),
-                        **summarize(records),
-                        **self.client_load(arm, records),
-                    }
-                    self.results["rows"].append(row)
-                    print(f"{tag} {row_line(row)}", flush=True)
-                    self.conclude()
-                    write_all(self.results, out, with_plot=False)
+                    self.add_row(tag, self.measured_row(arm, concurrency, records))
                     if args.stagger_s > 0 and concurrency > 1 and arm in args.staggered_arms:
                         await self.staggered_row(arm, pools, concurrency)
             write_all(self.results, out)
@@ -528,19 +515,24 @@ class Driver:
         count = (args.rounds + 2) * concurrency
         print(f"{tag} measuring: {count} requests over {args.stagger_s:g} s of starts", flush=True)
         records = await self.batch(arm, pools, count, concurrency, args.output_len, tag, args.stagger_s)
-        row = {
+        row = {**self.measured_row(arm, concurrency, records), "stagger_s": args.stagger_s}
+        self.add_row(tag, row, f" ({row.get('measured_in_full_load', '-')} measured at full load)")
+
+    def measured_row(self, arm: str, concurrency: int, records: list[RequestRecord]) -> dict[str, Any]:
+        """A row of the table from an arm's measured batch."""
+        return {
             "arm": arm,
             "concurrency": concurrency,
             **self.row_facts(arm),
             **summarize(records),
             **self.client_load(arm, records),
-            "stagger_s": args.stagger_s,
         }
+
+    def add_row(self, tag: str, row: dict[str, Any], note: str = "") -> None:
+        """Adds `row` to the results, prints it, and rewrites the results with it (a run cut short
+        keeps every row measured so far)."""
         self.results["rows"].append(row)
-        print(
-            f"{tag} {row_line(row)} ({row.get('measured_in_full_load', '-')} measured at full load)",
-            flush=True,
-        )
+        print(f"{tag} {row_line(row)}{note}", flush=True)
         self.conclude()
         write_all(self.results, self.args.out, with_plot=False)
 
