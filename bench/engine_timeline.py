@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import split_at_gaps
+from bench.metrics import WAVE_GAP_S, split_at_gaps
 from services.common.stats import percentile
 
 # (name, from, to): each a field of the request's line; "ready" is when it could first be scheduled
@@ -164,7 +164,7 @@ def summarize_steps(steps: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def waves(requests: Sequence[dict[str, Any]], gap_s: float = 0.9) -> list[dict[str, float]]:
+def waves(requests: Sequence[dict[str, Any]], gap_s: float = WAVE_GAP_S) -> list[dict[str, float]]:
     """A closed loop of equal requests runs in waves: its requests reach the core in bursts, apart by
     more than `gap_s`. For each: the spread of its arrivals, its prefill steps (the steps that first
     scheduled one of its requests: their distinct `scheduled` times), how many requests the first of
