@@ -42,7 +42,7 @@
 # 2.5 s, under a request's ~3.2 s, so that the waves' prefill-step lottery does not decide the TTFTs;
 # bench.load.Stagger; 0: lockstep rows only).
 set -u
-step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|down}
+step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|llguidance|down}
 out=${OUT:-/tmp/til-out}
 mkdir -p "$out"
 TREE=/tmp/til-tree  # the tree as `up` found it: the stack and the benchmark run the same code
@@ -91,6 +91,9 @@ GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=
 # SCHEMA_WORKERS: GENERATOR_SCHEMA_WORKERS (processes readying request schemas, each front-end's; unset: the
 # generator's default, 2; 0: 4 threads in the front-end, as before session 21).
 [ -n "${SCHEMA_WORKERS:-}" ] && GENERATOR_ENV+=(GENERATOR_SCHEMA_WORKERS=$SCHEMA_WORKERS)
+# SWITCH_MS: GENERATOR_SWITCH_INTERVAL_MS (CPython's thread switch interval in the generator's serving
+# processes; unset: Python's 5 ms).
+[ -n "${SWITCH_MS:-}" ] && GENERATOR_ENV+=(GENERATOR_SWITCH_INTERVAL_MS=$SWITCH_MS)
 # How our engines fill grammar masks (tilserve's vLLM plugin): BITMASK_WORKERS threads (unset: vLLM's 8),
 # BITMASK_BATCH requests per task (unset: 16), BITMASK_FILL threads|llguidance. The generator (`up`) and
 # the in-process engine (`measure`) get the same; `ab` compares variants on A_til alone.
@@ -294,6 +297,11 @@ ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:ba
     echo "$v: exit $?"
     grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|Error' "$out/ab-$name/serving.log" | cut -c1-260
   done
+  ;;
+llguidance)  # LLG_WHEEL (a path on the box) installed over the kit's llguidance, for every engine after it
+  # (vLLM 0.25.1 asks for < 1.8; the kit has 1.7.6 in /tmp/vkit_stage/x/wheels). `down` and `up` after it.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "${LLG_WHEEL:?LLG_WHEEL=path}"
+  PYTHONPATH=$SITE python3 -c 'import llguidance; print("llguidance", llguidance.__version__)' | tee -a "$out/box.txt"
   ;;
 down)  # the daemons `up` started, by the process groups it recorded
   for f in $RUN/serve.pid $RUN/stack.pid; do [ -f "$f" ] && kill -TERM -- "-$(cat "$f")"; done
