@@ -239,8 +239,10 @@ measure)
 profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFILE_ARMS runs alone at c=100
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
-  gen=$(sed -n 's/^started generator (pid \([0-9]*\)).*/\1/p' $RUN/stack.log | tail -1)
-  [ -n "$gen" ] || { echo "no generator pid in $RUN/stack.log"; exit 1; }
+  # PROFILE_SERVICE: the service profiled (default the generator); PROFILE_EXTRA: more py-spy options (--gil).
+  service=${PROFILE_SERVICE:-generator}
+  gen=$(sed -n "s/^started $service (pid \([0-9]*\)).*/\1/p" $RUN/stack.log | tail -1)
+  [ -n "$gen" ] || { echo "no $service pid in $RUN/stack.log"; exit 1; }
   if ! [ -x /tmp/pys/py-spy ]; then
     mkdir -p /tmp/pys && python3 -m zipfile -e "$(ls "$OLDPWD"/.pys/*.whl | head -1)" /tmp/pys/w \
       && cp /tmp/pys/w/py_spy-*.data/scripts/py-spy /tmp/pys/py-spy && chmod +x /tmp/pys/py-spy
@@ -249,8 +251,8 @@ profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFIL
   for arm in ${PROFILE_ARMS:-generator-til edge}; do
     # --threads: stacks per thread, so that the event loop's share and the helper threads' stand apart.
     # --subprocesses: with FRONTENDS, $gen is the supervisor and the front-ends are its children.
-    /tmp/pys/py-spy record --pid "$gen" --subprocesses --rate "${PROFILE_RATE:-250}" --threads --format raw \
-      --output $diag/py-spy-$arm.txt >$diag/py-spy-$arm.log 2>&1 &
+    /tmp/pys/py-spy record --pid "$gen" --subprocesses --rate "${PROFILE_RATE:-250}" --threads --format raw ${PROFILE_EXTRA:-} \
+      --output $diag/py-spy-$service-$arm.txt >$diag/py-spy-$service-$arm.log 2>&1 &
     spy=$!
     PYTHONPATH=$OURS timeout 240 python3 -m bench.serving --arms "$arm" "${ENGINE[@]}" --concurrency "${PROFILE_CONC:-100}" \
       --input-len "$INPUT_LEN" --til-input-len "$INPUT_LEN" --output-len 256 --rounds 2 --min-requests 8 \
@@ -259,7 +261,7 @@ profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFIL
     echo "$arm: exit $?"
     kill -INT $spy; wait $spy
     grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|Error' $diag/$arm.log | cut -c1-260
-    tail -2 $diag/py-spy-$arm.log
+    tail -2 $diag/py-spy-$service-$arm.log
   done
   diag_to_out
   ;;

@@ -191,6 +191,9 @@ def check_port_free(host: str, port: int) -> None:
     and only after warm-up: another process of this user doing the same would silently share it."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server binds it: connections of an earlier generator left in TIME_WAIT do not hold the
+        # port (without it, a restart on the same host was refused for a minute); a listener still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as exc:

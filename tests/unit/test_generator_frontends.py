@@ -371,6 +371,25 @@ def test_a_port_in_use_stops_the_supervisor_before_any_engine_starts() -> None:
     frontends.check_port_free("127.0.0.1", port)  # free again
 
 
+def test_connections_an_earlier_generator_left_in_time_wait_do_not_hold_the_port() -> None:
+    # The server side closes first, as a generator that stops does: its end of the connection stays
+    # in TIME_WAIT on the port for a minute after the listener is gone.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()
+        client.recv(1)  # the server's FIN
+        client.close()
+    with socket.socket() as plain:  # what the check did before: refused
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    frontends.check_port_free("127.0.0.1", port)
+
+
 def test_front_ends_left_at_the_end_are_killed_after_one_shared_timeout() -> None:
     with started((_until_sigterm, 0), (_until_sigterm, 0)) as processes:
         os.kill(processes[0].pid, signal.SIGSTOP)  # cannot act on SIGTERM
