@@ -295,7 +295,10 @@ class Pattern:
         # Python spells ECMAScript's named group (?<name>...) as (?P<name>...).
         python = re.sub(r"(?<!\\)\(\?<(?![=!])", "(?P<", self.body)
         try:
-            parsed = sre_parse.parse(python)
+            try:
+                parsed = sre_parse.parse(_shorten_literals(python))
+            except re.error:
+                parsed = sre_parse.parse(python)  # the error as the pattern spells it (offsets)
         except re.error as exc:
             message = _PYTHON_ERRORS.get(exc.msg, exc.msg)
             raise self._fail(f"{message} at offset {exc.pos}") from None
@@ -331,6 +334,51 @@ class Pattern:
         return low, None if high >= sre_constants.MAXREPEAT - 1 else high
 
 
+# A pattern is read in pieces: a class, a group's opening, a quantifier, an escape that is not one
+# literal character, a run of literal characters, or one other character. Only runs are shortened.
+_PIECES = re.compile(
+    r"""
+    (?P<cls>\[\^?\]?(?:\\.|[^\]\\])*\])
+  | \(\?[^:)]*[:)]?
+  | \{\d*(?:,\d*)?\}
+  | \\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|N\{[^}]*\}|[0-9]{1,3})
+  | (?P<run>(?:[^\\^$.|?*+()\[\]{}]|\\[^A-Za-z0-9]|\\[nrtfv])+)
+  | \\?.
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_LITERAL_UNIT = re.compile(r"\\.|.", re.DOTALL)
+_QUANTIFIER_START = frozenset("?*+{")
+# Inline flags: verbose mode (x) gives whitespace and `#` a meaning; such a pattern is read as it is.
+_INLINE_FLAGS = re.compile(r"\(\?[-aiLmsux]")
+
+
+def _shorten_literals(pattern: str) -> str:
+    """`pattern` with each run of literal characters written as `x{n}`: the same lengths and the same
+    constructs for Python's parser, which reads a TIL's content pattern (mostly the diff's lines, quoted)
+    character by character: ~2 ms a request, most of readying its schema. The last character of a run
+    that a quantifier follows stays itself."""
+    if _INLINE_FLAGS.search(pattern):
+        return pattern
+    out: list[str] = []
+    for piece in _PIECES.finditer(pattern):
+        run = piece.group("run")
+        if run is None:
+            out.append(piece.group())
+            continue
+        units = _LITERAL_UNIT.findall(run)
+        kept = ""
+        if piece.end() < len(pattern) and pattern[piece.end()] in _QUANTIFIER_START:
+            kept = units.pop()
+        n = len(units)
+        while n > 1:
+            count = min(n, MAX_LENGTH)
+            out.append(f"x{{{count}}}")
+            n -= count
+        out.append("x" * n + kept)
+    return "".join(out)
+
+
 _PYTHON_ERRORS = {
     "min repeat greater than max repeat": "a quantifier has max < min",
     "missing ), unterminated subpattern": "missing ')'",
@@ -347,6 +395,11 @@ def _json_safe(body: str) -> str:
     out: list[str] = []
     i = 0
     while i < len(body):
+        plain = _PLAIN.match(body, i)  # what stays as it is, copied at once
+        if plain is not None:
+            out.append(plain.group())
+            i = plain.end()
+            continue
         c = body[i]
         if c == "\\":
             escape = body[i : i + 2]
@@ -355,9 +408,12 @@ def _json_safe(body: str) -> str:
         elif c == "[":
             i = _json_safe_class(body, i, out)
         else:
-            out.append(_JSON_SAFE_DOT if c == "." else c)
+            out.append(_JSON_SAFE_DOT)
             i += 1
     return "".join(out)
+
+
+_PLAIN = re.compile(r"[^\\\[.]+")
 
 
 def _json_safe_class(body: str, start: int, out: list[str]) -> int:

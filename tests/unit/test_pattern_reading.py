@@ -1,0 +1,112 @@
+"""Reading a schema's pattern: the shortened literal runs Python's parser is given mean the same as the
+pattern itself (lengths, refusals, messages), and the JSON-safe rewrite copies plain text unchanged."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.edge.til_format import til_schema
+from services.generator import json_grammar
+from services.generator.json_grammar import MAX_LENGTH, Pattern, SchemaError
+
+# Python's parser warns of `[[` (a set operation one day); the pieces below make some.
+pytestmark = pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
+
+# Pieces a pattern is drawn from: literals and escapes, classes, groups of every kind, quantifiers
+# (well-formed or not), anchors, inline flags and stray brackets.
+PIECES = [
+    "a", "b", "가", " ", "#", "-", ",", "0", "9", "'", "`", "\\.", "\\\\", "\\-", "\\n", "\\t", "\\d",
+    "\\S", "\\b", "\\B", "\\x41", "\\u0041", "\\1", "\\12", "\\012", "\\A", "\\Z", ".", "|", "(", ")",
+    "(?:", "(?P<g>", "(?<h>", "(?=", "(?!", "(?<=", "(?i)", "(?x)", "(?x:", "(?#c)", "[a-z]", "[^\\]x]",
+    "[]a]", "[]ab]", "[^]ab]", "[\\d.]", "[", "]", "{", "}", "{2}", "{1,3}", "{,2}", "{2,}", "{x}", "{20000}", "*", "+",
+    "?", "*?", "+?", "^", "$",
+]  # fmt: skip
+
+
+def read(pattern: str) -> Any:
+    try:
+        parsed = Pattern(pattern)
+    except SchemaError as exc:
+        return str(exc)
+    return parsed.low, parsed.high
+
+
+def read_unshortened(pattern: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    with monkeypatch.context() as patch:
+        patch.setattr(json_grammar, "_shorten_literals", lambda text: text)
+        return read(pattern)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
+def test_any_pattern_reads_the_same_shortened_or_not(pattern: str) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert read(pattern) == read_unshortened(pattern, monkeypatch), pattern
+
+
+def diff_with(lines: list[str]) -> str:
+    body = "\n".join(f"+{line}" for line in lines)
+    return f"diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n@@ -0,0 +1,{len(lines)} @@\n{body}\n"
+
+
+def test_til_content_patterns_read_the_same_and_are_mostly_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(7)
+    alphabet = "abcXYZ019 _-.,:;'\"`\\^$|?*+()[]{}<>=!#%&/~가나다"
+    for _ in range(20):
+        lines = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(30)]
+        pattern = til_schema("2026-11-30", 1500, diff=diff_with(lines))["properties"]["content"]["pattern"]
+        assert read(pattern) == read_unshortened(pattern, monkeypatch)
+        assert isinstance(read(pattern), tuple)  # the edge's own pattern is accepted
+        # What Python's parser is given is a fraction of the pattern: the quoted lines are runs.
+        assert len(json_grammar._shorten_literals(pattern)) < len(pattern) / 2
+
+
+@pytest.mark.parametrize(
+    ("pattern", "lengths"),
+    [
+        ("^ab{2}c$", (4, 4)),  # the quantifier stays on the run's last character
+        ("^ab*$", (1, None)),
+        ("^a\\.b\\n?$", (3, 4)),
+        ("^(?x)a b$", (2, 2)),  # verbose: the space is not a character; read as it is
+        ("^(?:abc|de){1,2}$", (2, 6)),
+        ("^" + "a" * (MAX_LENGTH + 5) + "$", (MAX_LENGTH + 5, MAX_LENGTH + 5)),  # no repetition count
+    ],
+)
+def test_lengths_of_shortened_runs(pattern: str, lengths: tuple[int, int | None]) -> None:
+    assert read(pattern) == lengths
+
+
+def test_a_refused_pattern_names_the_offset_in_the_pattern_as_sent() -> None:
+    # The literal run before the error is shortened for the first reading: the message still counts
+    # the pattern's own characters.
+    message = read("^abcdefgh(ij$")
+    assert message == "pattern '^abcdefgh(ij$': missing ')' at offset 8"
+
+
+def json_safe_by_character(body: str) -> str:
+    """The rewrite one character at a time (no plain runs copied at once), to compare with."""
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            escape = body[i : i + 2]
+            out.append(json_grammar._SHORTHANDS.get(escape, escape))
+            i += 2
+        elif c == "[":
+            i = json_grammar._json_safe_class(body, i, out)
+        else:
+            out.append(json_grammar._JSON_SAFE_DOT if c == "." else c)
+            i += 1
+    return "".join(out)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
+def test_the_json_safe_rewrite_copies_plain_text_as_it_is(body: str) -> None:
+    assert json_grammar._json_safe(body) == json_safe_by_character(body)
