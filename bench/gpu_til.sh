@@ -91,9 +91,6 @@ GENERATOR_ENV=(GENERATOR_BACKEND=vllm GENERATOR_MODEL=$DUMMY GENERATOR_MODEL_ID=
 # SCHEMA_WORKERS: GENERATOR_SCHEMA_WORKERS (processes readying request schemas, each front-end's; unset: the
 # generator's default, 2; 0: 4 threads in the front-end, as before session 21).
 [ -n "${SCHEMA_WORKERS:-}" ] && GENERATOR_ENV+=(GENERATOR_SCHEMA_WORKERS=$SCHEMA_WORKERS)
-# SWITCH_MS: GENERATOR_SWITCH_INTERVAL_MS (CPython's thread switch interval in the generator's serving
-# processes; unset: Python's 5 ms).
-[ -n "${SWITCH_MS:-}" ] && GENERATOR_ENV+=(GENERATOR_SWITCH_INTERVAL_MS=$SWITCH_MS)
 # How our engines fill grammar masks (tilserve's vLLM plugin): BITMASK_WORKERS threads (unset: vLLM's 8),
 # BITMASK_BATCH requests per task (unset: 16), BITMASK_FILL threads|llguidance. The generator (`up`) and
 # the in-process engine (`measure`) get the same; `ab` compares variants on A_til alone.
@@ -302,7 +299,9 @@ ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:ba
   ;;
 llguidance)  # LLG_WHEEL (a path on the box) installed over the kit's llguidance, for every engine after it
   # (vLLM 0.25.1 asks for < 1.8; the kit has 1.7.6 in /tmp/vkit_stage/x/wheels). `down` and `up` after it.
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "${LLG_WHEEL:?LLG_WHEEL=path}"
+  # pip's --target --upgrade kept a newer version in place (s23): the old one goes first.
+  rm -rf $SITE/llguidance $SITE/llguidance-*.dist-info
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE "${LLG_WHEEL:?LLG_WHEEL=path}"
   PYTHONPATH=$SITE python3 -c 'import llguidance; print("llguidance", llguidance.__version__)' | tee -a "$out/box.txt"
   ;;
 down)  # the daemons `up` started, by the process groups it recorded

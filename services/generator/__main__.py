@@ -8,7 +8,6 @@ each serving the port (`frontends`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable
 
 from services.common.admission import Admission
@@ -19,12 +18,6 @@ from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GenerationLimits, GeneratorServicer
 from services.generator.vllm_compat import FrontEnd
-
-
-def apply_switch_interval(settings: GeneratorSettings) -> None:
-    """Sets this process's thread switch interval where the settings ask (`switch_interval_ms`)."""
-    if settings.switch_interval_ms is not None:
-        sys.setswitchinterval(settings.switch_interval_ms / 1000)
 
 
 def build_engine(settings: GeneratorSettings, frontend: FrontEnd | None = None) -> GenerationEngine:
@@ -52,7 +45,6 @@ async def main(
 ) -> None:
     """Serves until SIGTERM. `frontend`, `all_warmed`: this process is one of several front-ends
     (`frontends`), which join the port together once every one of them has warmed up."""
-    apply_switch_interval(settings)
     engine = build_engine(settings, frontend)
 
     async def warmup() -> None:

