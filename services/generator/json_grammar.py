@@ -334,12 +334,12 @@ class Pattern:
         return low, None if high >= sre_constants.MAXREPEAT - 1 else high
 
 
-# A pattern is read in pieces: a class, a group's opening, a quantifier, an escape that is not one
-# literal character, a run of literal characters, or one other character. Only runs are shortened.
+# A pattern is read in pieces: a class, a group's opening, a quantifier, an escape spelled with more
+# than two characters, a run of literal characters, or one other character. Only runs are shortened.
 _PIECES = re.compile(
     r"""
     (?P<cls>\[\^?\]?(?:\\.|[^\]\\])*\])
-  | \(\?[^:)]*[:)]?
+  | \(\?(?::|P<\w+>)
   | \{\d*(?:,\d*)?\}
   | \\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|N\{[^}]*\}|[0-9]{1,3})
   | (?P<run>(?:[^\\^$.|?*+()\[\]{}]|\\[^A-Za-z0-9]|\\[nrtfv])+)
@@ -349,19 +349,26 @@ _PIECES = re.compile(
 )
 _LITERAL_UNIT = re.compile(r"\\.|.", re.DOTALL)
 _QUANTIFIER_START = frozenset("?*+{")
-# Inline flags: verbose mode (x) gives whitespace and `#` a meaning; such a pattern is read as it is.
-_INLINE_FLAGS = re.compile(r"\(\?[-aiLmsux]")
+# Groups other than `(?:` and `(?P<name>` (lookarounds, atomic groups, conditionals, comments, inline
+# flags: verbose mode gives whitespace and `#` a meaning) hold syntax a run could swallow.
+_OTHER_GROUPS = re.compile(r"\(\?(?!:|P<\w+>)")
+# What Python's parser warns of inside a class (a set operation one day): its warning names a position.
+_CLASS_WARNINGS = re.compile(r"\[|--|&&|~~|\|\|")
 
 
 def _shorten_literals(pattern: str) -> str:
-    """`pattern` with each run of literal characters written as `x{n}`: the same lengths and the same
-    constructs for Python's parser, which reads a TIL's content pattern (mostly the diff's lines, quoted)
-    character by character: ~2 ms a request, most of readying its schema. The last character of a run
-    that a quantifier follows stays itself."""
-    if _INLINE_FLAGS.search(pattern):
+    """`pattern` with each run of literal characters written as `x{n}`, for Python's parser, which
+    reads a TIL's content pattern (mostly the diff's lines, quoted) character by character: ~2 ms a
+    request, most of readying its schema. The same lengths, refusals and messages (an error is read
+    again from the pattern itself). The last character of a run that a quantifier follows stays
+    itself. A pattern with other groups, or with a class Python warns of, is returned as it is."""
+    if _OTHER_GROUPS.search(pattern):
         return pattern
     out: list[str] = []
     for piece in _PIECES.finditer(pattern):
+        cls = piece.group("cls")
+        if cls is not None and _CLASS_WARNINGS.search(cls, 1):
+            return pattern
         run = piece.group("run")
         if run is None:
             out.append(piece.group())
@@ -385,6 +392,10 @@ _PYTHON_ERRORS = {
     "unbalanced parenthesis": "unbalanced ')'",
     "nothing to repeat": "nothing to repeat",
 }
+
+
+# Text `_json_safe` leaves as it is.
+_PLAIN = re.compile(r"[^\\\[.]+")
 
 
 def _json_safe(body: str) -> str:
@@ -411,9 +422,6 @@ def _json_safe(body: str) -> str:
             out.append(_JSON_SAFE_DOT)
             i += 1
     return "".join(out)
-
-
-_PLAIN = re.compile(r"[^\\\[.]+")
 
 
 def _json_safe_class(body: str, start: int, out: list[str]) -> int:

@@ -14,8 +14,8 @@ from services.edge.til_format import til_schema
 from services.generator import json_grammar
 from services.generator.json_grammar import MAX_LENGTH, Pattern, SchemaError
 
-# Python's parser warns of `[[` (a set operation one day); the pieces below make some.
-pytestmark = pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
+# Python's parser warns of `[[`, `--` and the like in a class (set operations one day); the pieces make some.
+pytestmark = pytest.mark.filterwarnings("ignore:Possible (nested set|set):FutureWarning")
 
 # Pieces a pattern is drawn from: literals and escapes, classes, groups of every kind, quantifiers
 # (well-formed or not), anchors, inline flags and stray brackets.
@@ -24,7 +24,8 @@ PIECES = [
     "\\S", "\\b", "\\B", "\\x41", "\\u0041", "\\1", "\\12", "\\012", "\\A", "\\Z", ".", "|", "(", ")",
     "(?:", "(?P<g>", "(?<h>", "(?=", "(?!", "(?<=", "(?i)", "(?x)", "(?x:", "(?#c)", "[a-z]", "[^\\]x]",
     "[]a]", "[]ab]", "[^]ab]", "[\\d.]", "[", "]", "{", "}", "{2}", "{1,3}", "{,2}", "{2,}", "{x}", "{20000}", "*", "+",
-    "?", "*?", "+?", "^", "$",
+    "?", "*?", "+?", "^", "$", "(?>", "(?P=g)", "(?(1)", "[:z-a]", "[)b-a]", "[:\\d-z]", "[a--b]",
+    "[[a]", "[a&&b]", ":", "b-a", "x{2}",
 ]  # fmt: skip
 
 
@@ -42,11 +43,26 @@ def read_unshortened(pattern: str, monkeypatch: pytest.MonkeyPatch) -> Any:
         return read(pattern)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=3000, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
 def test_any_pattern_reads_the_same_shortened_or_not(pattern: str) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert read(pattern) == read_unshortened(pattern, monkeypatch), pattern
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    # Found by review: a group's syntax read as far as the first `:` or `)` let a run swallow the rest of
+    # a class, and its bad range went unseen. Then patterns Python warns of (the position it names).
+    [
+        "(?<n>[:z-a])", "(?>[:z-a])", "(?P<n>[)z-a])", "(?<n>[:\\d-z])", "ab(?<n>[:c-a]d)", "(?=[:z-a])",
+        "(?<=[:z-a])", "(?>[:a--b])", "abcdefghij[[a]", "(?x)a b # c", "(?i)abc{2}", "(?#c:d)abc",
+    ],
+)  # fmt: skip
+def test_patterns_that_once_read_differently_read_the_same(
+    pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert read(pattern) == read_unshortened(pattern, monkeypatch)
 
 
 def diff_with(lines: list[str]) -> str:
@@ -81,9 +97,9 @@ def test_lengths_of_shortened_runs(pattern: str, lengths: tuple[int, int | None]
     assert read(pattern) == lengths
 
 
-def test_a_refused_pattern_names_the_offset_in_the_pattern_as_sent() -> None:
+def test_a_refused_pattern_names_the_offset_of_its_own_characters() -> None:
     # The literal run before the error is shortened for the first reading: the message still counts
-    # the pattern's own characters.
+    # the pattern's own characters (of its body: the leading ^ is not counted).
     message = read("^abcdefgh(ij$")
     assert message == "pattern '^abcdefgh(ij$': missing ')' at offset 8"
 
