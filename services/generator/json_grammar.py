@@ -304,6 +304,8 @@ class Pattern:
             raise self._fail(f"{message} at offset {exc.pos}") from None
         except RecursionError:
             raise self._fail("groups nest too deeply") from None
+        except OverflowError:  # a count past Python's own limit (~4e9)
+            raise self._fail(f"repetition counts above {MAX_LENGTH} are not supported") from None
         stack = [parsed]
         while stack:
             for op, argument in stack.pop():

@@ -126,3 +126,8 @@ def json_safe_by_character(body: str) -> str:
 @given(st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
 def test_the_json_safe_rewrite_copies_plain_text_as_it_is(body: str) -> None:
     assert json_grammar._json_safe(body) == json_safe_by_character(body)
+
+
+@pytest.mark.parametrize("pattern", ["^a{99999999999}$", "^a{1,99999999999}$"])
+def test_a_count_past_pythons_own_limit_is_refused_like_any_count_too_large(pattern: str) -> None:
+    assert read(pattern) == f"pattern {pattern!r}: repetition counts above {MAX_LENGTH} are not supported"
