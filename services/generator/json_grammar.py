@@ -293,7 +293,7 @@ class Pattern:
         """(least, most) characters the body matches (most None: no limit); refuses what cannot
         be honoured."""
         # Python spells ECMAScript's named group (?<name>...) as (?P<name>...).
-        python = re.sub(r"(?<!\\)\(\?<(?![=!])", "(?P<", self.body)
+        python = _NAMED_GROUP.sub(lambda m: "(?P<" if m[0][0] == "(" else m[0], self.body)
         try:
             try:
                 parsed = sre_parse.parse(_shorten_literals(python))
@@ -336,6 +336,8 @@ class Pattern:
         return low, None if high >= sre_constants.MAXREPEAT - 1 else high
 
 
+# An escape (kept: `\\(?<n>` is a backslash, then a group) or a named group's opening, to rewrite.
+_NAMED_GROUP = re.compile(r"\\.|\(\?<(?![=!])", re.DOTALL)
 # A pattern is read in pieces: a class, a group's opening, a quantifier, an escape spelled with more
 # than two characters, a run of literal characters, or one other character. Only runs are shortened.
 _PIECES = re.compile(

@@ -90,6 +90,7 @@ def test_til_content_patterns_read_the_same_and_are_mostly_shortened(monkeypatch
         ("^a\\.b\\n?$", (3, 4)),
         ("^(?x)a b$", (2, 2)),  # verbose: the space is not a character; read as it is
         ("^(?:abc|de){1,2}$", (2, 6)),
+        ("^\\\\(?<n>ab)$", (3, 3)),  # an escaped backslash, then an ECMAScript named group
         ("^" + "a" * (MAX_LENGTH + 5) + "$", (MAX_LENGTH + 5, MAX_LENGTH + 5)),  # no repetition count
     ],
 )
