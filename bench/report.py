@@ -137,6 +137,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     series = list(dict.fromkeys(series_name(row) for row in results["rows"]))
+    # One colour per series in every panel (a panel that skips a series must not shift the others'),
+    # distinct past ten series; staggered rows drawn as squares.
+    palette = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    colors = {name: palette(i % palette.N) for i, name in enumerate(series)}
     levels = sorted({row["concurrency"] for row in results["rows"]})
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for name in series:
@@ -144,7 +148,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
             if name.startswith("edge-hit") and key in ("output_tok_s", "tpot_ms_p50"):
                 continue
             rows = [r for r in results["rows"] if series_name(r) == name and r.get(key) is not None]
-            ax.plot([r["concurrency"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+            ax.plot(
+                [r["concurrency"] for r in rows],
+                [r[key] for r in rows],
+                marker="s" if "staggered" in name else "o",
+                color=colors[name],
+                label=name,
+            )
         ax.set_title(title)
         ax.set_xlabel("concurrent streams")
         ax.set_xscale("symlog", linthresh=16)
