@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -192,8 +193,10 @@ def check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # As the server binds it: connections of an earlier generator left in TIME_WAIT do not hold the
-        # port (without it, a restart on the same host was refused for a minute); a listener still does.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # port (without it, a restart on the same host was refused for a minute). On Linux a listener
+        # still does; elsewhere (Windows: over a listener; BSD: beside a wildcard one) it would not.
+        if sys.platform.startswith("linux"):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host.strip("[]"), port))
         except OSError as exc:

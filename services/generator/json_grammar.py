@@ -342,7 +342,7 @@ _NAMED_GROUP = re.compile(r"\\.|\(\?<(?![=!])", re.DOTALL)
 # than two characters, a run of literal characters, or one other character. Only runs are shortened.
 _PIECES = re.compile(
     r"""
-    (?P<cls>\[\^?\]?(?:\\.|[^\]\\])*\])
+    (?P<cls>\[\^?+\]?+(?:\\.|[^\]\\])*\])
   | \(\?(?::|P<\w+>)
   | \{\d*(?:,\d*)?\}
   | \\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|N\{[^}]*\}|[0-9]{1,3})
@@ -365,14 +365,15 @@ def _shorten_literals(pattern: str) -> str:
     reads a TIL's content pattern (mostly the diff's lines, quoted) character by character: ~2 ms a
     request, most of readying its schema. The same lengths, refusals and messages (an error is read
     again from the pattern itself). The last character of a run that a quantifier follows stays
-    itself. A pattern with other groups, or with a class Python warns of, is returned as it is."""
+    itself. A pattern with other groups, with a class Python warns of or with one left open is returned
+    as it is."""
     if _OTHER_GROUPS.search(pattern):
         return pattern
     out: list[str] = []
     for piece in _PIECES.finditer(pattern):
         cls = piece.group("cls")
-        if cls is not None and _CLASS_WARNINGS.search(cls, 1):
-            return pattern
+        if (cls is not None and _CLASS_WARNINGS.search(cls, 1)) or piece.group() == "[":
+            return pattern  # Python warns of it (a position), or a class left open: an error to come
         run = piece.group("run")
         if run is None:
             out.append(piece.group())

@@ -371,6 +371,19 @@ def test_a_port_in_use_stops_the_supervisor_before_any_engine_starts() -> None:
     frontends.check_port_free("127.0.0.1", port)  # free again
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_a_listener_that_shares_its_port_as_grpc_does_still_stops_the_supervisor(host: str) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot use 127.0.0.1:{port}"):
+            frontends.check_port_free("127.0.0.1", port)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the check sets SO_REUSEADDR on Linux only")
 def test_connections_an_earlier_generator_left_in_time_wait_do_not_hold_the_port() -> None:
     # The server side closes first, as a generator that stops does: its end of the connection stays
     # in TIME_WAIT on the port for a minute after the listener is gone.
@@ -379,7 +392,7 @@ def test_connections_an_earlier_generator_left_in_time_wait_do_not_hold_the_port
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
         served, _ = listener.accept()
         served.close()
         client.recv(1)  # the server's FIN

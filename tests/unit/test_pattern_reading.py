@@ -4,6 +4,7 @@ pattern itself (lengths, refusals, messages), and the JSON-safe rewrite copies p
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any
 
 import pytest
@@ -132,3 +133,25 @@ def test_the_json_safe_rewrite_copies_plain_text_as_it_is(body: str) -> None:
 @pytest.mark.parametrize("pattern", ["^a{99999999999}$", "^a{1,99999999999}$"])
 def test_a_count_past_pythons_own_limit_is_refused_like_any_count_too_large(pattern: str) -> None:
     assert read(pattern) == f"pattern {pattern!r}: repetition counts above {MAX_LENGTH} are not supported"
+
+
+def warnings_of(pattern: str, monkeypatch: pytest.MonkeyPatch, *, shortened: bool) -> list[str]:
+    with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if not shortened:
+            patch.setattr(json_grammar, "_shorten_literals", lambda text: text)
+        read(pattern)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    # Warned of inside a class (its position counted in the pattern), also one left open (then refused).
+    "pattern",
+    ["^abcdefghij[[a]$", "^abcdef[a--b]$", "^abcdef[[ghij", "^abcdef[]a--bcd", "^abcdef[^][ghij"],
+)
+def test_pythons_warnings_name_the_patterns_own_positions_once(
+    pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert warnings_of(pattern, monkeypatch, shortened=True) == warnings_of(
+        pattern, monkeypatch, shortened=False
+    )
