@@ -12,7 +12,8 @@
 #   2a. carry [".vk",".vk3"]            bash .vk/vkit_append.sh .vk3/kit.tar.xz.part01 && bash .vk/remote_install.sh
 #   2b. carry [".dm",".whl",".rds"]     bash bench/gpu_til.sh stage2 && bash bench/gpu_til.sh up
 #
-# `profile` (carry [".rds",".pys"]) records the generator with py-spy while PROFILE_ARMS run one at a time.
+# `profile` (carry [".rds",".pys"]) records a service with py-spy (PROFILE_SERVICE, default the generator;
+# PROFILE_EXTRA: more options, e.g. --gil) while PROFILE_ARMS run one at a time.
 # Then copy what comes back under $OUT into bench/results/<name>/ with a README of the facts. On a machine
 # still warm, `measure` can run again (ARMS=edge-hit CONC=1,100 for E alone); other EDGE_* values, and
 # STREAM_INTERVAL, OUTPUT_CHUNK or BITMASK_* for the stack's generator, need `down` and `up` first (the
@@ -300,9 +301,11 @@ ab)  # A_til alone at c=100 under each way of filling masks, AB="name:workers:ba
 llguidance)  # LLG_WHEEL (a path on the box) installed over the kit's llguidance, for every engine after it
   # (vLLM 0.25.1 asks for < 1.8; the kit has 1.7.6 in /tmp/vkit_stage/x/wheels). `down` and `up` after it.
   # pip's --target --upgrade kept a newer version in place (s23): the old one goes first.
+  [ -f "${LLG_WHEEL:-}" ] || { echo "LLG_WHEEL must name a wheel on the box, not '${LLG_WHEEL:-}'"; exit 1; }
   rm -rf $SITE/llguidance $SITE/llguidance-*.dist-info
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE "${LLG_WHEEL:?LLG_WHEEL=path}"
-  PYTHONPATH=$SITE python3 -c 'import llguidance; print("llguidance", llguidance.__version__)' | tee -a "$out/box.txt"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE "$LLG_WHEEL" || exit 1
+  version=$(PYTHONPATH=$SITE python3 -c 'import llguidance; print(llguidance.__version__)') || exit 1
+  echo "llguidance $version" | tee -a "$out/box.txt"
   ;;
 down)  # the daemons `up` started, by the process groups it recorded
   for f in $RUN/serve.pid $RUN/stack.pid; do [ -f "$f" ] && kill -TERM -- "-$(cat "$f")"; done
