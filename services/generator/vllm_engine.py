@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -272,6 +272,12 @@ class _Loaded:
     model_defaults: dict[str, Any]
 
 
+def _timed(work: Callable[[str], str], key: str) -> tuple[str, float, float]:
+    """`work(key)`, with when this thread started and ended it (`time.monotonic()`)."""
+    started = time.monotonic()
+    return work(key), started, time.monotonic()
+
+
 class VllmEngine:
     """vLLM's AsyncLLM behind the `GenerationEngine` protocol."""
 
@@ -414,12 +420,10 @@ class VllmEngine:
             self._prompts.timed_ids(loaded.tokenizer, request.prompt, request.messages)
         )
         schema = None
-        schema_s: float | None = None
+        schema_parts: tuple[tuple[str, float], ...] = ()
         try:
             if request.json_schema is not None:
-                started = time.monotonic()
-                schema = await self._compiled(loop, request.json_schema)
-                schema_s = time.monotonic() - started
+                schema, schema_parts = await self._compiled(loop, request.json_schema)
         finally:
             prompt, timing = await ids  # awaited even when the schema is refused, so no failure goes unseen
         if not prompt:
@@ -430,12 +434,17 @@ class VllmEngine:
             ("ids queued", timing.queued_s * 1000),
             (f"encoded (batch of {timing.batch})", timing.encoded_s * 1000),
             ("ids resumed", timing.resumed_s * 1000),
-            *((("schema", schema_s * 1000),) if schema_s is not None else ()),
+            *schema_parts,
         )
         prepared = Prepared(prompt_tokens=tuple(prompt), constraint=schema, breakdown=breakdown)
         return replace(request, prepared=prepared)
 
-    async def _compiled(self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]) -> dict[str, Any]:
+    async def _compiled(
+        self, loop: asyncio.AbstractEventLoop, schema: dict[str, Any]
+    ) -> tuple[dict[str, Any], tuple[tuple[str, float], ...]]:
+        """The schema as vLLM gets it, and where the time went, for the log (ms): in all, and on a thread
+        of this process the wait for the thread, the work on it and the wait to resume after it."""
+        asked = time.monotonic()
         timeout = self._settings.schema_compile_timeout_s
         # A schema readied while no other is goes to a thread here: the round trip to a worker
         # process cost a lone TIL request about 2 ms on the H200 (prepare 4.4-6.7 ms on threads,
@@ -445,15 +454,16 @@ class VllmEngine:
         key = schema_key(schema)
         text = processes.known(key) if processes is not None else None
         if text is not None:
-            return json.loads(text)  # a copy: vLLM edits the schema it is given
-        compiling: Awaitable[str]
+            # A copy: vLLM edits the schema it is given.
+            return json.loads(text), (("schema known", (time.monotonic() - asked) * 1000),)
+        compiling: Awaitable[str | tuple[str, float, float]]
         if processes is not None and self._schemas_in_flight > 0:
             compiling = processes.text(key)
         else:
-            compiling = loop.run_in_executor(self._schema_thread, prepared_schema_text, key)
+            compiling = loop.run_in_executor(self._schema_thread, _timed, prepared_schema_text, key)
         self._schemas_in_flight += 1
         try:
-            text = await asyncio.wait_for(compiling, timeout)
+            done = await asyncio.wait_for(compiling, timeout)
         except TimeoutError:
             # llguidance's own limits bound the work left in the thread.
             raise InvalidRequest(
@@ -462,9 +472,22 @@ class VllmEngine:
             ) from None
         finally:
             self._schemas_in_flight -= 1
+        resumed = time.monotonic()
+        parts: tuple[tuple[str, float], ...]
+        if isinstance(done, tuple):
+            text, started, ended = done
+            parts = (
+                ("schema", (resumed - asked) * 1000),
+                ("schema queued", (started - asked) * 1000),
+                ("readied", (ended - started) * 1000),
+                ("resumed", (resumed - ended) * 1000),
+            )
+        else:
+            text = done
+            parts = (("schema in a worker", (resumed - asked) * 1000),)
         if processes is not None:
             processes.keep(key, text)  # the next request with it, in a burst, is quick
-        return json.loads(text)
+        return json.loads(text), parts
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         llm = self._require_loaded().llm

@@ -213,3 +213,30 @@ async def test_a_closed_pool_is_not_built_again(workers: SchemaProcesses) -> Non
     workers.close()
     with pytest.raises(EngineUnavailable, match="shutting down"):
         await prepared(workers, {**TIL, "description": "after close"})
+
+
+async def test_prepare_says_where_a_schemas_time_went(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.generator import vllm_engine
+
+    def slow(key: str) -> str:
+        time.sleep(0.05)
+        return prepared_schema_text(key)
+
+    monkeypatch.setattr(vllm_engine, "prepared_schema_text", slow)
+    engine = engine_with_workers()
+    try:
+        request = EngineRequest(request_id="r", prompt="x", messages=None, max_tokens=4, json_schema=TIL)
+        lone = await engine.prepare(request)
+        again = await engine.prepare(request)
+    finally:
+        await engine.close()
+    assert lone.prepared is not None and again.prepared is not None
+    parts = dict(lone.prepared.breakdown)
+    # On the thread: its own work (the 50 ms), and the waits before and after it, within the whole.
+    assert {"schema", "schema queued", "readied", "resumed"} <= parts.keys()
+    assert parts["readied"] >= 50
+    assert parts["schema queued"] + parts["readied"] + parts["resumed"] <= parts["schema"] + 0.01
+    # Asked again: the text readied before, no thread.
+    assert "readied" not in dict(again.prepared.breakdown) and "schema known" in dict(
+        again.prepared.breakdown
+    )
