@@ -2,6 +2,7 @@
 
 Workers are forked before any gRPC object exists (gRPC's threads do not survive a fork); each then
 builds its own server, and the kernel spreads connections over them (gRPC listens with SO_REUSEPORT).
+They join the port together, once every one has warmed up (`all_warmed`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -20,6 +23,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# The longest one process waits for the others to warm up (they start together and warm up within
+# seconds of each other; vLLM's own wait for an engine core is 600 s).
+WARM_UP_TIMEOUT_S = 600.0
 
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, None]], *, uvloop: bool = False) -> None:
@@ -46,14 +52,30 @@ def worker_metrics_port(metrics_port: int, index: int) -> int:
     return metrics_port + index if metrics_port else 0
 
 
-def run_workers(count: int, work: Callable[[int], None]) -> int:
-    """Forks `count` processes, each running `work(index)`; returns once all have exited.
+async def all_warmed(barrier: Any, who: str) -> None:
+    """Waits until every process sharing `barrier` has warmed up. A connection stays with the process
+    it reached, so the first one up must not take every early client (a caller's long-lived channels)
+    while the others warm up, nor may one still warming up be handed calls: they join the port together.
+    `who`: what the processes are, for the error."""
+    try:
+        await asyncio.to_thread(barrier.wait, WARM_UP_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"another {who} failed or stopped before it warmed up") from None
+    except asyncio.CancelledError:
+        barrier.abort()  # a stop while waiting: free this thread (and the others') now
+        raise
+
+
+def run_workers(count: int, work: Callable[[int, Any], None]) -> int:
+    """Forks `count` processes, each running `work(index, barrier)`; returns once all have exited.
+    `barrier` (shared by the workers) is for `all_warmed`.
 
     SIGTERM and SIGINT are passed on to every worker (each drains by itself). A worker that exits
     with an error stops the others: the service is then restarted whole, by whatever supervises it.
     Returns the first non-zero exit code, else 0.
     """
     parent = os.getpid()
+    barrier = multiprocessing.get_context("fork").Barrier(count)
     workers: dict[int, int] = {}
     for index in range(count):
         pid = os.fork()
@@ -61,7 +83,7 @@ def run_workers(count: int, work: Callable[[int], None]) -> int:
             code = 1
             try:
                 die_with_parent(parent)
-                work(index)
+                work(index, barrier)
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

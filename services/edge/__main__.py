@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import grpc
 from tenacity import (
@@ -25,7 +26,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
-from services.common.workers import run_loop, run_workers, worker_metrics_port
+from services.common.workers import all_warmed, run_loop, run_workers, worker_metrics_port
 from services.edge.background import Background
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import (
@@ -71,7 +72,10 @@ async def wait_for_generator(generator: GeneratorClient, settings: EdgeSettings)
     )
 
 
-async def main(settings: EdgeSettings, worker: int = 0) -> None:
+async def main(settings: EdgeSettings, worker: int = 0, barrier: Any = None) -> None:
+    """The edge in this process: worker `worker` of EDGE_WORKERS, which join the port together once
+    every one has reached the generator (`barrier`, from run_workers; None: the only one, listening
+    at once and NOT_SERVING until then)."""
     settings = settings.model_copy(
         update={"metrics_port": worker_metrics_port(settings.metrics_port, worker)}
     )
@@ -126,11 +130,17 @@ async def main(settings: EdgeSettings, worker: int = 0) -> None:
         for channel in channels:
             await channel.close()
 
+    async def warmup() -> None:
+        await wait_for_generator(generator, settings)
+        if barrier is not None:
+            await all_warmed(barrier, "edge worker")
+
     await serve(
         settings,
         [edge_service(servicer)],
-        warmup=lambda: wait_for_generator(generator, settings),
+        warmup=warmup,
         shutdown=shutdown,
+        listen_after_warmup=barrier is not None,
     )
 
 
@@ -142,8 +152,8 @@ def run() -> int:
             "invalid settings: EDGE_WORKERS > 1 needs a fixed EDGE_PORT for the workers to share"
         )
 
-    def work(worker: int) -> None:
-        run_loop(lambda: main(settings, worker), uvloop=settings.uvloop)
+    def work(worker: int, barrier: Any = None) -> None:
+        run_loop(lambda: main(settings, worker, barrier), uvloop=settings.uvloop)
 
     if settings.workers == 1:
         work(0)

@@ -21,7 +21,6 @@ the same layout with the generator's gRPC server in each front-end:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -29,14 +28,13 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
 from services.common.logs import configure_logging
-from services.common.workers import die_with_parent, run_loop, worker_metrics_port
+from services.common.workers import all_warmed, die_with_parent, run_loop, worker_metrics_port
 from services.generator.config import GeneratorSettings
 from services.generator.vllm_compat import FrontEnd
 
@@ -44,9 +42,6 @@ log = logging.getLogger("services.generator.frontends")
 
 # After SIGTERM, how long past the drain's grace the front-ends get before they are killed.
 _EXIT_MARGIN_S = 10.0
-# The longest one front-end waits for the others to warm up (they share the engine core, so they are up
-# within seconds of each other; vLLM's own wait for an engine core is 600 s).
-_WARM_UP_TIMEOUT_S = 600.0
 
 
 def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSettings:
@@ -62,26 +57,15 @@ def frontend_settings(settings: GeneratorSettings, index: int) -> GeneratorSetti
     return settings.model_copy(update=update)
 
 
-async def _all_warmed(barrier: Any) -> None:
-    """Waits until every front-end has warmed up. A connection stays with the front-end it reached, so
-    the first one up must not take every early client (an edge's channels, say) while the others warm
-    up: they all join the port together."""
-    try:
-        await asyncio.to_thread(barrier.wait, _WARM_UP_TIMEOUT_S)
-    except threading.BrokenBarrierError:
-        raise RuntimeError("another front-end failed or stopped before it warmed up") from None
-    except asyncio.CancelledError:
-        barrier.abort()  # a stop while waiting: free this thread (and the others') now
-        raise
-
-
 def _serve_frontend(settings: GeneratorSettings, frontend: FrontEnd, parent: int, barrier: Any) -> None:
     """A front-end process: the generator service on its share of the engine core."""
     die_with_parent(parent)
     from services.generator.__main__ import main
 
     run_loop(
-        lambda: main(frontend_settings(settings, frontend.index), frontend, lambda: _all_warmed(barrier)),
+        lambda: main(
+            frontend_settings(settings, frontend.index), frontend, lambda: all_warmed(barrier, "front-end")
+        ),
         uvloop=settings.uvloop,
     )
 

@@ -333,6 +333,46 @@ async def test_edge_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) 
         stack.stop()
 
 
+async def test_edge_workers_join_the_port_together_once_all_have_reached_the_generator(
+    tmp_path: Path,
+) -> None:
+    """Pods start together: the edge's workers come up while the generator is not listening yet, and
+    each backs off on its own. A worker listening before it reached the generator took calls and
+    failed them UNAVAILABLE while another already said SERVING (CI, once). Now no worker listens until
+    every one has reached the generator."""
+    ports = {name: free_port() for name in ("cacher", "retriever", "generator", "edge")}
+    metrics = {name: free_port() for name in ports}
+    metrics["edge"] = free_port_pair()
+    env = {
+        "generator": {"GENERATOR_BACKEND": "fake", "GENERATOR_FAKE_TOKEN_INTERVAL_S": "0.001"},
+        "edge": {"EDGE_WORKERS": "2", "EDGE_RETRIEVAL_TOP_K": "0", "EDGE_INDEX_TILS": "false"},
+    }
+    front = LocalStack(tmp_path / "front", ports, metrics, env, services=("cacher", "edge"))
+    back = LocalStack(tmp_path / "back", ports, metrics, env, services=("generator",))
+    try:
+        for name in front.services:
+            front.spawn(name)
+        await asyncio.sleep(3)  # both workers have been refused by the generator's port, and back off
+        with pytest.raises(ConnectionRefusedError):  # no worker on the port yet
+            socket.create_connection(("127.0.0.1", ports["edge"]), timeout=5).close()
+        await back.start(timeout_s=120)
+        await front.wait_serving("edge", 120)
+
+        async def til(n: int) -> Any:  # a connection of its own: the kernel picks a worker for each
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(front.address("edge"), options=own) as channel:
+                stub = edge_pb2_grpc.EdgeServiceStub(channel)
+                return split(await read_all(stub.GenerateTil(til_request(f"early{n}"), timeout=60)))[2]
+
+        finished = await asyncio.gather(*(til(n) for n in range(24)))
+        per_worker = [handled(metrics["edge"]), handled(metrics["edge"] + 1)]
+        assert all(f.til_json for f in finished)
+        assert sum(per_worker) == 24 and min(per_worker) > 0  # both workers were listening
+    finally:
+        front.stop()
+        back.stop()
+
+
 async def test_generator_frontends_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
     """GENERATOR_FRONTENDS=2 on the fake backend (each front-end its own fake engine): the layout a vLLM
     engine core is shared in (processes, one port, signals, metrics ports), without vLLM."""

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from services.common.workers import all_warmed
 from services.generator import frontends, vllm_compat
 from services.generator.config import GeneratorSettings
 from services.generator.frontends import Supervisor, frontend_settings
@@ -333,16 +334,16 @@ def test_the_shared_engine_core_is_launched_for_every_frontend(stand_in_vllm: di
 
 async def test_front_ends_join_the_port_only_when_all_have_warmed_up() -> None:
     barrier = threading.Barrier(2)
-    first = asyncio.ensure_future(frontends._all_warmed(barrier))
+    first = asyncio.ensure_future(all_warmed(barrier, "front-end"))
     await asyncio.sleep(0.2)
     assert not first.done()  # the other front-end is still warming up
-    await frontends._all_warmed(barrier)
+    await all_warmed(barrier, "front-end")
     await asyncio.wait_for(first, 5)
 
 
 async def test_a_broken_barrier_fails_the_waiting_front_ends_at_once() -> None:
     barrier = threading.Barrier(2)
-    waiting = asyncio.ensure_future(frontends._all_warmed(barrier))
+    waiting = asyncio.ensure_future(all_warmed(barrier, "front-end"))
     await asyncio.sleep(0.1)
     barrier.abort()  # what a stopped front-end's wait does (test below)
     with pytest.raises(RuntimeError, match="another front-end failed or stopped"):
@@ -351,8 +352,8 @@ async def test_a_broken_barrier_fails_the_waiting_front_ends_at_once() -> None:
 
 async def test_a_stop_while_waiting_releases_every_waiter() -> None:
     barrier = threading.Barrier(3)
-    one = asyncio.ensure_future(frontends._all_warmed(barrier))
-    other = asyncio.ensure_future(frontends._all_warmed(barrier))
+    one = asyncio.ensure_future(all_warmed(barrier, "front-end"))
+    other = asyncio.ensure_future(all_warmed(barrier, "front-end"))
     await asyncio.sleep(0.1)
     one.cancel()
     with pytest.raises(asyncio.CancelledError):
