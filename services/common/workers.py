@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,32 @@ def worker_metrics_port(metrics_port: int, index: int) -> int:
     return metrics_port + index if metrics_port else 0
 
 
-async def all_warmed(barrier: Any, who: str) -> None:
+async def all_warmed(barrier: Any, who: str, timeout_s: float = WARM_UP_TIMEOUT_S) -> None:
     """Waits until every process sharing `barrier` has warmed up. A connection stays with the process
     it reached, so the first one up must not take every early client (a caller's long-lived channels)
     while the others warm up, nor may one still warming up be handed calls: they join the port together.
     `who`: what the processes are, for the error."""
+    started = time.monotonic()
     try:
-        await asyncio.to_thread(barrier.wait, WARM_UP_TIMEOUT_S)
+        await asyncio.to_thread(barrier.wait, timeout_s)
     except threading.BrokenBarrierError:
+        if time.monotonic() - started >= timeout_s:
+            raise RuntimeError(f"the other {who}s did not warm up within {timeout_s:g}s") from None
         raise RuntimeError(f"another {who} failed or stopped before it warmed up") from None
     except asyncio.CancelledError:
         barrier.abort()  # a stop while waiting: free this thread (and the others') now
         raise
+
+
+async def warm_up_together(warmup: Awaitable[None], barrier: Any, who: str, timeout_s: float) -> None:
+    """`warmup`, then `all_warmed`. A warm-up that fails or is stopped breaks the barrier, so that the
+    others, waiting at it or to come, fail at once instead of waiting out `timeout_s`."""
+    try:
+        await warmup
+    except BaseException:
+        barrier.abort()
+        raise
+    await all_warmed(barrier, who, timeout_s)
 
 
 def run_workers(count: int, work: Callable[[int, Any], None]) -> int:

@@ -26,7 +26,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import open_channel
 from services.common.server import serve
 from services.common.settings import load_settings
-from services.common.workers import all_warmed, run_loop, run_workers, worker_metrics_port
+from services.common.workers import run_loop, run_workers, warm_up_together, worker_metrics_port
 from services.edge.background import Background
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
 from services.edge.clients import (
@@ -131,9 +131,12 @@ async def main(settings: EdgeSettings, worker: int = 0, barrier: Any = None) -> 
             await channel.close()
 
     async def warmup() -> None:
-        await wait_for_generator(generator, settings)
-        if barrier is not None:
-            await all_warmed(barrier, "edge worker")
+        if barrier is None:
+            await wait_for_generator(generator, settings)
+        else:
+            await warm_up_together(
+                wait_for_generator(generator, settings), barrier, "edge worker", settings.warmup_timeout_s
+            )
 
     await serve(
         settings,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from services.common.workers import all_warmed
+from services.common.workers import all_warmed, warm_up_together
 from services.generator import frontends, vllm_compat
 from services.generator.config import GeneratorSettings
 from services.generator.frontends import Supervisor, frontend_settings
@@ -348,6 +348,25 @@ async def test_a_broken_barrier_fails_the_waiting_front_ends_at_once() -> None:
     barrier.abort()  # what a stopped front-end's wait does (test below)
     with pytest.raises(RuntimeError, match="another front-end failed or stopped"):
         await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_warm_up_that_fails_breaks_the_barrier_for_the_others() -> None:
+    barrier = threading.Barrier(2)
+
+    async def failing() -> None:
+        raise SystemExit("the generator did not answer")
+
+    waiting = asyncio.ensure_future(warm_up_together(asyncio.sleep(0), barrier, "edge worker", 60))
+    await asyncio.sleep(0.1)
+    with pytest.raises(SystemExit):
+        await warm_up_together(failing(), barrier, "edge worker", 60)
+    with pytest.raises(RuntimeError, match="another edge worker failed or stopped"):
+        await asyncio.wait_for(waiting, 5)  # at once, not after 60 s
+
+
+async def test_waiting_past_the_timeout_says_so() -> None:
+    with pytest.raises(RuntimeError, match=r"the other edge workers did not warm up within 0\.2s"):
+        await all_warmed(threading.Barrier(2), "edge worker", timeout_s=0.2)
 
 
 async def test_a_stop_while_waiting_releases_every_waiter() -> None:
