@@ -310,7 +310,7 @@ class Driver:
         self.results: dict[str, Any] = {
             "label": args.label,
             "command": command_line(),
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "device": device_name(),
             "params": {
                 "arms": args.arms,

@@ -254,12 +254,12 @@ async def _exited(process: subprocess.Popen[bytes]) -> int:
 async def _answers_ping(socket_path: Path) -> bool:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket_path)), 1.0)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     try:
         writer.write(b"PING\r\n")
         return await asyncio.wait_for(reader.readline(), 1.0) == b"+PONG\r\n"
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     finally:
         writer.close()
