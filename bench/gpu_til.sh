@@ -234,7 +234,7 @@ measure)
   fi
   diag_to_out
   ;;
-profile)  # py-spy (carry .pys: its wheel) of the generator while each of PROFILE_ARMS runs alone at c=100
+profile)  # py-spy (carry .pys: its wheel) of PROFILE_SERVICE while each of PROFILE_ARMS runs alone (PROFILE_CONC)
   cd $TREE || exit 1
   for kv in "${EDGE_ENV[@]}"; do export "${kv?}"; done
   # PROFILE_SERVICE: the service profiled (default the generator); PROFILE_EXTRA: more py-spy options (--gil).

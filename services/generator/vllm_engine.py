@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -58,6 +58,7 @@ from services.generator.vllm_inputs import (
     count_tokens,
     prepared_schema_text,
     schema_key,
+    timed_call,
 )
 from services.generator.vllm_plugin import BitmaskParallelism, check_in_force
 
@@ -272,12 +273,6 @@ class _Loaded:
     model_defaults: dict[str, Any]
 
 
-def _timed(work: Callable[[str], str], key: str) -> tuple[str, float, float]:
-    """`work(key)`, with when this thread started and ended it (`time.monotonic()`)."""
-    started = time.monotonic()
-    return work(key), started, time.monotonic()
-
-
 class VllmEngine:
     """vLLM's AsyncLLM behind the `GenerationEngine` protocol."""
 
@@ -460,7 +455,7 @@ class VllmEngine:
         if processes is not None and self._schemas_in_flight > 0:
             compiling = processes.text(key)
         else:
-            compiling = loop.run_in_executor(self._schema_thread, _timed, prepared_schema_text, key)
+            compiling = loop.run_in_executor(self._schema_thread, timed_call, prepared_schema_text, key)
         self._schemas_in_flight += 1
         try:
             done = await asyncio.wait_for(compiling, timeout)

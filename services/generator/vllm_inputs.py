@@ -19,11 +19,11 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from llguidance import LLMatcher
 
@@ -42,6 +42,7 @@ from services.generator.json_grammar import SchemaError, llguidance_schema
 
 _SCHEMA_CACHE_SIZE = 64
 _CHAT_CACHE_SIZE = 512
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=_SCHEMA_CACHE_SIZE)
@@ -91,10 +92,11 @@ class SchemaProcesses:
     kept here.
 
     Readying a TIL schema is Python (our checks, the pattern rewrites: ~0.9 ms on the 2-core
-    development machine) and llguidance's validation (~1.4 ms). On threads of the serving process, a burst of schema requests held
-    the GIL that its event loop and gRPC's poller need to take each new call: on the H200, 100 TIL
-    calls reached the generator's handler 46-70 ms (p50) after they were sent, plain calls 3-5 ms
-    (bench/results/issue13-h200-s21; bench/handler_reach.py reproduces it on CPU). In worker
+    development machine) and llguidance's validation (~1.4 ms). On threads of the serving process,
+    a burst of schema requests held the GIL that its event loop and gRPC's poller need to take each
+    new call: on the H200, 100 TIL calls reached the generator's handler 46-70 ms (p50) after they
+    were sent, plain calls 3-5 ms (bench/results/issue13-h200-s21; bench/handler_reach.py
+    reproduces it on CPU). In worker
     processes the serving process only sends the schema's text and reads the result back: TIL
     calls then reached the handler 26-28 ms after they were sent. `VllmEngine` sends a schema here
     only while another is being readied (a lone request is quicker on a thread).
@@ -547,7 +549,7 @@ class PromptBatcher:
             self.batches.append(len(batch))
             try:
                 results, started, ended = await loop.run_in_executor(
-                    self._executor, _timed_prompt_ids, tokenizer, [(p[1], p[2]) for p in batch]
+                    self._executor, timed_call, prompt_ids_many, tokenizer, [(p[1], p[2]) for p in batch]
                 )
             except BaseException as exc:
                 for *_, future in batch:
@@ -565,10 +567,9 @@ class PromptBatcher:
                     future.set_result((result, started, ended, len(batch)))
 
 
-def _timed_prompt_ids(
-    tokenizer: Any, requests: Sequence[tuple[str | None, Sequence[ChatTurn] | None]]
-) -> tuple[list[list[int] | InvalidRequest], float, float]:
-    """`prompt_ids_many`, with when the tokenizer thread started and ended it (`time.monotonic()`)."""
+def timed_call(work: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """`work(*args)`, with when the thread that ran it started and ended it (`time.monotonic()`): for
+    prepare's log, to tell a helper thread's own work from the waits to get to it and back."""
     started = time.monotonic()
-    results = prompt_ids_many(tokenizer, requests)
-    return results, started, time.monotonic()
+    result = work(*args)
+    return result, started, time.monotonic()
