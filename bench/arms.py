@@ -9,6 +9,9 @@ C. `generator`       our generator over gRPC (til.v1.GeneratorService/Generate).
 TIL workload (the request the edge's own pipeline makes for a diff: its chat, its JSON Schema with
 the content budget, `--output-len` tokens with `ignore_eos`; see bench/til_workload.py):
 A_til. `engine-til`     that chat and schema straight into AsyncLLM: D's ceiling.
+A'_til. `engine-wrapper-til` that chat and schema through our `VllmEngine.generate()` in this process:
+                        what the generator's own work before vLLM (tokenizing, readying the schema)
+                        costs, without its gRPC hop.
 B_til. `openai-til`     that chat and schema through `vllm serve`'s /v1/chat/completions.
 C_til. `generator-til`  that GenerateRequest through our generator.
 D. `edge`               edge -> generator (til.v1.EdgeService/GenerateTil, CACHE_POLICY_BYPASS,
@@ -35,11 +38,11 @@ if TYPE_CHECKING:
     from bench.til_workload import TilRequest
     from services.generator.vllm_engine import VllmEngine
 
-IN_PROCESS = ("engine", "engine-wrapper", "engine-til")
+IN_PROCESS = ("engine", "engine-wrapper", "engine-til", "engine-wrapper-til")
 NETWORK = ("openai", "openai-til", "generator", "generator-til", "edge", "edge-hit")
 ALL_ARMS = IN_PROCESS + NETWORK
 # Arms that send the edge's TIL request for a diff made of the prompt's words.
-TIL_ARMS = ("engine-til", "openai-til", "generator-til", "edge", "edge-hit")
+TIL_ARMS = ("engine-til", "engine-wrapper-til", "openai-til", "generator-til", "edge", "edge-hit")
 
 # Generous: a request at concurrency 128 behind a slow warm-up may take a while.
 _RPC_TIMEOUT_S = 600.0
@@ -230,6 +233,67 @@ class EngineWrapperArm:
                     record.tokens += event.token_count
                 elif isinstance(event, EngineStarted):
                     record.prompt_tokens = event.prompt_tokens
+        except Exception as exc:
+            record.error = _error_name(exc)
+        record.end = time.monotonic()
+        return record
+
+    async def close(self) -> None:
+        pass
+
+
+class EngineWrapperTilArm:
+    """A'_til: the edge's request for a diff through our GenerationEngine in this process.
+
+    What the generator does with C_til's request short of its gRPC hop: `VllmEngine.generate` renders
+    and tokenizes the chat and readies the schema (our checks, llguidance's validation) inside the
+    clock, then hands vLLM what A_til hands it. A_til less A'_til is that work; A'_til less C_til is
+    the hop. The benchmark prepared each schema once when the prompt was made, without leaving it in
+    this process's cache (bench.til_workload), so this arm readies it again as the generator does.
+    """
+
+    name = "engine-wrapper-til"
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self._engine = engine
+        self._ids = itertools.count()
+
+    async def open(self) -> None:
+        pass
+
+    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
+        from services.generator.engine import (
+            ChatTurn,
+            EngineDelta,
+            EngineRequest,
+            EngineStarted,
+            Sampling,
+        )
+
+        til = _til(prompt)
+        record = RequestRecord(start=time.monotonic())
+        try:
+            sent = til.request()  # inside the clock: the generator parses its request too
+            request = EngineRequest(
+                request_id=f"bench-wt-{next(self._ids)}",
+                prompt=None,
+                messages=tuple(ChatTurn(m.role, m.content) for m in sent.chat.messages),
+                max_tokens=output_len,
+                sampling=Sampling(temperature=0.0),
+                stop=tuple(sent.stopping.stop),
+                ignore_eos=til.ignore_eos,
+                json_schema=json.loads(sent.output.json_schema),
+            )
+            request = await self._engine.prepare(request)  # as the generator's servicer does
+            prepared = time.monotonic() - record.start
+            async for event in self._engine.generate(request):
+                if isinstance(event, EngineDelta):
+                    record.message_times.append(time.monotonic())
+                    record.tokens += event.token_count
+                elif isinstance(event, EngineStarted):
+                    record.prompt_tokens = event.prompt_tokens
+                    # The generator's own `queue`: prepare, then vLLM's queue.
+                    record.server_queue_ms = (prepared + event.queue_s) * 1000
         except Exception as exc:
             record.error = _error_name(exc)
         record.end = time.monotonic()

@@ -83,6 +83,15 @@ RATIOS = [
     Ratio("D - A_til TTFT p50 (ms)", "edge", "engine-til", "ttft"),
     Ratio("D - C_til TTFT p50 (ms)", "edge", "generator-til", "ttft"),
     Ratio("C_til - A_til TTFT p50 (ms)", "generator-til", "engine-til", "ttft"),
+    Ratio(
+        "A'_til - A_til TTFT p50 (ms) (the generator's prepare)", "engine-wrapper-til", "engine-til", "ttft"
+    ),
+    Ratio(
+        "C_til - A'_til TTFT p50 (ms) (the generator's gRPC hop)",
+        "generator-til",
+        "engine-wrapper-til",
+        "ttft",
+    ),
 ]
 
 

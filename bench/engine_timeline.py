@@ -43,7 +43,12 @@ GAPS = (
     ("scheduled to first step end", "scheduled", "first_step_end"),
     ("arrival to first step end", "arrival", "first_step_end"),
 )
-ARM_BY_PREFIX = (("bench-at-", "engine-til"), ("bench-a-", "engine"), ("bench-w-", "engine-wrapper"))
+ARM_BY_PREFIX = (
+    ("bench-at-", "engine-til"),
+    ("bench-a-", "engine"),
+    ("bench-wt-", "engine-wrapper-til"),
+    ("bench-w-", "engine-wrapper"),
+)
 MEASURING = re.compile(r"^(\d\d):(\d\d):(\d\d(?:\.\d+)?) \[(c=\d+ [\w-]+)\] measuring")
 RESULT = re.compile(r"^(\d\d):(\d\d):(\d\d(?:\.\d+)?) \[(c=\d+ [\w-]+)\] [\d,]+ tok/s")
 

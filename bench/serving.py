@@ -49,6 +49,7 @@ from bench.arms import (
     EngineArm,
     EngineTilArm,
     EngineWrapperArm,
+    EngineWrapperTilArm,
     network_arm,
 )
 from bench.load import ClientProcesses, Stagger, Ticker, closed_loop, default_client_processes, staggered_loop
@@ -357,6 +358,7 @@ class Driver:
             self.local["engine"] = EngineArm(self.engine)
             self.local["engine-wrapper"] = EngineWrapperArm(self.engine)
             self.local["engine-til"] = EngineTilArm(self.engine)
+            self.local["engine-wrapper-til"] = EngineWrapperTilArm(self.engine)
 
         targets = {
             "openai": args.openai_url,

@@ -308,14 +308,15 @@ class TilWorkload:
         return abs(count - self.target_tokens), count > self.target_tokens
 
     async def item(self, index: int) -> Prompt:
-        from services.generator.vllm_inputs import prepared_schema
+        from services.generator.vllm_inputs import prepared_schema_uncached, schema_key
 
         while len(self._items) <= index:
             prompt = await self._make()
             assert prompt.til is not None
-            # The schema as the generator hands it to llguidance, prepared once for every arm.
-            prepared = prepared_schema(prompt.til.schema())
-            til = dataclasses.replace(prompt.til, prepared_schema=json.dumps(prepared, ensure_ascii=False))
+            # The schema as the generator hands it to llguidance, prepared once for every arm, and not
+            # kept in this process's cache: engine-wrapper-til readies it again, as the generator does.
+            prepared = prepared_schema_uncached(schema_key(prompt.til.schema()))
+            til = dataclasses.replace(prompt.til, prepared_schema=prepared)
             self._items.append(dataclasses.replace(prompt, til=til))
         return self._items[index]
 

@@ -79,6 +79,12 @@ def prepared_schema_text(key: str) -> str:
     return _prepared_schema(key)
 
 
+def prepared_schema_uncached(key: str) -> str:
+    """`prepared_schema_text(key)` readied anew and not kept: for a benchmark that must leave the
+    generator's work to be done again in its own process."""
+    return _prepared_schema.__wrapped__(key)
+
+
 def _schema_worker_init(parent: int) -> None:
     # A Ctrl-C reaches the whole process group: the serving process shuts the pool down, and a
     # worker that took it too would print a traceback mid-task. A worker whose parent dies without

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import sys
 import types
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 from til.v1 import common_pb2, generator_pb2
 
-from bench.arms import EngineTilArm
+from bench.arms import EngineTilArm, EngineWrapperTilArm
 from bench.prompts import Prompt
 from bench.til_workload import TilRequest
 from services.generator import vllm_compat
+from services.generator.engine import ChatTurn, EngineDelta, EngineRequest, EngineStarted, Prepared
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
 
@@ -103,3 +105,62 @@ async def test_engine_til_requests_are_not_validated_again_and_each_has_its_own_
     )
     assert params.structured_outputs is not None and params.structured_outputs.json == SCHEMA
     assert len(vllm_compat.VALIDATED) == 0  # nothing left marked
+
+
+class StandInEngine:
+    """`VllmEngine`'s prepare and generate, recording what each was given and when."""
+
+    def __init__(self, prepare_s: float) -> None:
+        self.prepare_s = prepare_s
+        self.calls: list[tuple[str, EngineRequest]] = []
+
+    async def prepare(self, request: EngineRequest) -> EngineRequest:
+        self.calls.append(("prepare", request))
+        await asyncio.sleep(self.prepare_s)
+        return dataclasses.replace(
+            request, prepared=Prepared(prompt_tokens=(1, 2, 3), constraint=request.json_schema)
+        )
+
+    async def generate(self, request: EngineRequest) -> Any:
+        self.calls.append(("generate", request))
+        yield EngineStarted(prompt_tokens=3, queue_s=0.002)
+        yield EngineDelta(text="{", token_count=2)
+        yield EngineDelta(text="}", token_count=1)
+
+
+def chat_prompt() -> Prompt:
+    request = generator_pb2.GenerateRequest(
+        chat=generator_pb2.ChatMessages(
+            messages=[
+                generator_pb2.ChatMessage(role="system", content="rules"),
+                generator_pb2.ChatMessage(role="user", content="a diff"),
+            ]
+        ),
+        output=generator_pb2.OutputFormat(json_schema=json.dumps(SCHEMA)),
+        stopping=common_pb2.StoppingCriteria(max_tokens=64, ignore_eos=True, stop=["\n\n\n"]),
+    )
+    til = TilRequest(diff="a diff", generate_request=request.SerializeToString(), prepared_schema="{}")
+    return Prompt(text="a diff", token_ids=(1, 2, 3), til=til)
+
+
+async def test_engine_wrapper_til_sends_the_edge_request_through_prepare_then_generate() -> None:
+    engine = StandInEngine(prepare_s=0.02)
+    arm = EngineWrapperTilArm(engine)  # type: ignore[arg-type]
+    record = await arm.one(chat_prompt(), 32)
+    assert record.error is None
+    assert [name for name, _ in engine.calls] == ["prepare", "generate"]
+    sent = engine.calls[0][1]
+    # The edge's own chat and schema text, readied by the engine (not the benchmark's prepared copy).
+    assert sent.prompt is None
+    assert sent.messages == (ChatTurn("system", "rules"), ChatTurn("user", "a diff"))
+    assert sent.json_schema == SCHEMA and sent.prepared is None
+    assert (sent.max_tokens, sent.ignore_eos, sent.sampling.temperature, sent.stop) == (
+        32,
+        True,
+        0.0,
+        ("\n\n\n",),
+    )
+    assert engine.calls[1][1].prepared is not None  # generate got what prepare made
+    assert (record.tokens, record.prompt_tokens, len(record.message_times)) == (3, 3, 2)
+    # The generator's own queue: prepare (20 ms here), then the engine's.
+    assert record.server_queue_ms is not None and 20 + 2 <= record.server_queue_ms < 20 + 2 + 200

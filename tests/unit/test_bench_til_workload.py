@@ -158,8 +158,14 @@ async def test_prompts_have_the_exact_length_and_every_arm_the_same_diffs_in_ord
         info=info,
         settings=edge_settings(),
     )
+    from services.generator import vllm_inputs
+
+    vllm_inputs._prepared_schema.cache_clear()
     a, b = TilPool(workload), TilPool(workload)
     first_a = await a.take(4)
+    # Prepared for A_til and B_til without being kept: engine-wrapper-til readies each schema again in
+    # this process, as the generator does.
+    assert vllm_inputs._prepared_schema.cache_info().currsize == 0
     first_b = await b.take(2) + await b.take(2)
     assert [p.til.diff for p in first_a] == [p.til.diff for p in first_b]  # type: ignore[union-attr]
     assert len({p.til.diff for p in first_a}) == 4  # type: ignore[union-attr]  # fresh diffs within an arm
