@@ -41,7 +41,8 @@
 # ~18k hits/s the 50 of s19 were a quarter second of load), TRACE_GRAMMAR (below), STAGGER_S (2.5:
 # STAGGERED_ARMS, default A, A_til, C_til and D, measured again at c=100 with their streams started over
 # 2.5 s, under a request's ~3.2 s, so that the waves' prefill-step lottery does not decide the TTFTs;
-# bench.load.Stagger; 0: lockstep rows only).
+# bench.load.Stagger; 0: lockstep rows only), ENGINE_NICE (`measure` renices every vLLM engine core's threads
+# to this while the arms run, e.g. -10: whether the engine core is short of CPU).
 set -u
 step=${1:?usage: gpu_til.sh stage1|stage2|ab|up|measure|profile|llguidance|down}
 out=${OUT:-/tmp/til-out}
@@ -216,12 +217,25 @@ measure)
   cpu_snapshot >"$out/cpu-before.txt"
   vmstat -t 1 >"$out/vmstat.txt" 2>&1 &
   vm=$!
+  nicer=
+  if [ -n "${ENGINE_NICE:-}" ]; then
+    # Every vLLM engine core (the stack's, vllm serve's and the in-process one once it starts), each of
+    # its threads, at this niceness: whether the engine core losing the box's cores to the rest slows it.
+    echo "every engine core's threads reniced to $ENGINE_NICE while the arms ran" >>"$out/command.txt"
+    while :; do
+      for p in $(pgrep -f '^VLLM::EngineCor[e]'); do
+        for t in /proc/$p/task/*; do renice -n "$ENGINE_NICE" -p "${t##*/}" >/dev/null 2>&1; done
+      done
+      sleep 2
+    done &
+    nicer=$!
+  fi
   # serving-times.log: the same lines with the time each was printed, to place vmstat's seconds in an arm.
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" 2>&1 | while IFS= read -r line; do
     printf '%s\n' "$line"; printf '%s %s\n' "$(date +%T.%3N)" "$line" >>"$out/serving-times.log"
   done >"$out/serving.log"
   echo "bench.serving exit ${PIPESTATUS[0]}"
-  kill $vm 2>/dev/null
+  kill $vm $nicer 2>/dev/null
   cpu_snapshot >"$out/cpu-after.txt"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \
     "$out/serving.log" | cut -c1-260
