@@ -223,7 +223,9 @@ measure)
     # its threads, at this niceness: whether the engine core losing the box's cores to the rest slows it.
     echo "every engine core's threads reniced to $ENGINE_NICE while the arms ran" >>"$out/command.txt"
     while :; do
-      for p in $(pgrep -f '^VLLM::EngineCor[e]'); do
+      # The processes that hold the GPU: each engine core (the model runs in it at tensor parallel 1;
+      # without the setproctitle package its title is not VLLM::EngineCore).
+      for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
         for t in /proc/$p/task/*; do renice -n "$ENGINE_NICE" -p "${t##*/}" >/dev/null 2>&1; done
       done
       sleep 2
