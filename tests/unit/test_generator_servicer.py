@@ -78,6 +78,8 @@ class ScriptedEngine:
         self.open_streams = 0
         self.holding = asyncio.Event()
         self.closed = asyncio.Event()
+        # When set, generate() waits for it before the engine's first output (the prompt being worked on).
+        self.first_output: asyncio.Event | None = None
 
     async def start(self) -> None:
         pass
@@ -104,7 +106,7 @@ class ScriptedEngine:
         self.prepared.append(request)
         if self.fail_prepare is not None:
             raise self.fail_prepare
-        return replace(request, prepared=Prepared(prompt_tokens=(1, 2, 3)))
+        return replace(request, prepared=Prepared(prompt_tokens=tuple(range(7))))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         self.requests.append(request)
@@ -113,6 +115,8 @@ class ScriptedEngine:
         self.open_streams += 1
         try:
             prompt_tokens = 7
+            if self.first_output is not None:
+                await self.first_output.wait()
             yield EngineStarted(prompt_tokens=prompt_tokens, queue_s=0.004)
             if self.fail_after_start is not None:
                 raise self.fail_after_start
@@ -545,12 +549,30 @@ async def test_a_request_the_engine_refuses_is_refused_at_once_while_the_engine_
         running.cancel()
 
 
+async def test_started_goes_out_once_prepared_before_the_engine_has_any_output() -> None:
+    # Everything in `started` is known after prepare: it must not wait for the prompt's processing,
+    # nor sit in front of the first text as a second write.
+    engine = ScriptedEngine()
+    engine.first_output = asyncio.Event()
+    async with generator(engine) as stub:
+        call = stub.Generate(generator_pb2.GenerateRequest(request_id="r-early", prompt="Hi"))
+        first = await asyncio.wait_for(call.read(), timeout=5)
+        assert first.WhichOneof("event") == "started"
+        assert (first.started.request_id, first.started.prompt_tokens) == ("r-early", 7)
+        assert len(engine.requests) == 1  # generate() is running, held before its first output
+        engine.first_output.set()
+        rest = []
+        while (response := await call.read()) is not grpc.aio.EOF:
+            rest.append(response.WhichOneof("event"))
+    assert rest == ["delta", "delta", "delta", "finished"]
+
+
 async def test_the_prepared_request_is_what_the_engine_generates() -> None:
     engine = ScriptedEngine()
     async with generator(engine) as stub:
         _ = [r async for r in stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))]
     (seen,) = engine.requests
-    assert seen.prepared == Prepared(prompt_tokens=(1, 2, 3))
+    assert seen.prepared == Prepared(prompt_tokens=tuple(range(7)))
 
 
 async def test_a_stamped_call_logs_how_long_it_took_to_reach_the_handler(
