@@ -36,6 +36,7 @@ from bench.prompts import Prompt
 
 if TYPE_CHECKING:
     from bench.til_workload import TilRequest
+    from services.generator.engine import EngineRequest
     from services.generator.vllm_engine import VllmEngine
 
 IN_PROCESS = ("engine", "engine-wrapper", "engine-til", "engine-wrapper-til")
@@ -203,7 +204,11 @@ def _til(prompt: Prompt) -> TilRequest:
 
 
 class EngineWrapperArm:
-    """A': our GenerationEngine (tokenizes the text itself, as the generator does)."""
+    """A': our GenerationEngine (tokenizes the text itself, as the generator does).
+
+    Each request is prepared, then generated, as the generator's servicer does, so its
+    `server_queue_ms` is the generator's own `queue` (prepare, then vLLM's queue).
+    """
 
     name = "engine-wrapper"
 
@@ -214,10 +219,10 @@ class EngineWrapperArm:
     async def open(self) -> None:
         pass
 
-    async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
-        from services.generator.engine import EngineDelta, EngineRequest, EngineStarted, Sampling
+    def _request(self, prompt: Prompt, output_len: int) -> EngineRequest:
+        from services.generator.engine import EngineRequest, Sampling
 
-        request = EngineRequest(
+        return EngineRequest(
             request_id=f"bench-w-{next(self._ids)}",
             prompt=prompt.text,
             messages=None,
@@ -225,66 +230,13 @@ class EngineWrapperArm:
             sampling=Sampling(temperature=0.0),
             ignore_eos=True,
         )
-        record = RequestRecord(start=time.monotonic())
-        try:
-            async for event in self._engine.generate(request):
-                if isinstance(event, EngineDelta):
-                    record.message_times.append(time.monotonic())
-                    record.tokens += event.token_count
-                elif isinstance(event, EngineStarted):
-                    record.prompt_tokens = event.prompt_tokens
-        except Exception as exc:
-            record.error = _error_name(exc)
-        record.end = time.monotonic()
-        return record
-
-    async def close(self) -> None:
-        pass
-
-
-class EngineWrapperTilArm:
-    """A'_til: the edge's request for a diff through our GenerationEngine in this process.
-
-    What the generator does with C_til's request short of its gRPC hop: `VllmEngine.generate` renders
-    and tokenizes the chat and readies the schema (our checks, llguidance's validation) inside the
-    clock, then hands vLLM what A_til hands it. A_til less A'_til is that work; A'_til less C_til is
-    the hop. The benchmark prepared each schema once when the prompt was made, without leaving it in
-    this process's cache (bench.til_workload), so this arm readies it again as the generator does.
-    """
-
-    name = "engine-wrapper-til"
-
-    def __init__(self, engine: VllmEngine) -> None:
-        self._engine = engine
-        self._ids = itertools.count()
-
-    async def open(self) -> None:
-        pass
 
     async def one(self, prompt: Prompt, output_len: int) -> RequestRecord:
-        from services.generator.engine import (
-            ChatTurn,
-            EngineDelta,
-            EngineRequest,
-            EngineStarted,
-            Sampling,
-        )
+        from services.generator.engine import EngineDelta, EngineStarted
 
-        til = _til(prompt)
         record = RequestRecord(start=time.monotonic())
         try:
-            sent = til.request()  # inside the clock: the generator parses its request too
-            request = EngineRequest(
-                request_id=f"bench-wt-{next(self._ids)}",
-                prompt=None,
-                messages=tuple(ChatTurn(m.role, m.content) for m in sent.chat.messages),
-                max_tokens=output_len,
-                sampling=Sampling(temperature=0.0),
-                stop=tuple(sent.stopping.stop),
-                ignore_eos=til.ignore_eos,
-                json_schema=json.loads(sent.output.json_schema),
-            )
-            request = await self._engine.prepare(request)  # as the generator's servicer does
+            request = await self._engine.prepare(self._request(prompt, output_len))
             prepared = time.monotonic() - record.start
             async for event in self._engine.generate(request):
                 if isinstance(event, EngineDelta):
@@ -292,7 +244,6 @@ class EngineWrapperTilArm:
                     record.tokens += event.token_count
                 elif isinstance(event, EngineStarted):
                     record.prompt_tokens = event.prompt_tokens
-                    # The generator's own `queue`: prepare, then vLLM's queue.
                     record.server_queue_ms = (prepared + event.queue_s) * 1000
         except Exception as exc:
             record.error = _error_name(exc)
@@ -301,6 +252,36 @@ class EngineWrapperTilArm:
 
     async def close(self) -> None:
         pass
+
+
+class EngineWrapperTilArm(EngineWrapperArm):
+    """A'_til: the edge's request for a diff through our GenerationEngine in this process.
+
+    What the generator does with C_til's request short of its gRPC hop: `VllmEngine.prepare` renders
+    and tokenizes the chat and readies the schema (our checks, llguidance's validation) inside the
+    clock, then `generate` hands vLLM what A_til hands it. A'_til less A_til is that work; C_til less
+    A'_til is the hop. The benchmark prepared each schema once when the prompt was made, without
+    leaving it in this process's cache (bench.til_workload), so this arm readies it again as the
+    generator does.
+    """
+
+    name = "engine-wrapper-til"
+
+    def _request(self, prompt: Prompt, output_len: int) -> EngineRequest:
+        from services.generator.engine import ChatTurn, EngineRequest, Sampling
+
+        til = _til(prompt)
+        sent = til.request()  # inside the clock: the generator parses its request too
+        return EngineRequest(
+            request_id=f"bench-wt-{next(self._ids)}",
+            prompt=None,
+            messages=tuple(ChatTurn(m.role, m.content) for m in sent.chat.messages),
+            max_tokens=output_len,
+            sampling=Sampling(temperature=0.0),
+            stop=tuple(sent.stopping.stop),
+            ignore_eos=til.ignore_eos,
+            json_schema=json.loads(sent.output.json_schema),
+        )
 
 
 class OpenAIArm:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from til.v1 import common_pb2, generator_pb2
 
-from bench.arms import EngineTilArm, EngineWrapperTilArm
+from bench.arms import EngineTilArm, EngineWrapperArm, EngineWrapperTilArm
 from bench.prompts import Prompt
 from bench.til_workload import TilRequest
 from services.generator import vllm_compat
@@ -164,3 +164,14 @@ async def test_engine_wrapper_til_sends_the_edge_request_through_prepare_then_ge
     assert (record.tokens, record.prompt_tokens, len(record.message_times)) == (3, 3, 2)
     # The generator's own queue: prepare (20 ms here), then the engine's.
     assert record.server_queue_ms is not None and 20 + 2 <= record.server_queue_ms < 20 + 2 + 200
+
+
+async def test_engine_wrapper_sends_the_plain_prompt_through_prepare_then_generate() -> None:
+    engine = StandInEngine(prepare_s=0.0)
+    record = await EngineWrapperArm(engine).one(Prompt(text="a prompt", token_ids=(1, 2, 3)), 16)  # type: ignore[arg-type]
+    assert record.error is None
+    assert [name for name, _ in engine.calls] == ["prepare", "generate"]
+    sent = engine.calls[0][1]
+    assert (sent.prompt, sent.messages, sent.json_schema) == ("a prompt", None, None)
+    assert (sent.max_tokens, sent.ignore_eos, sent.sampling.temperature) == (16, True, 0.0)
+    assert record.tokens == 3 and record.server_queue_ms is not None
