@@ -39,6 +39,7 @@ from til.v1 import (
 )
 
 from services.common import sent_at
+from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,8 @@ class GeneratorClient:
         self, request: generator_pb2.GenerateRequest, *, timeout: float | None
     ) -> AsyncGenerator[generator_pb2.GenerateResponse, None]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        started_sent = text_sent = False
+        started: generator_pb2.GenerateStarted | None = None  # the one the caller was given
+        text_sent = False
         tried: list[Replica] = []
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda exc: _retryable(exc) and not text_sent),
@@ -372,9 +374,17 @@ class GeneratorClient:
                         if response.HasField("started"):
                             if self._info is not None and response.started.model != self._info.model:
                                 self._info = None  # the generator was redeployed with another model
-                            if started_sent:
-                                continue  # a retry: the caller already has its started event
-                            started_sent = True
+                            if started is not None:
+                                # A retry: the caller already has its started event, which must hold
+                                # for this replica too (its model names the text, and the cache key).
+                                if response.started.model != started.model:
+                                    raise Unavailable(
+                                        f"the generator replica that took this retry serves "
+                                        f"{response.started.model!r}, not {started.model!r} as the stream "
+                                        "began with (a redeploy in progress?); call again"
+                                    )
+                                continue
+                            started = response.started
                         elif response.HasField("delta"):
                             text_sent = True
                         yield response

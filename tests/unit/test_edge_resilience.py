@@ -229,6 +229,32 @@ async def test_calls_spread_over_several_generators_and_skip_a_draining_one() ->
     assert len(draining.requests) >= 1 and len(healthy.requests) == 8  # both were tried; all succeeded
 
 
+async def test_a_retry_on_a_replica_with_another_model_ends_the_stream_instead_of_mixing_them() -> None:
+    # During a rollout the replicas may serve different models. A stream that began on one (its started
+    # event, which names the model for the caller and the cache key, already sent) must not take its text
+    # from another: that retry is refused with UNAVAILABLE, for the caller to call again.
+    old, new = (FakeGenerator(model=m, failures=[(UNAVAILABLE, 0)]) for m in ("model-old", "model-new"))
+    name, add = "til.v1.GeneratorService", generator_pb2_grpc.add_GeneratorServiceServicer_to_server
+    async with contextlib.AsyncExitStack() as servers:
+        ports = []
+        for fake in (old, new):
+            running, _ = await servers.enter_async_context(in_process_server([service(name, add, fake)]))
+            ports.append(running.port)
+        settings = EdgeSettings(port=0, generator_addr=",".join(f"127.0.0.1:{port}" for port in ports))
+        channel = open_channel(settings.generator_target)
+        client = GeneratorClient(channel, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+        seen = []
+        with pytest.raises(Unavailable) as raised:
+            async for response in client.generate(generator_pb2.GenerateRequest(prompt="x"), timeout=5):
+                seen.append(response)
+        await channel.close()
+    assert [r.WhichOneof("event") for r in seen] == ["started"]  # no text from either replica
+    assert len(old.requests) == 1 and len(new.requests) == 1  # the second try was made, then refused
+    first = seen[0].started.model
+    other = ({"model-old", "model-new"} - {first}).pop()
+    assert first in str(raised.value) and other in str(raised.value)
+
+
 # --- circuit breaker --------------------------------------------------------------------------------
 
 
