@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from services.generator.engine import (
     ChatTurn,
     EngineDelta,
     EngineError,
+    EngineEvent,
     EngineFinished,
     EngineOverloaded,
     EngineRequest,
@@ -137,17 +139,27 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             times.admitted = time.monotonic()
             try:
                 async with closing(self._engine.generate(engine_request)) as events:
-                    # Everything `started` holds is known once the request is prepared: it goes out now,
-                    # while the engine works on the prompt, instead of as a second message in front of
-                    # the first text (one write less between the first token and the caller).
-                    yield generator_pb2.GenerateResponse(
-                        started=generator_pb2.GenerateStarted(
-                            request_id=request_id,
-                            model=self._engine.info.model,
-                            prompt_tokens=len(engine_request.prepared.prompt_tokens),
+                    # Everything `started` holds is known once the request is prepared. The engine takes
+                    # the request first (its first step runs in a task); `started` is written while it
+                    # works on the prompt, not as a second message in front of the first text.
+                    first = asyncio.ensure_future(anext(events, None))
+                    try:
+                        yield generator_pb2.GenerateResponse(
+                            started=generator_pb2.GenerateStarted(
+                                request_id=request_id,
+                                model=self._engine.info.model,
+                                prompt_tokens=len(engine_request.prepared.prompt_tokens),
+                            )
                         )
-                    )
-                    async for event in events:
+                        first_event = await first
+                    finally:
+                        if not first.done():  # the caller left while `started` was being written
+                            first.cancel()
+                            # Its outcome is not this call's any more; the step is over before `events`
+                            # is closed.
+                            with contextlib.suppress(Exception, asyncio.CancelledError):
+                                await first
+                    async for event in _then(first_event, events):
                         if isinstance(event, EngineDelta):
                             times.text_sent(event.token_count)
                             OUTPUT_TOKENS.inc(event.token_count)
@@ -431,3 +443,12 @@ def _breakdown(request: EngineRequest) -> str:
     if request.prepared is None or not request.prepared.breakdown:
         return ""
     return " (" + ", ".join(f"{what} {ms:.1f}" for what, ms in request.prepared.breakdown) + ")"
+
+
+async def _then(first: EngineEvent | None, rest: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
+    """`first` (None: the stream had ended), then the rest of the stream."""
+    if first is None:
+        return
+    yield first
+    async for event in rest:
+        yield event

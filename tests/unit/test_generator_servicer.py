@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import time
+import types
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
@@ -550,21 +551,52 @@ async def test_a_request_the_engine_refuses_is_refused_at_once_while_the_engine_
 
 
 async def test_started_goes_out_once_prepared_before_the_engine_has_any_output() -> None:
-    # Everything in `started` is known after prepare: it must not wait for the prompt's processing,
-    # nor sit in front of the first text as a second write.
+    # Everything in `started` is known after prepare: it must not wait for the prompt's processing, nor
+    # sit in front of the first text as a second write. Over gRPC.
     engine = ScriptedEngine()
     engine.first_output = asyncio.Event()
     async with generator(engine) as stub:
         call = stub.Generate(generator_pb2.GenerateRequest(request_id="r-early", prompt="Hi"))
-        first = await asyncio.wait_for(call.read(), timeout=5)
+        async with asyncio.timeout(5):
+            first = await call.read()
         assert first.WhichOneof("event") == "started"
         assert (first.started.request_id, first.started.prompt_tokens) == ("r-early", 7)
-        assert len(engine.requests) == 1  # generate() is running, held before its first output
         engine.first_output.set()
         rest = []
         while (response := await call.read()) is not grpc.aio.EOF:
             rest.append(response.WhichOneof("event"))
     assert rest == ["delta", "delta", "delta", "finished"]
+
+
+async def test_the_engine_has_the_request_before_started_is_written() -> None:
+    # The handler itself, without a transport: while it is suspended at `started` (being written), the
+    # engine's first step must already be under way, not wait for the write to finish.
+    engine = ScriptedEngine()
+    engine.first_output = asyncio.Event()
+    servicer = GeneratorServicer(engine, LIMITS, Admission("generator-order", max_active=4, max_waiting=4))
+    context = types.SimpleNamespace(invocation_metadata=lambda: (), time_remaining=lambda: None)
+    handler = servicer.Generate(generator_pb2.GenerateRequest(prompt="Hi"), context)  # type: ignore[arg-type]
+    try:
+        assert (await anext(handler)).WhichOneof("event") == "started"
+        await asyncio.sleep(0)  # one turn of the loop while the handler waits on its write
+        assert len(engine.requests) == 1  # generate() has begun (it waits for its first output)
+        engine.first_output.set()
+        assert [r.WhichOneof("event") async for r in handler] == ["delta", "delta", "delta", "finished"]
+    finally:
+        await handler.aclose()  # type: ignore[attr-defined]  # an async generator, typed as an iterator
+
+
+async def test_a_caller_that_leaves_while_started_is_written_stops_the_engine() -> None:
+    engine = ScriptedEngine()
+    engine.first_output = asyncio.Event()  # the engine works on the prompt until the caller has left
+    async with generator(engine) as stub:
+        call = stub.Generate(generator_pb2.GenerateRequest(prompt="Hi"))
+        async with asyncio.timeout(5):
+            assert (await call.read()).WhichOneof("event") == "started"
+        call.cancel()
+        async with asyncio.timeout(5):
+            await engine.closed.wait()  # the engine's stream was closed: nothing left running
+    assert engine.open_streams == 0
 
 
 async def test_the_prepared_request_is_what_the_engine_generates() -> None:
