@@ -259,10 +259,12 @@ class EngineWrapperTilArm(EngineWrapperArm):
 
     What the generator does with C_til's request short of its gRPC hop: `VllmEngine.prepare` renders
     and tokenizes the chat and readies the schema (our checks, llguidance's validation) inside the
-    clock, then `generate` hands vLLM what A_til hands it. A'_til less A_til is that work; C_til less
-    A'_til is the hop. The benchmark prepared each schema once when the prompt was made, without
-    leaving it in this process's cache (bench.til_workload), so this arm readies it again as the
-    generator does.
+    clock, then `generate` hands vLLM the same token ids and schema as A_til, with the request's stop
+    strings as C_til's (A_til sends none; with ignore_eos and a grammar that closes the JSON first,
+    they end nothing early). A'_til less A_til is that work; C_til less A'_til is the hop. The
+    benchmark prepared each schema once when the prompt was made, without leaving it in this
+    process's cache (bench.til_workload), so this arm readies it again as the generator does. It does
+    not see token ids, so its `JSON tok` column is empty.
     """
 
     name = "engine-wrapper-til"

@@ -218,19 +218,27 @@ measure)
   vmstat -t 1 >"$out/vmstat.txt" 2>&1 &
   vm=$!
   nicer=
+  gpu_pids() { nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null; }
+  renice_gpu() {  # every thread of every process holding the GPU, to $1; one line per process to stdout
+    for p in $(gpu_pids); do
+      n=0
+      for t in /proc/$p/task/*; do renice -n "$1" -p "${t##*/}" >/dev/null 2>&1 && n=$((n + 1)); done
+      echo "$p $(cat /proc/$p/comm 2>/dev/null) $n threads at $1"
+    done
+  }
   if [ -n "${ENGINE_NICE:-}" ]; then
-    # Every vLLM engine core (the stack's, vllm serve's and the in-process one once it starts), each of
-    # its threads, at this niceness: whether the engine core losing the box's cores to the rest slows it.
-    echo "every engine core's threads reniced to $ENGINE_NICE while the arms ran" >>"$out/command.txt"
-    while :; do
-      # The processes that hold the GPU: each engine core (the model runs in it at tensor parallel 1;
-      # without the setproctitle package its title is not VLLM::EngineCore).
-      for p in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
-        for t in /proc/$p/task/*; do renice -n "$ENGINE_NICE" -p "${t##*/}" >/dev/null 2>&1; done
-      done
+    # The processes that hold the GPU are the engine cores (the model runs in each at tensor parallel 1;
+    # without the setproctitle package they are not titled VLLM::EngineCore): the stack's, vllm serve's
+    # and the in-process one once it starts, each of their threads at this niceness while the arms run.
+    # reniced.txt says which; they are set back to 0 afterwards, and the loop ends with this shell.
+    echo "every engine core's threads at nice $ENGINE_NICE while the arms ran (reniced.txt)" >>"$out/command.txt"
+    parent=$$
+    while kill -0 "$parent" 2>/dev/null; do
+      renice_gpu "$ENGINE_NICE" >"$out/reniced.txt.new" && mv "$out/reniced.txt.new" "$out/reniced.txt"
       sleep 2
     done &
     nicer=$!
+    trap 'kill $nicer 2>/dev/null; renice_gpu 0 >/dev/null' EXIT INT TERM
   fi
   # serving-times.log: the same lines with the time each was printed, to place vmstat's seconds in an arm.
   PYTHONPATH=$OURS timeout "${MEASURE_TIMEOUT:-540}" "${cmd[@]}" 2>&1 | while IFS= read -r line; do
@@ -238,6 +246,11 @@ measure)
   done >"$out/serving.log"
   echo "bench.serving exit ${PIPESTATUS[0]}"
   kill $vm $nicer 2>/dev/null
+  if [ -n "$nicer" ]; then
+    renice_gpu 0 >/dev/null
+    trap - EXIT INT TERM
+    [ -s "$out/reniced.txt" ] || echo "ENGINE_NICE: no process held the GPU, nothing was reniced" | tee -a "$out/command.txt"
+  fi
   cpu_snapshot >"$out/cpu-after.txt"
   grep -E '^\[c=[0-9]+ [a-z-]+\] [0-9,]+ tok/s|^\[c=[0-9]+ edge-hit h2load\] [0-9]+ requests|all .* failed|Error|error' \
     "$out/serving.log" | cut -c1-260
