@@ -155,10 +155,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     finally:
                         if not first.done():  # the caller left while `started` was being written
                             first.cancel()
-                            # Its outcome is not this call's any more; the step is over before `events`
-                            # is closed.
-                            with contextlib.suppress(Exception, asyncio.CancelledError):
-                                await first
+                        # Always read its outcome (an error left unread is logged as never retrieved);
+                        # on this way out it is no longer the call's. The step is over before `events`
+                        # is closed.
+                        with contextlib.suppress(Exception, asyncio.CancelledError):
+                            await first
                     async for event in _then(first_event, events):
                         if isinstance(event, EngineDelta):
                             times.text_sent(event.token_count)

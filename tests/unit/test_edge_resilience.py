@@ -17,7 +17,7 @@ from services.common.admission import Admission
 from services.common.channels import open_channel
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.edge.breaker import GuardedCache, GuardedStore, dependency_breaker
-from services.edge.clients import DependencyUnavailable, GeneratorClient, RetryPolicy
+from services.edge.clients import DependencyUnavailable, GeneratorClient, GeneratorReplicas, RetryPolicy
 from services.edge.config import EdgeSettings
 from services.edge.flights import JOINED_NOTICE
 from tests.conftest import in_process_server
@@ -240,14 +240,21 @@ async def test_a_retry_on_a_replica_with_another_model_ends_the_stream_instead_o
         for fake in (old, new):
             running, _ = await servers.enter_async_context(in_process_server([service(name, add, fake)]))
             ports.append(running.port)
-        settings = EdgeSettings(port=0, generator_addr=",".join(f"127.0.0.1:{port}" for port in ports))
-        channel = open_channel(settings.generator_target)
-        client = GeneratorClient(channel, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+        # Two replicas (a channel each): a retry goes to the target not tried yet.
+        channels: list[grpc.aio.Channel] = []
+
+        def connect(target: str) -> grpc.aio.Channel:
+            channels.append(open_channel(target))
+            return channels[-1]
+
+        replicas = GeneratorReplicas([f"127.0.0.1:{port}" for port in ports], connect)
+        client = GeneratorClient(replicas, retry=RetryPolicy(attempts=3, backoff_s=0.01))
         seen = []
         with pytest.raises(Unavailable) as raised:
             async for response in client.generate(generator_pb2.GenerateRequest(prompt="x"), timeout=5):
                 seen.append(response)
-        await channel.close()
+        for channel in channels:
+            await channel.close()
     assert [r.WhichOneof("event") for r in seen] == ["started"]  # no text from either replica
     assert len(old.requests) == 1 and len(new.requests) == 1  # the second try was made, then refused
     first = seen[0].started.model
