@@ -377,7 +377,8 @@ async def test_tokenize_does_not_wait_for_a_running_generation(
     engine, stub = served
     long = stub.Generate(request(prompt="Once upon a time", max_tokens=1500, ignore_eos=True))
     assert (await long.read()).WhichOneof("event") == "started"
-    assert engine.load().running == 1
+    # `started` goes out as the engine takes the request, before it runs it: wait until it does.
+    await until_load(engine, EngineLoad(running=1, waiting=0), within_s=5.0)
     text = "가나다 " * 5000
     started = time.monotonic()
     response = await stub.Tokenize(
