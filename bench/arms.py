@@ -272,8 +272,7 @@ class EngineWrapperTilArm(EngineWrapperArm):
     def _request(self, prompt: Prompt, output_len: int) -> EngineRequest:
         from services.generator.engine import ChatTurn, EngineRequest, Sampling
 
-        til = _til(prompt)
-        sent = til.request()  # inside the clock: the generator parses its request too
+        sent = _til(prompt).request()  # inside the clock: the generator parses its request too
         return EngineRequest(
             request_id=f"bench-wt-{next(self._ids)}",
             prompt=None,
@@ -281,7 +280,7 @@ class EngineWrapperTilArm(EngineWrapperArm):
             max_tokens=output_len,
             sampling=Sampling(temperature=0.0),
             stop=tuple(sent.stopping.stop),
-            ignore_eos=til.ignore_eos,
+            ignore_eos=sent.stopping.ignore_eos,
             json_schema=json.loads(sent.output.json_schema),
         )
 

@@ -207,15 +207,21 @@ async def test_retries_only_unavailable_before_text_and_bounded(
     assert len(generator.requests) == calls
 
 
+async def generator_servers(servers: contextlib.AsyncExitStack, *fakes: FakeGenerator) -> list[int]:
+    """Serves each fake generator on its own port, for as long as `servers` is open; their ports."""
+    name, add = "til.v1.GeneratorService", generator_pb2_grpc.add_GeneratorServiceServicer_to_server
+    ports = []
+    for fake in fakes:
+        running, _ = await servers.enter_async_context(in_process_server([service(name, add, fake)]))
+        ports.append(running.port)
+    return ports
+
+
 async def test_calls_spread_over_several_generators_and_skip_a_draining_one() -> None:
     draining = FakeGenerator(error=UNAVAILABLE)
     healthy = FakeGenerator()
-    name, add = "til.v1.GeneratorService", generator_pb2_grpc.add_GeneratorServiceServicer_to_server
     async with contextlib.AsyncExitStack() as servers:
-        ports = []
-        for fake in (draining, healthy):
-            running, _ = await servers.enter_async_context(in_process_server([service(name, add, fake)]))
-            ports.append(running.port)
+        ports = await generator_servers(servers, draining, healthy)
         # EDGE_GENERATOR_ADDR as a comma list: one channel, round robin over both.
         settings = EdgeSettings(port=0, generator_addr=",".join(f"127.0.0.1:{port}" for port in ports))
         channel = open_channel(settings.generator_target)
@@ -234,12 +240,8 @@ async def test_a_retry_on_a_replica_with_another_model_ends_the_stream_instead_o
     # event, which names the model for the caller and the cache key, already sent) must not take its text
     # from another: that retry is refused with UNAVAILABLE, for the caller to call again.
     old, new = (FakeGenerator(model=m, failures=[(UNAVAILABLE, 0)]) for m in ("model-old", "model-new"))
-    name, add = "til.v1.GeneratorService", generator_pb2_grpc.add_GeneratorServiceServicer_to_server
     async with contextlib.AsyncExitStack() as servers:
-        ports = []
-        for fake in (old, new):
-            running, _ = await servers.enter_async_context(in_process_server([service(name, add, fake)]))
-            ports.append(running.port)
+        ports = await generator_servers(servers, old, new)
         # Two replicas (a channel each): a retry goes to the target not tried yet.
         channels: list[grpc.aio.Channel] = []
 

@@ -586,7 +586,9 @@ async def test_the_engine_has_the_request_before_started_is_written() -> None:
         await handler.aclose()  # type: ignore[attr-defined]  # an async generator, typed as an iterator
 
 
-async def test_a_caller_that_leaves_while_started_is_written_stops_the_engine() -> None:
+async def test_a_caller_that_leaves_after_started_before_any_output_stops_the_engine() -> None:
+    # The engine's first step runs in a task of its own while `started` goes out: a caller that leaves
+    # then must still stop it (the task is not left running, nor the stream open).
     engine = ScriptedEngine()
     engine.first_output = asyncio.Event()  # the engine works on the prompt until the caller has left
     async with generator(engine) as stub:
